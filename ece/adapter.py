@@ -1,0 +1,151 @@
+"""The one place that knows model architectures.
+
+Everything else asks the adapter for "the W_out of layer l as a d × f matrix", "the residual stream
+after block l" or "run the blocks above l from this hidden state", never for module names.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ece.errors import EceError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    blocks: str  # dotted path of the ModuleList of transformer blocks
+    w_out: str  # path of the MLP output projection inside one block
+    conv1d: bool  # GPT-2's Conv1D stores the weight as (in, out): transpose to get d × f
+    position_embedding: str | None  # absolute position embedding added to inputs_embeds, if any
+
+
+_LLAMA = ArchSpec("model.layers", "mlp.down_proj", False, None)
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gpt2": ArchSpec("transformer.h", "mlp.c_proj", True, "transformer.wpe"),
+    "gptj": ArchSpec("transformer.h", "mlp.fc_out", False, None),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h", False, None),
+}
+
+
+class StopForward(Exception):
+    """Raised by a hook to skip the blocks above the last one a computation needs."""
+
+
+def _block_output(output: object) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[index,return-value]
+
+
+class ModelAdapter:
+    """Architecture-neutral access to a causal LM's blocks and MLP output projections."""
+
+    def __init__(self, model: nn.Module) -> None:
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in ARCHITECTURES:
+            raise EceError(
+                f"unsupported architecture '{model_type}'",
+                f"supported model types: {', '.join(sorted(ARCHITECTURES))}",
+            )
+        self.model = model
+        self.spec = ARCHITECTURES[model_type]
+        blocks = model.get_submodule(self.spec.blocks)
+        assert isinstance(blocks, nn.ModuleList)
+        self.blocks = blocks
+        self.n_layers = len(blocks)
+        w = self.w_out_weight(0)
+        self.hidden_size, self.inner_size = int(w.shape[0]), int(w.shape[1])
+
+    def check_layers(self, layers: list[int]) -> None:
+        bad = [l for l in layers if not 0 <= l < self.n_layers]
+        if bad:
+            raise EceError(
+                f"edit layers {bad} are out of range: the model has {self.n_layers} layers (0..{self.n_layers - 1})",
+                "set edit.layers in params.yaml to layers that exist",
+            )
+
+    def w_out_module(self, layer: int) -> nn.Module:
+        return self.blocks[layer].get_submodule(self.spec.w_out)
+
+    def w_out_name(self, layer: int) -> str:
+        return f"{self.spec.blocks}.{layer}.{self.spec.w_out}.weight"
+
+    def w_out_weight(self, layer: int) -> Tensor:
+        """The weight as d × f (out × in); a view, so in-place edits change the model."""
+        weight = self.w_out_module(layer).weight
+        return weight.T if self.spec.conv1d else weight
+
+    @torch.no_grad()
+    def trace(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        key_layers: list[int] = (),  # type: ignore[assignment]
+        out_layers: list[int] = (),  # type: ignore[assignment]
+    ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """Run the model up to the highest layer asked for; return W_out inputs and block outputs.
+
+        Both are (batch, seq, dim) per layer. The blocks above are skipped, which is what makes
+        covariance statistics and key computation cheap for early edited layers.
+        """
+        keys: dict[int, Tensor] = {}
+        outs: dict[int, Tensor] = {}
+        last = max([*key_layers, *out_layers])
+        handles = []
+        for l in key_layers:
+            handles.append(
+                self.w_out_module(l).register_forward_hook(
+                    lambda _m, inp, _o, l=l: keys.__setitem__(l, inp[0].detach())
+                )
+            )
+
+        def on_block(_m: nn.Module, _i: object, out: object, l: int) -> None:
+            if l in out_layers:
+                outs[l] = _block_output(out).detach()
+            if l == last:
+                raise StopForward
+
+        for l in sorted({*out_layers, last}):
+            handles.append(self.blocks[l].register_forward_hook(lambda m, i, o, l=l: on_block(m, i, o, l)))
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return keys, outs
+
+    @contextmanager
+    def _blocks_above(self, layer: int) -> Iterator[None]:
+        parent_path, _, attr = self.spec.blocks.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        setattr(parent, attr, nn.ModuleList(list(self.blocks)[layer + 1 :]))
+        try:
+            yield
+        finally:
+            setattr(parent, attr, self.blocks)
+
+    def final_hidden_from(self, layer: int, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """Final-normed hidden states given the residual stream after block `layer` (differentiable).
+
+        Runs only the blocks above `layer`, so an optimisation step on a hidden state does not pay for
+        the layers below it; the LM head is left to the caller, to be applied only where needed.
+        """
+        embeds = hidden
+        if self.spec.position_embedding is not None:
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            embeds = hidden - self.model.get_submodule(self.spec.position_embedding)(positions)
+        with self._blocks_above(layer):
+            return self.model.base_model(
+                inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        return self.model.get_output_embeddings()(hidden)

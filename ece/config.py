@@ -1,0 +1,158 @@
+"""Typed view of params.yaml.
+
+OmegaConf merges the file onto dataclass defaults, which rejects unknown keys and values of the wrong
+type; the checks that types cannot express (choices, ranges) live in `validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ece.attribution import AGGREGATIONS, SCORERS
+from ece.errors import EceError
+
+METHODS = ("ece", "memit")
+NOT_YET_SUPPORTED = ("alphaedit", "rome", "ft-l", "ft-m", "mend", "serac")
+FORMATS = ("auto", "counterfact", "counterfact_compact", "zsre", "jsonl", "csv")
+
+
+@dataclass
+class ModelCfg:
+    name: str = "smollm2-135m"
+    seed: int = 0
+
+
+@dataclass
+class EditCfg:
+    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
+    batch_size: int = 25
+
+
+@dataclass
+class DataCfg:
+    edit_dataset: str = MISSING
+    format: str = "auto"
+    generation_prompts: str | None = None
+    n_facts: int = 0
+    max_chars: int = 2000
+
+
+@dataclass
+class CovarianceCfg:
+    corpus: str = MISSING
+    n_tokens: int = 100_000
+    seq_len: int = 128
+    batch_size: int = 8
+
+
+@dataclass
+class EceCfg:
+    scorer: str = "wi"
+    neuron_threshold: float = 0.8
+    aggregation: str = "sum"
+
+
+@dataclass
+class ClusterCfg:
+    k: Any = "auto"
+    k_max: int = 8
+    seed: int = 0
+
+
+@dataclass
+class ZCfg:
+    shared_steps: int = 20
+    instance_steps: int = 5
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    n_context: int = 5
+    context_length: int = 10
+
+
+@dataclass
+class UpdateCfg:
+    mom2_update_weight: float = 15000.0
+
+
+@dataclass
+class Params:
+    method: str = "ece"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    edit: EditCfg = field(default_factory=EditCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    covariance: CovarianceCfg = field(default_factory=CovarianceCfg)
+    ece: EceCfg = field(default_factory=EceCfg)
+    cluster: ClusterCfg = field(default_factory=ClusterCfg)
+    z: ZCfg = field(default_factory=ZCfg)
+    update: UpdateCfg = field(default_factory=UpdateCfg)
+
+
+def _check(cond: bool, message: str, hint: str) -> None:
+    if not cond:
+        raise EceError(message, hint)
+
+
+def validate(p: Params) -> None:
+    """Reject values that type checking cannot catch."""
+    if p.method in NOT_YET_SUPPORTED:
+        raise EceError(
+            f"method '{p.method}' is not yet supported", f"use one of {', '.join(METHODS)}"
+        )
+    _check(p.method in METHODS, f"unknown method '{p.method}'", f"use one of {', '.join(METHODS)}")
+    _check(p.ece.scorer in SCORERS, f"unknown ece.scorer '{p.ece.scorer}'", f"use one of {', '.join(SCORERS)}")
+    _check(
+        p.ece.aggregation in AGGREGATIONS,
+        f"unknown ece.aggregation '{p.ece.aggregation}'",
+        f"use one of {', '.join(AGGREGATIONS)}",
+    )
+    _check(
+        0.0 < p.ece.neuron_threshold <= 1.0,
+        f"ece.neuron_threshold must be in (0, 1], got {p.ece.neuron_threshold}",
+        "0.8 is the paper's value",
+    )
+    _check(p.data.format in FORMATS, f"unknown data.format '{p.data.format}'", f"use one of {', '.join(FORMATS)}")
+    _check(p.data.n_facts >= 0, "data.n_facts must be >= 0", "0 means every record")
+    _check(len(p.edit.layers) > 0, "edit.layers is empty", "name at least one layer, e.g. [3, 4, 5, 6, 7]")
+    _check(
+        list(p.edit.layers) == sorted(set(p.edit.layers)),
+        f"edit.layers must be strictly ascending without repeats, got {list(p.edit.layers)}",
+        "write them in ascending order",
+    )
+    _check(p.edit.batch_size >= 1, "edit.batch_size must be >= 1", "e.g. 25")
+    _check(p.covariance.n_tokens >= 1, "covariance.n_tokens must be >= 1", "e.g. 100000")
+    k = p.cluster.k
+    _check(
+        k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1),
+        f"cluster.k must be 'auto' or a positive integer, got {k!r}",
+        "write k: auto or k: 4",
+    )
+    _check(p.cluster.k_max >= 1, "cluster.k_max must be >= 1", "e.g. 8")
+    _check(p.z.shared_steps >= 0 and p.z.instance_steps >= 0, "z steps must be >= 0", "paper: 20 and 5")
+    _check(p.z.shared_steps + p.z.instance_steps >= 1, "z needs at least one step", "paper: 20 and 5")
+    _check(p.update.mom2_update_weight >= 0, "update.mom2_update_weight must be >= 0", "e.g. 15000")
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Load, type-check and validate params.yaml (plus optional `a.b=value` overrides)."""
+    path = Path(path)
+    if not path.exists():
+        raise EceError(f"params file not found: {path}", "run from the project root, where params.yaml lives")
+    try:
+        schema = OmegaConf.structured(Params)
+        merged = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(overrides or []))
+        params: Params = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise EceError(
+            f"invalid value in {path} at '{key}': {exc.msg if hasattr(exc, 'msg') else exc}",
+            "check the type of this key against the comments in params.yaml",
+        ) from None
+    validate(params)
+    return params

@@ -1,0 +1,123 @@
+"""Second-moment statistics C0 = E[k kᵀ] of the W_out inputs over a text corpus.
+
+C0 stands for "what the layer already knows": the update is penalised by λ·C0 so that keys seen in
+ordinary text keep their outputs. Accumulated in float64 (sums of ~10⁵ outer products lose digits in
+float32) and stored with the model fingerprint and corpus hash, so a stale file is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from ece.adapter import ModelAdapter
+from ece.errors import EceError
+from ece.keys import document_start
+from ece.io import atomic_path
+
+
+def corpus_texts(path: str | Path) -> Iterator[str]:
+    """Texts of a corpus file: JSONL with a "text" field per line, or plain text split on blank lines."""
+    path = Path(path)
+    if not path.exists():
+        raise EceError(f"corpus file not found: {path}", "set covariance.corpus to an existing .jsonl or .txt file")
+    with open(path, encoding="utf-8") as f:
+        if path.suffix == ".jsonl":
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise EceError(f"{path}:{n}: not a JSON object with a 'text' field", "fix or remove that line") from None
+        else:
+            for block in f.read().split("\n\n"):
+                if block.strip():
+                    yield block
+
+
+def token_chunks(texts: Iterable[str], tok: PreTrainedTokenizerBase, seq_len: int) -> Iterator[list[int]]:
+    """Pack the corpus into full-length chunks of whole documents, each opened as in pretraining, so
+    no token is padding and keys are seen in the same context as the edit prompts'."""
+    buffer: list[int] = []
+    for text in texts:
+        buffer.extend(document_start(tok) + tok(text, add_special_tokens=False).input_ids)
+        while len(buffer) >= seq_len:
+            yield buffer[:seq_len]
+            buffer = buffer[seq_len:]
+
+
+def second_moments(
+    adapter: ModelAdapter,
+    tok: PreTrainedTokenizerBase,
+    layers: list[int],
+    texts: Iterable[str],
+    n_tokens: int,
+    seq_len: int,
+    batch_size: int,
+    progress: bool = True,
+) -> tuple[dict[int, Tensor], int]:
+    """E[k kᵀ] (float64, f × f) for each layer over the first `n_tokens` corpus tokens."""
+    sums = {l: torch.zeros(adapter.inner_size, adapter.inner_size, dtype=torch.float64) for l in layers}
+    seen = 0
+    chunks = token_chunks(texts, tok, seq_len)
+    bar = tqdm(total=n_tokens, desc="covariance", unit="tok", disable=not progress)
+    while seen < n_tokens:
+        batch = [c for _, c in zip(range(batch_size), chunks)]
+        if not batch:
+            break
+        ids = torch.tensor(batch)
+        keys, _ = adapter.trace(ids, torch.ones_like(ids), key_layers=layers)
+        take = min(ids.numel(), n_tokens - seen)
+        for l in layers:
+            k = keys[l].reshape(-1, adapter.inner_size)[:take].to(torch.float64)
+            sums[l] += k.T @ k
+        seen += take
+        bar.update(take)
+    bar.close()
+    if seen == 0:
+        raise EceError("the corpus produced no tokens", f"use a corpus with at least {seq_len} tokens")
+    return {l: s / seen for l, s in sums.items()}, seen
+
+
+def save_covariance(path: str | Path, moments: dict[int, Tensor], metadata: dict[str, str]) -> None:
+    tensors = {f"layer.{l}": m.contiguous() for l, m in moments.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+
+
+def load_covariance(path: str | Path, fingerprint: str, layers: list[int]) -> dict[int, Tensor]:
+    """Load C0 for `layers`, refusing a file made for another model or without those layers."""
+    path = Path(path)
+    hint = "rerun the covariance stage (dvc repro covariance)"
+    if not path.exists():
+        raise EceError(f"covariance file not found: {path}", hint)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = set(f.keys())
+            if meta.get("model_fingerprint") != fingerprint:
+                raise EceError(
+                    f"{path} was computed for another model (fingerprint {meta.get('model_fingerprint')}, "
+                    f"this model is {fingerprint})",
+                    hint,
+                )
+            missing = [l for l in layers if f"layer.{l}" not in names]
+            if missing:
+                raise EceError(f"{path} has no statistics for layers {missing}", hint)
+            moments = {l: f.get_tensor(f"layer.{l}") for l in layers}
+    except EceError:
+        raise
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise EceError(f"{path} is not a readable safetensors file ({exc})", hint) from None
+    for l, m in moments.items():
+        if not torch.isfinite(m).all():
+            raise EceError(f"{path}: statistics of layer {l} contain NaN or Inf", hint)
+    return moments

@@ -1,0 +1,146 @@
+"""Prompt encoding and key computation: the inputs of W_out at the subject's last token.
+
+Keys are averaged over context-prefixed variants of the prompt (MEMIT), so that an edit is written
+for the subject in many contexts, not only at the start of a text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from ece.adapter import ModelAdapter
+from ece.errors import EceError
+
+STARTERS = ("The", "Therefore", "Because", "I", "You", "It", "She", "In", "When", "A")
+DOC_SEPARATOR = "<|endoftext|>"
+
+
+def document_start(tok: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that open a document, for tokenizers that add none themselves.
+
+    SmolLM2 (like GPT-2) was trained on documents separated by <|endoftext|> and adds no BOS; without
+    it a prompt's first word is read as a word fragment (it continues "The" with "-the-key...").
+    """
+    if tok("a").input_ids != tok("a", add_special_tokens=False).input_ids:
+        return []  # the tokenizer adds its own BOS
+    sep = tok.convert_tokens_to_ids(DOC_SEPARATOR) if DOC_SEPARATOR in tok.get_vocab() else None
+    return [sep] if sep is not None else []
+
+
+@dataclass(frozen=True)
+class Fact:
+    """What editing needs of one canonical edit request."""
+
+    id: str
+    subject: str
+    prompt: str  # contains exactly one "{}" for the subject
+    target_new: str
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Fact":
+        return cls(row["id"], row["subject"], row["prompt"], row["target_new"])
+
+
+@torch.no_grad()
+def context_templates(model: torch.nn.Module, tok: PreTrainedTokenizerBase, n: int, length: int) -> list[str]:
+    """"{}" plus `n` greedy continuations of fixed starter words, each followed by ". {}".
+
+    Greedy decoding makes the templates a pure function of the model, so every stage that needs
+    them recomputes the same list without sharing state.
+    """
+    if n > len(STARTERS):
+        raise EceError(f"z.n_context must be <= {len(STARTERS)}, got {n}", "use 5 (MEMIT's value)")
+    templates = ["{}"]
+    for starter in STARTERS[:n]:
+        ids = torch.tensor([document_start(tok) + tok(starter, add_special_tokens=False).input_ids])
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=length, do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        text = tok.decode(out[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
+        templates.append(" ".join(text.split()) + ". {}")
+    return templates
+
+
+@dataclass
+class Encoded:
+    """A right-padded batch of prompts with the position of each row's last subject token."""
+
+    input_ids: Tensor  # (B, T)
+    attention_mask: Tensor  # (B, T)
+    subject_pos: Tensor  # (B,)
+    lengths: Tensor  # (B,) unpadded lengths
+
+
+def encode(
+    tok: PreTrainedTokenizerBase,
+    prompts: list[str],
+    subjects: list[str],
+    suffixes: list[list[int]] | None = None,
+) -> Encoded:
+    """Tokenize `prompt` with the subject filled in, plus optional token suffixes (e.g. the target),
+    after the document start.
+
+    The subject's last token is found from character offsets, which is exact for any tokenizer with
+    offsets, instead of re-tokenizing a prefix and hoping the merges agree.
+    """
+    rows: list[list[int]] = []
+    positions: list[int] = []
+    start_ids = document_start(tok)
+    for i, (prompt, subject) in enumerate(zip(prompts, subjects)):
+        start = prompt.index("{}")
+        text = prompt[:start] + subject + prompt[start + 2 :]
+        end = start + len(subject)
+        enc = tok(text, return_offsets_mapping=True)
+        ids = start_ids + list(enc["input_ids"])
+        last = [j for j, (s, e) in enumerate(enc["offset_mapping"]) if s < end and e > s]
+        if not last:
+            raise EceError(f"subject {subject!r} is not visible in {text!r} after tokenization", "check the prompt")
+        rows.append(ids + (suffixes[i] if suffixes else []))
+        positions.append(last[-1] + len(start_ids))
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return Encoded(ids, mask, torch.tensor(positions), mask.sum(1))
+
+
+def templated(facts: list[Fact], templates: list[str]) -> tuple[list[str], list[str]]:
+    """Prompts and subjects for every (fact, template) pair, fact-major."""
+    prompts = [t.replace("{}", f.prompt) for f in facts for t in templates]
+    subjects = [f.subject for f in facts for _ in templates]
+    return prompts, subjects
+
+
+def at_positions(x: Tensor, pos: Tensor) -> Tensor:
+    """x[b, pos[b]] for every row b."""
+    return x[torch.arange(x.shape[0]), pos]
+
+
+@torch.no_grad()
+def keys_and_hidden(
+    adapter: ModelAdapter,
+    tok: PreTrainedTokenizerBase,
+    facts: list[Fact],
+    templates: list[str],
+    key_layers: list[int],
+    out_layer: int | None = None,
+) -> tuple[dict[int, Tensor], Tensor | None]:
+    """Keys (n, f) per layer averaged over templates, and the block output of `out_layer` (n, d)
+    at the subject on the bare prompt (template "{}", which must come first)."""
+    prompts, subjects = templated(facts, templates)
+    enc = encode(tok, prompts, subjects)
+    keys, outs = adapter.trace(enc.input_ids, enc.attention_mask, key_layers, [out_layer] if out_layer is not None else [])
+    n, t = len(facts), len(templates)
+    mean_keys = {l: at_positions(k, enc.subject_pos).reshape(n, t, -1).mean(1) for l, k in keys.items()}
+    hidden = None
+    if out_layer is not None:
+        hidden = at_positions(outs[out_layer], enc.subject_pos).reshape(n, t, -1)[:, 0]
+    return mean_keys, hidden

