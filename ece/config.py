@@ -18,6 +18,7 @@ from ece.errors import EceError
 
 METHODS = ("ece", "memit")
 NOT_YET_SUPPORTED = ("alphaedit", "rome", "ft-l", "ft-m", "mend", "serac")
+GENERAL_TASKS = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
 FORMATS = ("auto", "counterfact", "counterfact_compact", "zsre", "jsonl", "csv")
 
 
@@ -82,6 +83,27 @@ class UpdateCfg:
 
 
 @dataclass
+class EvaluateCfg:
+    batch_size: int = 16  # prompts per forward pass (scoring, general ability, generation)
+    n_general: int = 20  # first N examples of each general-ability task (0 = all)
+    general_tasks: list[str] = field(default_factory=lambda: ["sst2", "mrpc", "cola", "rte", "nli", "mmlu"])
+    general_dir: str = "data/general"
+    ppl_corpus: str = "data/corpus/wikitext2_raw_test.txt"
+    ppl_tokens: int = 4096
+    ppl_window: int = 512
+    gen_per_fact: int = 1  # first N generation prompts of each fact (0 = no fluency/consistency)
+    gen_max_new_tokens: int = 40
+    gen_top_k: int = 5
+    seed: int = 0
+    curve_every: int = 0  # > 0: rewrite metrics of all facts after every N-th batch
+    reference_corpus: str = "data/corpus/wikipedia_vital_summaries_en.jsonl"
+    reference_articles: int = 5
+    attribute_snippets: str | None = None
+    idf: str | None = None
+    tfidf_vocab: str | None = None
+
+
+@dataclass
 class Params:
     method: str = "ece"
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -92,6 +114,7 @@ class Params:
     cluster: ClusterCfg = field(default_factory=ClusterCfg)
     z: ZCfg = field(default_factory=ZCfg)
     update: UpdateCfg = field(default_factory=UpdateCfg)
+    evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
 
 
 def _check(cond: bool, message: str, hint: str) -> None:
@@ -137,6 +160,19 @@ def validate(p: Params) -> None:
     _check(p.z.shared_steps >= 0 and p.z.instance_steps >= 0, "z steps must be >= 0", "paper: 20 and 5")
     _check(p.z.shared_steps + p.z.instance_steps >= 1, "z needs at least one step", "paper: 20 and 5")
     _check(p.update.mom2_update_weight >= 0, "update.mom2_update_weight must be >= 0", "e.g. 15000")
+    e = p.evaluate
+    for name in ("batch_size", "ppl_tokens", "ppl_window", "gen_max_new_tokens", "gen_top_k", "reference_articles"):
+        _check(getattr(e, name) >= 1, f"evaluate.{name} must be >= 1, got {getattr(e, name)}", "see the comments in params.yaml")
+    for name in ("n_general", "gen_per_fact", "curve_every"):
+        _check(getattr(e, name) >= 0, f"evaluate.{name} must be >= 0, got {getattr(e, name)}", "0 means all (n_general) or off")
+    bad_tasks = [t for t in e.general_tasks if t not in GENERAL_TASKS]
+    _check(not bad_tasks, f"unknown evaluate.general_tasks {bad_tasks}", f"use any of {', '.join(GENERAL_TASKS)}")
+    memit_files = (e.attribute_snippets, e.idf, e.tfidf_vocab)
+    _check(
+        all(f is None for f in memit_files) or all(f is not None for f in memit_files),
+        "evaluate.attribute_snippets, evaluate.idf and evaluate.tfidf_vocab go together",
+        "set all three (MEMIT's attribute_snippets.json, idf.npy, tfidf_vocab.json) or none",
+    )
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:

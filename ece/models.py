@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -147,12 +148,17 @@ def load_model(name: str, seed: int = 0) -> tuple[nn.Module, PreTrainedTokenizer
     return _ready(model), tok
 
 
+# Config entries that say where or with what a model was loaded, not what it computes.
+_LOCATION_KEYS = ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash")
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """A cheap, discriminating identity for a model: config plus a strided sample of every tensor.
 
     Stored with derived artifacts (covariance) so a file computed for another model is refused.
     """
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _LOCATION_KEYS}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)

@@ -1,0 +1,81 @@
+"""Stage `precompute_z`: target hidden states z for every fact, on the ORIGINAL model.
+
+Per batch, ECE's two steps (shared descent on each cluster's anchor, then a short per-fact descent,
+both batched); MEMIT is the singleton-cluster case. Results are cached per batch under a key of the
+batch's content, its clusters, the z params and the model, so appending facts to the dataset only
+computes z for the new batches (the output folder is `persist` in dvc.yaml for that reason).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+
+import polars as pl
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ece.config import Params
+from ece.io import atomic_path, sha256_json, write_json
+from ece.pipeline import CLUSTERS, Z_DIR, Workbench, batch_ranges, read_facts
+from ece.stage import run_stage
+from ece.zvec import build_problem, two_step_z
+
+
+def main(p: Params) -> None:
+    df, facts = read_facts()
+    clusters = pl.read_parquet(CLUSTERS / "clusters.parquet")
+    wb = Workbench.open(p)
+    top = p.edit.layers[-1]
+    cache = Z_DIR / "cache"
+    rows, timings, used, computed = [], {}, set(), 0
+    for b, rng in enumerate(batch_ranges(len(facts), p.edit.batch_size)):
+        batch = [facts[i] for i in rng]
+        info = clusters.filter(pl.col("batch") == b)
+        assert info["id"].to_list() == [f.id for f in batch], "clusters are out of date; rerun dvc repro"
+        labels = torch.tensor(info["cluster"].to_list())
+        position = {fid: j for j, fid in enumerate(info["id"].to_list())}
+        anchors = torch.tensor(
+            info.filter(pl.col("is_anchor")).sort("cluster")["id"].map_elements(position.get, return_dtype=pl.Int64).to_list()
+        )
+        key = sha256_json({
+            "facts": df["content_hash"][rng.start : rng.stop].to_list(), "labels": labels.tolist(),
+            "anchors": anchors.tolist(), "z": asdict(p.z), "model": wb.fingerprint, "layer": top,
+            "templates": wb.templates,
+        })
+        path = cache / f"{key[:32]}.safetensors"
+        used.add(path.name)
+        if not path.exists():
+            start = time.perf_counter()
+            problem = build_problem(wb.adapter, wb.tok, batch, top, wb.templates)
+            res = two_step_z(problem, wb.adapter, top, labels, anchors, p.z)
+            seconds = time.perf_counter() - start
+            tensors = {"z": res.z, "h": res.h, "delta": res.delta, "loss": res.losses.total,
+                       "nll": res.losses.nll, "kl": res.losses.kl}
+            with atomic_path(path) as tmp:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                          metadata={"ids": json.dumps([f.id for f in batch]), "seconds": str(seconds)})
+            computed += 1
+        with safe_open(str(path), framework="pt") as f:
+            timings[b] = float(f.metadata()["seconds"])
+            loss, nll, kl, delta = (f.get_tensor(k) for k in ("loss", "nll", "kl", "delta"))
+        for j, fact in enumerate(batch):
+            rows.append({
+                "id": fact.id, "batch": b, "file": path.name, "row": j, "loss": float(loss[j]),
+                "nll": float(nll[j]), "kl": float(kl[j]), "delta_norm": float(delta[j].norm()),
+            })
+    for stale in cache.glob("*.safetensors"):
+        if stale.name not in used:
+            stale.unlink()
+    table = pl.DataFrame(rows)
+    with atomic_path(Z_DIR / "index.parquet") as tmp:
+        table.write_parquet(tmp)
+    write_json(Z_DIR / "timings.json", timings)
+    print(f"precompute_z: {len(facts)} facts, {computed} batches computed, "
+          f"{len(timings) - computed} reused; mean target NLL {table['nll'].mean():.3f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,96 @@
+"""The DVC pipeline itself, on a tiny random model in a scratch repository: a full `dvc repro`, the
+per-batch z cache, and that a change reruns exactly the stages that depend on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = str(Path(sys.executable).with_name("dvc"))
+
+FACTS = [
+    {"id": f"f{i}", "subject": s, "prompt": p, "target_new": n, "target_true": t}
+    for i, (s, p, n, t) in enumerate([
+        ("Paris", "{} is the capital of", "Italy", "France"),
+        ("Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
+        ("Toko Yasuda", "{} plays the", "piano", "guitar"),
+        ("Edwin of Northumbria", "The official religion of {} is", "Islam", "Christianity"),
+        ("Autonomous University of Madrid", "{}, which is located in", "Sweden", "Spain"),
+        ("Lyon", "{} is a city in", "Germany", "France"),
+    ])
+]
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def write_facts(path: Path, n: int) -> None:
+    path.write_text("".join(json.dumps(f) + "\n" for f in FACTS[:n]))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("repo")
+    for name in ("ece", "stages"):
+        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    (work / "data").mkdir()
+    write_facts(work / "data/facts.jsonl", 4)
+    (work / "data/corpus.txt").write_text("\n\n".join(f"Document {i} talks about cities and rivers." for i in range(50)))
+    (work / "data/gen.json").write_text("[]")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["name"] = "tiny-llama"
+    params["edit"] = {"layers": [1, 2], "batch_size": 2}
+    params["data"].update(edit_dataset="data/facts.jsonl", format="jsonl", generation_prompts="data/gen.json", n_facts=0)
+    params["covariance"].update(corpus="data/corpus.txt", n_tokens=2000, seq_len=32)
+    params["z"].update(shared_steps=2, instance_steps=1, n_context=2, context_length=3)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"]):
+        assert run(cmd, work).returncode == 0
+    result = run([DVC, "repro", "apply_edits"], work)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return work
+
+
+def stale_stages(work: Path) -> set[str]:
+    out = run([DVC, "status", "--json"], work)
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout or "{}"))
+
+
+def set_param(work: Path, section: str, key: str, value: object) -> None:
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params[section][key] = value
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_repro_builds_every_artifact(repo: Path) -> None:
+    assert (repo / "artifacts/edited/model/model.safetensors").exists()
+    assert (repo / "artifacts/covariance/c0.safetensors").exists()
+    assert "apply_edits" not in stale_stages(repo)
+
+
+def test_edit_param_change_reruns_attribution_onwards_but_not_covariance(repo: Path) -> None:
+    set_param(repo, "ece", "neuron_threshold", 0.7)
+    stale = stale_stages(repo)
+    assert {"attribute", "cluster", "apply_edits"} <= stale
+    assert "covariance" not in stale and "prepare" not in stale
+    set_param(repo, "ece", "neuron_threshold", 0.8)
+    assert not {"attribute", "covariance"} & stale_stages(repo)
+
+
+def test_appending_facts_computes_z_only_for_new_batches(repo: Path) -> None:
+    write_facts(repo / "data/facts.jsonl", 6)
+    result = run([DVC, "repro", "precompute_z"], repo)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 batches computed, 2 reused" in result.stdout

@@ -1,0 +1,190 @@
+"""Rewrite metrics (ece.metrics) and the `evaluate` stage end to end on a tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import ece.metrics
+from ece.adapter import ModelAdapter
+from ece.config import load_params
+from ece.data import SCHEMA
+from ece.metrics import fact_metrics, summarise
+from ece.models import save_model, tiny_model
+from ece.zvec import target_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def facts_table(n: int = 4) -> pl.DataFrame:
+    rows = [
+        ("Danielle Darrieux", "The mother tongue of {} is", "English", "French", "Michel Rocard is a native speaker of"),
+        ("Toko Yasuda", "{} plays the", "piano", "guitar", "John Lennon performs on the"),
+        ("Paris", "{} is the capital of", "Italy", "France", "Lyon is a city in"),
+        ("Apple A5", "{} was made by", "Google", "Apple", "The iPhone is made by"),
+    ][:n]
+    data = {c: [] for c in SCHEMA}
+    for i, (s, prompt, new, true, neighbour) in enumerate(rows):
+        row = {
+            "id": f"t:{i}", "subject": s, "prompt": prompt, "target_new": new, "target_true": true,
+            "paraphrase_prompts": [f"Everyone knows that {prompt.replace('{}', s)}"],
+            "neighborhood_prompts": [neighbour], "neighborhood_target": true,
+            "generation_prompts": [f"{s} is known for", f"{s} often"], "source": "test", "content_hash": f"h{i}",
+        }
+        for c in SCHEMA:
+            data[c].append(row[c])
+    return pl.DataFrame(data, schema=SCHEMA)
+
+
+def test_stubbed_scores_new_object_wins(monkeypatch, tiny_llama):
+    model, tok = tiny_llama
+    df = facts_table()
+    new = set(df["target_new"].to_list())
+
+    def fake(model, tok, texts, conts, batch_size=32):
+        wins = torch.tensor([0.0 if c in new else -3.0 for c in conts])
+        return wins, (wins == 0).float()
+
+    monkeypatch.setattr(ece.metrics, "continuation_scores", fake)
+    per_fact = fact_metrics(model, tok, df)
+    assert per_fact["efficacy"].to_list() == [1.0] * 4
+    assert per_fact["generalization"].to_list() == [1.0] * 4
+    assert summarise(per_fact)["efficacy"] == 1.0
+
+
+def test_stubbed_scores_new_object_wins_on_neighbours_too(monkeypatch, tiny_llama):
+    model, tok = tiny_llama
+    df = facts_table()
+    new = set(df["target_new"].to_list())
+
+    def fake(model, tok, texts, conts, batch_size=32):
+        wins = torch.tensor([0.0 if c in new else -3.0 for c in conts])
+        return wins, (wins == 0).float()
+
+    monkeypatch.setattr(ece.metrics, "continuation_scores", fake)
+    per_fact = fact_metrics(model, tok, df)
+    assert per_fact["specificity"].to_list() == [0.0] * 4  # the neighbours flipped too: none keeps its answer
+    assert summarise(per_fact)["score"] == 0.0
+
+
+class Favour(nn.Module):
+    """A model whose logits favour the tokens of some words at every position."""
+
+    def __init__(self, model: nn.Module, ids: list[int], bonus: float = 30.0) -> None:
+        super().__init__()
+        self.model, self.ids, self.bonus = model, torch.tensor(sorted(set(ids))), bonus
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        out.logits[..., self.ids] += self.bonus
+        return out
+
+
+def test_constructed_model_favouring_the_new_object_has_efficacy_one(tiny_llama):
+    model, tok = tiny_llama
+    df = facts_table(1)  # new "English", true "French": " E n g l i s h" boosted, " F r e n c h" mostly not
+    forced = Favour(model, target_ids(tok, "English"))
+    per_fact = fact_metrics(forced, tok, df)
+    assert per_fact["efficacy"][0] == 1.0 and per_fact["generalization"][0] == 1.0
+
+
+def test_constructed_model_favouring_the_new_object_fails_specificity(tiny_llama):
+    model, tok = tiny_llama
+    per_fact = fact_metrics(Favour(model, target_ids(tok, "English")), tok, facts_table(1))
+    assert per_fact["specificity"][0] == 0.0
+
+
+def test_metrics_follow_the_weights(tiny_llama):
+    model, tok = tiny_llama
+    df = facts_table()
+    before = ece.metrics.continuation_scores(model, tok, ["Paris is the capital of"], [" Italy"])[0]
+    first = fact_metrics(model, tok, df)
+    with torch.no_grad():
+        ModelAdapter(model).w_out_weight(1)[:, :8] += 1.0
+    after = ece.metrics.continuation_scores(model, tok, ["Paris is the capital of"], [" Italy"])[0]
+    assert not torch.allclose(before, after)
+    fresh, _ = tiny_model("tiny-llama", seed=0)  # the unedited weights give the first numbers again
+    assert fact_metrics(fresh, tok, df).equals(first)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage, in a scratch project with a tiny model
+
+
+def _load_stage():
+    spec = importlib.util.spec_from_file_location("evaluate_stage", ROOT / "stages" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """artifacts/prepared + artifacts/edited (3 batches of random column changes) for tiny-llama."""
+    df = facts_table()
+    (tmp_path / "artifacts" / "prepared").mkdir(parents=True)
+    (tmp_path / "artifacts" / "edited").mkdir(parents=True)
+    (tmp_path / "data").symlink_to(ROOT / "data")
+    df.write_parquet(tmp_path / "artifacts/prepared/edits.parquet")
+    (tmp_path / "artifacts/prepared/meta.json").write_text(json.dumps({"dataset_hash": "abc", "format": "test", "source": {"path": "none"}}))
+    model, tok = tiny_model("tiny-llama", 0)
+    adapter = ModelAdapter(model)
+    g = torch.Generator().manual_seed(1)
+    sizes = [2, 1, 1]
+    for b in range(len(sizes)):
+        out = {}
+        for layer in (1, 2):
+            cols = torch.randperm(64, generator=g)[:16].sort().values
+            w = adapter.w_out_weight(layer)
+            out[f"layer.{layer}.cols"], out[f"layer.{layer}.old"] = cols, w[:, cols].clone()
+            with torch.no_grad():
+                w[:, cols] += 3.0 * torch.randn((w.shape[0], len(cols)), generator=g)
+            out[f"layer.{layer}.new"] = w[:, cols].clone()
+        save_file(out, str(tmp_path / f"artifacts/edited/delta-batch-{b:04d}.safetensors"))
+    pl.DataFrame({"batch": [0, 1, 2], "n_facts": sizes}).write_parquet(tmp_path / "artifacts/edited/batches.parquet")
+    save_model(model, tok, tmp_path / "artifacts/edited/model")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, df, model, tok
+
+
+def test_stage_pre_is_unedited_post_is_edited_and_curve_replays(project):
+    root, df, edited, tok = project
+    p = load_params(ROOT / "params.yaml", [
+        "model.name=tiny-llama", "edit.layers=[1,2]", "evaluate.n_general=2", "evaluate.general_tasks=[sst2]",
+        "evaluate.ppl_tokens=64", "evaluate.ppl_window=32", "evaluate.gen_max_new_tokens=8", "evaluate.curve_every=2",
+    ])
+    _load_stage().main(p)
+
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    per_fact = pl.read_parquet(root / "reports/per_fact.parquet")
+    original, _ = tiny_model("tiny-llama", 0)
+    cols = ["id", "efficacy", "generalization", "specificity"]
+    pre = per_fact.filter(pl.col("phase") == "pre").select(cols)
+    post = per_fact.filter(pl.col("phase") == "post").select(cols)
+    assert pre.equals(fact_metrics(original, tok, df).select(cols))
+    assert post.equals(fact_metrics(edited, tok, df).select(cols))
+    assert not pre.equals(post)
+
+    assert metrics["consistency_approximate"] is True and metrics["dataset_hash"] == "abc"
+    for phase in ("pre", "post"):
+        assert {"efficacy", "score", "fluency", "consistency", "general", "perplexity"} <= set(metrics[phase])
+        assert metrics[phase]["general"]["sst2"]["n"] == 2
+    assert per_fact["fluency"].null_count() == 0 and per_fact["generations"].list.len().to_list() == [1] * 8
+
+    curve = json.loads((root / "reports/curve.json").read_text())
+    assert [pt["facts_edited"] for pt in curve] == [0, 3, 4]  # pre, after batch 2, after the last batch
+    assert curve[0]["efficacy"] == metrics["pre"]["efficacy"]
+    assert all(curve[-1][m] == metrics["post"][m] for m in ("efficacy", "generalization", "specificity"))
+    assert metrics["curve_replay_max_abs_diff"] == 0.0
+
+    summary = (root / "reports/summary.md").read_text()
+    assert "approximate" in summary and "abc" in summary and "| efficacy |" in summary
+    for png in ("metrics.png", "curve.png"):
+        assert (root / "reports/plots" / png).read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,166 @@
+"""Prompt encoding (subject position, padding, document start) and template-averaged keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from ece.adapter import ModelAdapter
+from ece.errors import EceError
+from ece.keys import Fact, context_templates, document_start, encode, keys_and_hidden, templated
+
+CASES = [  # (prompt, subject): subject at the start, in the middle, at the end
+    ("{} is the capital of", "Paris"),
+    ("The mother tongue of {} is", "Danielle Darrieux"),
+    ("My favourite place is {}", "Café Noir"),  # multi-byte last character
+    ("{}", "Toko Yasuda"),
+    ("In {}, people speak", "Quebec"),
+]
+
+
+@pytest.fixture(scope="module")
+def bpe_with_bos() -> PreTrainedTokenizerFast:
+    """A byte-level BPE with real merges (tokens span several characters) that adds its own BOS."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [p.replace("{}", s) for p, s in CASES] + ["Paris is the capital of France. Danielle Darrieux speaks."]
+    core.train_from_iterator(corpus * 20, trainer)
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", pad_token="<pad>")
+
+
+def _check_positions(tok, enc, prompts, subjects, start_ids):
+    width = enc.input_ids.shape[1]
+    for i, (prompt, subject) in enumerate(zip(prompts, subjects)):
+        text = prompt.replace("{}", subject)
+        n = int(enc.lengths[i])
+        assert enc.attention_mask[i, :n].all() and not enc.attention_mask[i, n:].any()  # right padding
+        assert (enc.input_ids[i, n:] == tok.pad_token_id).all()
+        row = enc.input_ids[i, :n].tolist()
+        assert row[: len(start_ids)] == start_ids
+        assert tok.decode(row, skip_special_tokens=True) == text
+        pos = int(enc.subject_pos[i])
+        assert len(start_ids) <= pos < n <= width
+        # the prefix up to and including subject_pos ends with the subject ...
+        upto = tok.decode(row[: pos + 1], skip_special_tokens=True)
+        assert upto.endswith(subject), (upto, subject)
+        # ... and the token before it does not yet contain the subject's last character
+        before = tok.decode(row[:pos], skip_special_tokens=True)
+        assert not before.endswith(subject)
+        assert len(before) < len(text[: text.index(subject) + len(subject)])
+
+
+def test_encode_subject_position_byte_tokenizer(tiny_llama):
+    _, tok = tiny_llama
+    prompts = [p for p, _ in CASES]
+    subjects = [s for _, s in CASES]
+    enc = encode(tok, prompts, subjects)
+    assert enc.input_ids.shape[0] == len(CASES)
+    assert len(set(enc.lengths.tolist())) > 1  # padding is exercised
+    _check_positions(tok, enc, prompts, subjects, [tok.eos_token_id])
+    # byte tokenizer: the token at subject_pos is exactly the last byte of the subject
+    for i, (_, subject) in enumerate(CASES):
+        if subject.isascii():
+            assert tok.decode([int(enc.input_ids[i, enc.subject_pos[i]])]) == subject[-1]
+
+
+def test_encode_subject_position_bpe_with_merges(bpe_with_bos):
+    tok = bpe_with_bos
+    prompts = [p for p, _ in CASES]
+    subjects = [s for _, s in CASES]
+    enc = encode(tok, prompts, subjects)
+    # the tokenizer adds its own BOS: no document start is prepended, and the BOS is there once
+    assert document_start(tok) == []
+    assert (enc.input_ids[:, 0] == tok.bos_token_id).all()
+    assert (enc.input_ids[:, 1] != tok.bos_token_id).all()
+    _check_positions(tok, enc, prompts, subjects, [tok.bos_token_id])
+    # multi-character tokens: " Darrieux" is one token here, so the position is that token
+    i = 1
+    assert tok.decode([int(enc.input_ids[i, enc.subject_pos[i]])]).strip() == "Darrieux"
+
+
+def test_encode_suffixes_are_appended_after_the_prompt(tiny_gpt2):
+    _, tok = tiny_gpt2
+    suffix = tok(" Rome", add_special_tokens=False).input_ids
+    enc = encode(tok, ["{} is in", "The city of {} is in the country of"], ["Paris", "Paris"], [suffix, suffix[:2]])
+    for i, s in enumerate([suffix, suffix[:2]]):
+        n = int(enc.lengths[i])
+        assert enc.input_ids[i, n - len(s) : n].tolist() == s
+    # the suffix does not move the subject position
+    plain = encode(tok, ["{} is in", "The city of {} is in the country of"], ["Paris", "Paris"])
+    assert torch.equal(plain.subject_pos, enc.subject_pos)
+    assert torch.equal(plain.lengths + torch.tensor([len(suffix), 2]), enc.lengths)
+
+
+def test_document_start_byte_tokenizer(tiny_llama):
+    _, tok = tiny_llama
+    assert document_start(tok) == [tok.convert_tokens_to_ids("<|endoftext|>")]
+    enc = encode(tok, ["{} is"], ["Paris"])
+    assert enc.input_ids[0, 0].item() == tok.eos_token_id
+    assert enc.input_ids[0, 1:].tolist() == tok("Paris is", add_special_tokens=False).input_ids
+    assert int(enc.subject_pos[0]) == len("Paris")  # shifted by the prepended token
+
+
+def test_encode_subject_not_visible():
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab={"a": 0}, merges=[])))
+    with pytest.raises(EceError, match="not visible"):
+        encode(tok, ["{} is"], [""])
+
+
+# --- templates and keys ------------------------------------------------------------------------
+
+
+def test_templated_is_fact_major(facts):
+    prompts, subjects = templated(facts[:2], ["{}", "Hello. {}"])
+    assert prompts == [facts[0].prompt, "Hello. " + facts[0].prompt, facts[1].prompt, "Hello. " + facts[1].prompt]
+    assert subjects == [facts[0].subject] * 2 + [facts[1].subject] * 2
+
+
+def test_context_templates_deterministic(tiny_gpt2):
+    model, tok = tiny_gpt2
+    a = context_templates(model, tok, 3, 4)
+    assert a == context_templates(model, tok, 3, 4)
+    assert len(a) == 4 and a[0] == "{}"
+    for t in a[1:]:
+        assert t.endswith(". {}") and t.count("{") == 1 and t.count("}") == 1
+    assert a[1].startswith("The") and a[2].startswith("Therefore") and a[3].startswith("Because")
+    with pytest.raises(EceError, match="n_context"):
+        context_templates(model, tok, 11, 4)
+
+
+@pytest.mark.parametrize("kind_fixture", ["tiny_llama", "tiny_gpt2"])
+def test_keys_and_hidden_average_over_templates(request, kind_fixture, facts):
+    model, tok = request.getfixturevalue(kind_fixture)
+    adapter = ModelAdapter(model)
+    templates = ["{}", "Once upon a time there was a story. {}"]
+    layers, top = [1, 2], 3
+    keys, hidden = keys_and_hidden(adapter, tok, facts, templates, layers, top)
+    assert sorted(keys) == layers and hidden is not None
+    assert hidden.shape == (len(facts), 32)
+    for l in layers:
+        assert keys[l].shape == (len(facts), 64)
+    for i, fact in enumerate(facts):
+        per_template = {l: [] for l in layers}
+        for j, t in enumerate(templates):
+            prompt = t.replace("{}", fact.prompt)
+            enc = encode(tok, [prompt], [fact.subject])  # alone: no padding at all
+            ks, outs = adapter.trace(enc.input_ids, enc.attention_mask, layers, [top])
+            pos = int(enc.subject_pos[0])
+            for l in layers:
+                per_template[l].append(ks[l][0, pos])
+            if j == 0:
+                assert torch.allclose(hidden[i], outs[top][0, pos], atol=1e-5)
+        for l in layers:
+            manual = (per_template[l][0] + per_template[l][1]) / 2
+            assert torch.allclose(keys[l][i], manual, atol=1e-5)
+            # really an average, not one of the two templates
+            assert not torch.allclose(keys[l][i], per_template[l][0], atol=1e-4)
+    no_hidden_keys, none = keys_and_hidden(adapter, tok, facts, templates, [1])
+    assert none is None
+    assert torch.allclose(no_hidden_keys[1], keys[1], atol=1e-6)

@@ -1,0 +1,262 @@
+"""The restricted least-squares update and sequential batch editing on a tiny Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ece.adapter import ModelAdapter
+from ece.covariance import second_moments
+from ece.editing import Editor
+from ece.errors import EceError
+from ece.keys import keys_and_hidden
+from ece.update import restricted_update
+
+F_DIM, D_DIM = 12, 5
+
+
+def _random(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, F_DIM, generator=g)
+    residuals = torch.randn(n, D_DIM, generator=g)
+    a = torch.randn(F_DIM, 3 * F_DIM, generator=g, dtype=torch.float64)
+    penalty = a @ a.T / (3 * F_DIM)  # PSD, full rank
+    return keys, residuals, penalty
+
+
+def _closed_form(keys, residuals, penalty, cols):
+    k = keys.double()[:, cols]
+    c = penalty.double()[cols][:, cols]
+    return residuals.double().T @ k @ torch.linalg.inv(c + k.T @ k)
+
+
+# --- restricted_update -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("cols", [[0, 3, 7], [11, 2], list(range(F_DIM)), [5]])
+def test_restricted_update_closed_form(n, cols):
+    keys, residuals, penalty = _random(n, seed=n)
+    cols_t = torch.tensor(cols)
+    delta = restricted_update(keys, residuals, penalty, cols_t)
+    assert delta.dtype == torch.float64
+    assert delta.shape == (D_DIM, len(cols))
+    expected = _closed_form(keys, residuals, penalty, cols_t)
+    assert torch.allclose(delta, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_restricted_update_is_the_minimiser():
+    keys, residuals, penalty = _random(4, seed=3)
+    cols = torch.tensor([1, 4, 6, 9, 10])
+    delta = restricted_update(keys, residuals, penalty, cols)
+    k, c, r = keys.double()[:, cols].T, penalty[cols][:, cols], residuals.double().T
+
+    def objective(x):
+        return ((x @ k - r) ** 2).sum() + torch.trace(x @ c @ x.T)
+
+    best = objective(delta)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        assert objective(delta + 1e-3 * torch.randn(delta.shape, generator=g, dtype=torch.float64)) > best
+
+
+def test_restricted_update_none_is_memit_full_solve():
+    keys, residuals, penalty = _random(5, seed=1)
+    full = restricted_update(keys, residuals, penalty, None)
+    assert full.shape == (D_DIM, F_DIM)
+    k, r = keys.double().T, residuals.double().T  # f × n, d × n
+    memit = r @ k.T @ torch.linalg.inv(penalty + k @ k.T)  # MEMIT: R Kᵀ (C + K Kᵀ)⁻¹
+    assert torch.allclose(full, memit, rtol=1e-9, atol=1e-10)
+    assert torch.allclose(full, restricted_update(keys, residuals, penalty, torch.arange(F_DIM)), atol=1e-12)
+
+
+def test_restricted_update_interpolates_without_penalty():
+    keys, residuals, _ = _random(3, seed=2)
+    cols = torch.tensor([0, 2, 4, 6, 8])
+    delta = restricted_update(keys, residuals, torch.eye(F_DIM, dtype=torch.float64) * 1e-9, cols)
+    assert torch.allclose(delta @ keys.double()[:, cols].T, residuals.double().T, atol=1e-5)
+
+
+def test_restricted_update_no_columns():
+    keys, residuals, penalty = _random(2)
+    delta = restricted_update(keys, residuals, penalty, torch.tensor([], dtype=torch.long))
+    assert delta.shape == (D_DIM, 0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_restricted_update_not_positive_definite(n):
+    keys, residuals, _ = _random(n)
+    cols = torch.arange(6)  # more columns than keys and no penalty: K_Sᵀ K_S is singular
+    with pytest.raises(EceError, match="not positive definite") as err:
+        restricted_update(keys, residuals, torch.zeros(F_DIM, F_DIM, dtype=torch.float64), cols)
+    assert "mom2_update_weight" in err.value.hint
+
+
+def test_restricted_update_zero_key_column_is_not_pd():
+    keys, residuals, _ = _random(8)
+    keys[:, 3] = 0  # a dead neuron: its row/column of the system is exactly zero
+    with pytest.raises(EceError):
+        restricted_update(keys, residuals, torch.zeros(F_DIM, F_DIM), torch.tensor([1, 3, 5]))
+
+
+# --- Editor.apply_batch ------------------------------------------------------------------------
+
+LAYERS = [1, 2]
+TEMPLATES = ["{}", "Once upon a time. {}"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Paris is the capital of France, and Rome is the capital of Italy. " * 3,
+    "Knowledge editing rewrites facts stored in the weights of a model. " * 3,
+]
+
+
+@pytest.fixture
+def editing(tiny_llama, facts):
+    model, tok = tiny_llama
+    adapter = ModelAdapter(model)
+    c0, _ = second_moments(adapter, tok, LAYERS, CORPUS, 400, seq_len=32, batch_size=4, progress=False)
+    _, h = keys_and_hidden(adapter, tok, facts, TEMPLATES, LAYERS, LAYERS[-1])
+    g = torch.Generator().manual_seed(0)
+    z = h + 0.5 * h.norm(dim=1, keepdim=True) * torch.randn(h.shape, generator=g) / h.shape[1] ** 0.5
+    return model, tok, adapter, facts, c0, z
+
+
+def _editor(adapter, tok, c0, use_cache, weight=1.0, templates=TEMPLATES):
+    return Editor(adapter, tok, LAYERS, templates, c0, weight, use_cache)
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_apply_batch_changes_only_the_given_columns(editing):
+    model, tok, adapter, facts, c0, z = editing
+    cols = {1: torch.tensor([3, 7, 10, 40]), 2: torch.tensor([0, 5, 63])}
+    before = _snapshot(model)
+    changes = _editor(adapter, tok, c0, use_cache=False).apply_batch(facts, z, cols)
+    after = model.state_dict()
+    edited = {adapter.w_out_name(l): l for l in LAYERS}
+    for name, old in before.items():
+        new = after[name]
+        if name not in edited:
+            assert torch.equal(old, new), f"{name} changed"
+            continue
+        l = edited[name]
+        changed_cols = (old != new).any(dim=0).nonzero().squeeze(1)
+        assert changed_cols.tolist() == cols[l].tolist(), name  # exactly those columns, all of them
+    for l in LAYERS:
+        ch = changes[l]
+        assert torch.equal(ch.cols, cols[l])
+        assert torch.equal(ch.old, before[adapter.w_out_name(l)][:, cols[l]])
+        assert torch.equal(ch.new, after[adapter.w_out_name(l)][:, cols[l]])
+
+
+def test_apply_batch_reaches_z_when_unregularised(editing):
+    """One template, a negligible penalty and |S| ≥ n: the last layer's solve is exact, so the
+    edited model's hidden state at the subject equals z."""
+    model, tok, adapter, facts, c0, z = editing
+    cols = {1: torch.arange(0, 64, 2), 2: torch.arange(1, 64, 3)}
+    editor = _editor(adapter, tok, c0, use_cache=False, weight=1e-8, templates=["{}"])
+    editor.apply_batch(facts, z, cols)
+    _, h_after = keys_and_hidden(adapter, tok, facts, ["{}"], [LAYERS[-1]], LAYERS[-1])
+    assert torch.allclose(h_after, z, atol=1e-4)
+
+
+def test_apply_batch_first_layer_update_matches_restricted_update(editing):
+    model, tok, adapter, facts, c0, z = editing
+    cols = {1: torch.tensor([2, 9, 17, 33, 50]), 2: torch.tensor([4, 8])}
+    keys, h = keys_and_hidden(adapter, tok, facts, TEMPLATES, [1], LAYERS[-1])
+    expected = restricted_update(keys[1], (z - h) / len(LAYERS), 7.0 * c0[1], cols[1])
+    changes = _editor(adapter, tok, c0, use_cache=False, weight=7.0).apply_batch(facts, z, cols)
+    assert torch.allclose((changes[1].new - changes[1].old).double(), expected, atol=1e-6)
+
+
+def test_cache_grows_by_post_edit_keys(editing):
+    model, tok, adapter, facts, c0, z = editing
+    editor = _editor(adapter, tok, c0, use_cache=True)
+    assert all(torch.equal(editor.cache[l], torch.zeros(64, 64, dtype=torch.float64)) for l in LAYERS)
+    cols = {1: torch.arange(20), 2: torch.arange(10, 40)}
+    pre_keys, _ = keys_and_hidden(adapter, tok, facts[:2], TEMPLATES, LAYERS)
+    editor.apply_batch(facts[:2], z[:2], cols)
+    post_keys, _ = keys_and_hidden(adapter, tok, facts[:2], TEMPLATES, LAYERS)
+    for l in LAYERS:
+        k = post_keys[l].double()
+        assert editor.cache[l].dtype == torch.float64
+        assert torch.allclose(editor.cache[l], k.T @ k, atol=1e-10)
+    # layer 2's keys are read after layer 1 was edited: pre-edit keys would be wrong there
+    assert not torch.allclose(pre_keys[2], post_keys[2], atol=1e-6)
+
+    # batch 2: its first-layer solve includes P, and P grows again by batch 2's post-edit keys
+    p1 = {l: editor.cache[l].clone() for l in LAYERS}
+    keys, h = keys_and_hidden(adapter, tok, facts[2:], TEMPLATES, [1], LAYERS[-1])
+    expected = restricted_update(keys[1], (z[2:] - h) / len(LAYERS), c0[1] + p1[1], cols[1])
+    changes = editor.apply_batch(facts[2:], z[2:], cols)
+    assert torch.allclose((changes[1].new - changes[1].old).double(), expected, atol=1e-6)
+    post2, _ = keys_and_hidden(adapter, tok, facts[2:], TEMPLATES, LAYERS)
+    for l in LAYERS:
+        k = post2[l].double()
+        assert torch.allclose(editor.cache[l], p1[l] + k.T @ k, atol=1e-10)
+
+
+def test_no_cache_for_memit(editing):
+    model, tok, adapter, facts, c0, z = editing
+    editor = _editor(adapter, tok, c0, use_cache=False)
+    editor.apply_batch(facts, z, None)
+    assert all(not editor.cache[l].any() for l in LAYERS)
+
+
+def test_apply_batch_all_columns_when_cols_is_none(editing):
+    model, tok, adapter, facts, c0, z = editing
+    before = _snapshot(model)
+    changes = _editor(adapter, tok, c0, use_cache=False).apply_batch(facts, z, None)
+    for l in LAYERS:
+        assert torch.equal(changes[l].cols, torch.arange(64))
+        assert (before[adapter.w_out_name(l)] != model.state_dict()[adapter.w_out_name(l)]).any(dim=0).all()
+
+
+def test_apply_batch_not_pd_raises(editing):
+    model, tok, adapter, facts, c0, z = editing
+    before = _snapshot(model)
+    editor = _editor(adapter, tok, c0, use_cache=True, weight=0.0)  # no penalty at all
+    cols = {1: torch.arange(10), 2: torch.arange(10)}  # 10 columns, 4 keys
+    with pytest.raises(EceError, match="not positive definite"):
+        editor.apply_batch(facts, z, cols)
+    # it fails in the first layer, before any write
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_nan_in_z_raises_before_any_write(editing):
+    """A NaN in z poisons the residual of the FIRST edited layer, so apply_batch raises there:
+    no layer has been written in memory and the cache is untouched."""
+    model, tok, adapter, facts, c0, z = editing
+    before = _snapshot(model)
+    z = z.clone()
+    z[1, 4] = float("nan")
+    editor = _editor(adapter, tok, c0, use_cache=True)
+    with pytest.raises(EceError, match="layer 1: the update is not finite"):
+        editor.apply_batch(facts, z, {1: torch.arange(8), 2: torch.arange(8)})
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(not editor.cache[l].any() for l in LAYERS)
+
+
+def test_failure_in_a_later_layer_reverts_earlier_layers(editing):
+    """apply_batch is atomic: when layer 2's solve fails (here: NaN statistics for layer 2), the
+    columns layer 1 already received are put back, and the error names the layer."""
+    model, tok, adapter, facts, c0, z = editing
+    before = _snapshot(model)
+    c0 = {l: m.clone() for l, m in c0.items()}
+    c0[2][0, 0] = float("nan")
+    editor = _editor(adapter, tok, c0, use_cache=True)
+    with pytest.raises(EceError, match="layer 2: .*not positive definite"):
+        editor.apply_batch(facts, z, None)
+    after = model.state_dict()
+    assert torch.equal(before[adapter.w_out_name(1)], after[adapter.w_out_name(1)])
+    assert torch.equal(before[adapter.w_out_name(2)], after[adapter.w_out_name(2)])
+    assert all(not editor.cache[l].any() for l in LAYERS)
+
+
+def test_exploding_update_raises(editing):
+    model, tok, adapter, facts, c0, z = editing
+    editor = Editor(adapter, tok, LAYERS, TEMPLATES, c0, 1.0, False, max_update_norm=1e-6)
+    with pytest.raises(EceError, match="explodes"):
+        editor.apply_batch(facts, z, None)
