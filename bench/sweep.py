@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ece.metrics import fact_metrics, summarise
 from ece.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the stage scripts are imported as modules of `stages`
 STAGES = ["prepare", "covariance", "attribute", "cluster", "precompute_z", "apply_edits"]
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -80,6 +81,7 @@ class ZCfg:
 @dataclass
 class UpdateCfg:
     mom2_update_weight: float = 15000.0
+    max_update_norm: float = 10000.0  # stop before saving when one layer's ‖Δ‖ exceeds this
 
 
 @dataclass
@@ -95,6 +97,7 @@ class EvaluateCfg:
     gen_max_new_tokens: int = 40
     gen_top_k: int = 5
     seed: int = 0
+    threads: int = 1  # torch intra-op threads for the stage (0 = torch's default, one per core)
     curve_every: int = 0  # > 0: rewrite metrics of all facts after every N-th batch
     reference_corpus: str = "data/corpus/wikipedia_vital_summaries_en.jsonl"
     reference_articles: int = 5
@@ -160,11 +163,16 @@ def validate(p: Params) -> None:
     _check(p.z.shared_steps >= 0 and p.z.instance_steps >= 0, "z steps must be >= 0", "paper: 20 and 5")
     _check(p.z.shared_steps + p.z.instance_steps >= 1, "z needs at least one step", "paper: 20 and 5")
     _check(p.update.mom2_update_weight >= 0, "update.mom2_update_weight must be >= 0", "e.g. 15000")
+    _check(
+        p.update.max_update_norm > 0,
+        f"update.max_update_norm must be > 0, got {p.update.max_update_norm}",
+        "e.g. 10000 (a safety stop far above the norms of healthy updates)",
+    )
     e = p.evaluate
     for name in ("batch_size", "ppl_tokens", "ppl_window", "gen_max_new_tokens", "gen_top_k", "reference_articles"):
         _check(getattr(e, name) >= 1, f"evaluate.{name} must be >= 1, got {getattr(e, name)}", "see the comments in params.yaml")
-    for name in ("n_general", "gen_per_fact", "curve_every"):
-        _check(getattr(e, name) >= 0, f"evaluate.{name} must be >= 0, got {getattr(e, name)}", "0 means all (n_general) or off")
+    for name in ("n_general", "gen_per_fact", "curve_every", "threads"):
+        _check(getattr(e, name) >= 0, f"evaluate.{name} must be >= 0, got {getattr(e, name)}", "0 means all (n_general), off, or torch's default (threads)")
     bad_tasks = [t for t in e.general_tasks if t not in GENERAL_TASKS]
     _check(not bad_tasks, f"unknown evaluate.general_tasks {bad_tasks}", f"use any of {', '.join(GENERAL_TASKS)}")
     memit_files = (e.attribute_snippets, e.idf, e.tfidf_vocab)
@@ -181,8 +189,16 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     if not path.exists():
         raise EceError(f"params file not found: {path}", "run from the project root, where params.yaml lives")
     try:
+        loaded = OmegaConf.load(path)
+    except UnicodeDecodeError as exc:
+        raise EceError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at byte offset {exc.start})",
+                       "save params.yaml as UTF-8") from None
+    except yaml.YAMLError as exc:
+        raise EceError(f"{path} is not valid YAML: {' '.join(str(exc).split())}",
+                       "fix the YAML syntax at the line named (indentation, brackets, duplicate keys)") from None
+    try:
         schema = OmegaConf.structured(Params)
-        merged = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(overrides or []))
+        merged = OmegaConf.merge(schema, loaded, OmegaConf.from_dotlist(overrides or []))
         params: Params = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"

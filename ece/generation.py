@@ -71,7 +71,7 @@ def generate(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
     prompts: list[str],
-    max_new_tokens: int = 60,
+    max_new_tokens: int = 40,
     seed: int = 0,
     batch_size: int = 16,
     top_k: int = 5,

@@ -36,8 +36,13 @@ EOS = "<|endoftext|>"
 
 
 def cache_dir() -> Path:
-    """Where converted models live; ECE_CACHE_DIR overrides the project-local default."""
-    return Path(os.environ.get("ECE_CACHE_DIR", ".cache")).resolve()
+    """Where converted models live: $ECE_CACHE_DIR, else the user's cache ($XDG_CACHE_HOME or ~/.cache)/ece.
+
+    Per user, not per working directory, so the 20 s conversion happens once per machine.
+    """
+    if "ECE_CACHE_DIR" in os.environ:
+        return Path(os.environ["ECE_CACHE_DIR"]).resolve()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ece"
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -1,30 +1,66 @@
-"""Stage `apply_edits`: write the batches into the model in dataset order, then save it.
+"""Stage `apply_edits`: write the batches into the model in dataset order, then save it with its ledger.
 
 Per batch and edited layer: keys on the current model, the residual spread over the remaining layers,
 the restricted least-squares update on the batch's selected columns (ECE) or all columns (MEMIT), and
-for ECE the cache P += K Kᵀ. Saves the edited model as a standard HF folder, each batch's changed
-columns (before and after), and per-batch timings split by phase.
+for ECE the cache P += K Kᵀ.
+
+Crash safety: after every batch a checkpoint (ece.checkpoint) is committed to `.cache/checkpoint/
+apply_edits/`: the batch's changed columns, its ledger rows and P. A rerun after a kill at any moment
+restores the finished batches from the stored columns onto the freshly loaded original weights (bit
+for bit, nothing recomputed, no batch applied twice) and goes on with the next one. The checkpoint is
+keyed by a hash of everything the run depends on, so one made from other inputs is ignored. The
+outputs appear only at the end, in one atomic rename: artifacts/edited/ (the model as a standard HF
+folder, the per-batch deltas, the ledger, per-batch/layer tables) and reports/ledger.md,
+reports/timings.json. The checkpoint is deleted once they are in place.
+
+Guards: a NaN/Inf update, one whose norm exceeds update.max_update_norm, or normal equations that are
+not positive definite stop the stage with an error before anything is saved (the failing batch is
+reverted; the finished ones stay in the checkpoint). The condition number of every solved system
+goes into the ledger, with a warning above ece.ledger.COND_WARN.
+
+Test hook: ECE_TEST_BATCH_DELAY=<seconds> sleeps that long after each batch's checkpoint commit, so
+that tests/test_resume.py can kill the process between two batches. Unset (the default), it does nothing.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
+import uuid
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
 
 import polars as pl
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
+import ece.adapter
+import ece.editing
+import ece.keys
+import ece.update
 from ece.attribution import batch_selection, neuron_scores
+from ece.checkpoint import Checkpoint
 from ece.config import Params
 from ece.covariance import load_covariance
-from ece.editing import Editor, LayerChange
-from ece.io import atomic_dir, write_json
+from ece.data import dataset_hash
+from ece.editing import Editor
+from ece.errors import EceError
+from ece.io import atomic_dir, sha256_file, sha256_json, write_json, write_text
 from ece.keys import Fact, keys_and_hidden
+from ece.ledger import (COND_WARN, LEDGER, LEDGER_MD, LEDGER_SCHEMA, condition_number, delta_name, git_revision,
+                        layer_summary, ledger_markdown, params_hash, put_columns, write_provenance)
 from ece.models import save_model
-from ece.pipeline import (ATTRIBUTION, CLUSTERS, COVARIANCE, EDITED, Z_DIR, Workbench, batch_ranges,
+from ece.pipeline import (ATTRIBUTION, CLUSTERS, COVARIANCE, EDITED, PREPARED, Z_DIR, Workbench, batch_ranges,
                           read_facts, read_timings, read_z)
 from ece.stage import run_stage
+
+# Outside DVC on purpose: a checkpoint is machine-local scratch state of one interrupted run, not a
+# reproducible artifact (it is deleted on success and ignored when its key does not match).
+CHECKPOINT = Path(".cache/checkpoint/apply_edits")
+CODE = [Path(__file__), Path(ece.editing.__file__), Path(ece.update.__file__), Path(ece.keys.__file__), Path(ece.adapter.__file__)]
 
 
 def stored_columns(batch: int, layers: list[int]) -> dict[int, Tensor]:
@@ -43,13 +79,33 @@ def residual_columns(wb: Workbench, p: Params, batch: list[Fact], z: Tensor, h: 
     }
 
 
-def change_tensors(changes: dict[int, LayerChange]) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    for l, c in changes.items():
-        out[f"layer.{l}.cols"] = c.cols.contiguous()
-        out[f"layer.{l}.old"] = c.old.contiguous()
-        out[f"layer.{l}.new"] = c.new.contiguous()
-    return out
+def run_key(p: Params, df: pl.DataFrame, fingerprint: str) -> str:
+    """Hash of everything the run depends on: params, facts, upstream artifacts, model and code."""
+    z_files = sorted(set(pl.read_parquet(Z_DIR / "index.parquet")["file"].to_list()))
+    upstream = [ATTRIBUTION / "batches.parquet", CLUSTERS / "clusters.parquet"]
+    return sha256_json({
+        "params": {"method": p.method, "model": asdict(p.model), "edit": asdict(p.edit), "ece": asdict(p.ece),
+                   "z": [p.z.n_context, p.z.context_length], "update": asdict(p.update)},
+        "facts": [list(r) for r in zip(df["id"].to_list(), df["content_hash"].to_list())],
+        "covariance": sha256_file(COVARIANCE),
+        "upstream": {str(f): sha256_file(f) if f.exists() else None for f in upstream},
+        "z": {name: sha256_file(Z_DIR / "cache" / name) for name in z_files},
+        "model": fingerprint,
+        "code": {c.name: sha256_file(c) for c in CODE},
+        "torch": torch.__version__,
+    })
+
+
+def read_dataset_hash(df: pl.DataFrame) -> str:
+    meta = PREPARED.parent / "meta.json"
+    return json.loads(meta.read_text())["dataset_hash"] if meta.exists() else dataset_hash(df)
+
+
+def _hint_for(exc: EceError, p: Params) -> str | None:
+    if "explodes" in str(exc.args[0]):
+        return (f"{exc.hint}; or raise update.max_update_norm (now {p.update.max_update_norm:g}) if updates this "
+                "large are expected. Nothing was saved; the finished batches are kept in the checkpoint")
+    return exc.hint
 
 
 def main(p: Params) -> None:
@@ -57,13 +113,14 @@ def main(p: Params) -> None:
     wb = Workbench.open(p)
     layers = p.edit.layers
     c0 = load_covariance(COVARIANCE, wb.fingerprint, layers)
-    editor = Editor(wb.adapter, wb.tok, layers, wb.templates, c0, p.update.mom2_update_weight, use_cache=p.method == "ece")
+    editor = Editor(wb.adapter, wb.tok, layers, wb.templates, c0, p.update.mom2_update_weight,
+                    use_cache=p.method == "ece", max_update_norm=p.update.max_update_norm)
     ranges = batch_ranges(len(facts), p.edit.batch_size)
     columns: list[dict[int, Tensor] | None] = []
-    for b, rng in enumerate(ranges):
+    for b, rng in enumerate(ranges):  # on the original weights, before any batch is written
         if p.method != "ece":
             columns.append(None)
-        elif p.ece.scorer == "rs":  # on the original weights, before any batch is written
+        elif p.ece.scorer == "rs":
             columns.append(residual_columns(wb, p, [facts[i] for i in rng], *read_z(b)))
         else:
             columns.append(stored_columns(b, layers))
@@ -72,23 +129,85 @@ def main(p: Params) -> None:
         "clustering": read_timings(CLUSTERS / "timings.json"),
         "z": read_timings(Z_DIR / "timings.json"),
     }
-    batch_rows, layer_rows = [], []
+    clusters = pl.read_parquet(CLUSTERS / "clusters.parquet")
+    z_index = pl.read_parquet(Z_DIR / "index.parquet")
+    key = run_key(p, df, wb.fingerprint)
+    common = {
+        "method": p.method, "model": p.model.name, "model_fingerprint": wb.fingerprint,
+        "dataset_hash": read_dataset_hash(df), "git_revision": git_revision(), "params_hash": params_hash(p),
+        "checkpoint_key": key, "session": uuid.uuid4().hex[:12],
+    }
+
+    checkpoint = Checkpoint(CHECKPOINT, key)
+    done = checkpoint.resume()
+    if done >= 0:
+        for b in range(done + 1):
+            put_columns(wb.adapter, checkpoint.delta(b), "new")
+        if editor.use_cache:
+            editor.cache = checkpoint.cache()
+        print(f"apply_edits: resuming from the checkpoint: batches 0..{done} restored, {len(ranges) - done - 1} to go")
+    delay = float(os.environ.get("ECE_TEST_BATCH_DELAY", "0") or 0)
+
+    for b in range(done + 1, len(ranges)):
+        batch = [facts[i] for i in ranges[b]]
+        z, _ = read_z(b)
+        free = {l: (columns[b][l] if columns[b] is not None else torch.arange(wb.adapter.inner_size)) for l in layers}
+        before = {l: editor.cache[l][free[l]][:, free[l]].clone() for l in layers}
+        start = time.perf_counter()
+        try:
+            changes = editor.apply_batch(batch, z, columns[b])
+        except EceError as exc:
+            raise EceError(f"batch {b}: {exc.args[0]}", _hint_for(exc, p)) from None
+        seconds = time.perf_counter() - start
+        # Keys at layer l do not depend on W_out of layers >= l, so the keys after the batch are the
+        # ones the solve of layer l used: rebuild its system for the condition number.
+        keys, _ = keys_and_hidden(wb.adapter, wb.tok, batch, wb.templates, layers)
+        info = clusters.filter(pl.col("batch") == b)
+        zrows = z_index.filter(pl.col("batch") == b).sort("row")
+        assert info["id"].to_list() == [f.id for f in batch] == zrows["id"].to_list(), "stale upstream artifacts; rerun dvc repro"
+        fact_info = {
+            "n_facts": len(batch), "fact_ids": [f.id for f in batch],
+            "content_hashes": df["content_hash"][ranges[b].start : ranges[b].stop].to_list(),
+            "clusters": info["cluster"].to_list(), "anchor_ids": info["anchor_id"].to_list(),
+            "z_loss": zrows["loss"].to_list(), "z_nll": zrows["nll"].to_list(),
+        }
+        phase_seconds = {name: (t.get(b, 0.0) if p.method == "ece" or name == "z" else 0.0) for name, t in phases.items()}
+        finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        ledger_rows, layer_rows = [], []
+        for l, c in changes.items():
+            k = keys[l][:, free[l]].double()
+            cond = condition_number(p.update.mom2_update_weight * c0[l][free[l]][:, free[l]] + before[l] + k.T @ k)
+            if cond > COND_WARN:
+                print(f"warning: batch {b}, layer {l}: ill-conditioned solve (condition number {cond:.3g})")
+            summary = layer_summary(c)
+            layer_rows.append({"batch": b, "layer": l, "n_cols": summary["n_neurons"], "delta_norm": summary["delta_norm"]})
+            ledger_rows.append({
+                "batch": b, "layer": l, **fact_info, **summary, "cond": cond, "seconds_update": seconds,
+                **{f"seconds_{name}": v for name, v in phase_seconds.items()}, **common, "finished_at": finished,
+            })
+        rows = {
+            "batch": {"batch": b, "n_facts": len(batch), "update": seconds, **phase_seconds},
+            "layers": layer_rows,
+            "ledger": ledger_rows,
+        }
+        checkpoint.commit(b, changes, rows, editor.cache if editor.use_cache else None)
+        print(f"batch {b}: {len(batch)} facts, update {seconds:.1f} s", flush=True)
+        if delay > 0:
+            time.sleep(delay)
+
+    stored = [checkpoint.rows(b) for b in range(len(ranges))]
+    batch_rows = [r["batch"] for r in stored]
+    ledger = pl.DataFrame([row for r in stored for row in r["ledger"]], schema=LEDGER_SCHEMA)
     with atomic_dir(EDITED) as tmp:
-        for b, rng in enumerate(ranges):
-            start = time.perf_counter()
-            z, _ = read_z(b)
-            changes = editor.apply_batch([facts[i] for i in rng], z, columns[b])
-            seconds = time.perf_counter() - start
-            save_file(change_tensors(changes), str(tmp / f"delta-batch-{b:04d}.safetensors"))
-            for l, c in changes.items():
-                layer_rows.append({"batch": b, "layer": l, "n_cols": len(c.cols), "delta_norm": float((c.new - c.old).norm())})
-            row = {"batch": b, "n_facts": len(rng), "update": seconds}
-            row |= {name: (t.get(b, 0.0) if p.method == "ece" or name == "z" else 0.0) for name, t in phases.items()}
-            batch_rows.append(row)
-            print(f"batch {b}: {len(rng)} facts, update {seconds:.1f} s")
+        for b in range(len(ranges)):
+            _link_or_copy(checkpoint.delta_path(b), tmp / delta_name(b))
         save_model(wb.model, wb.tok, tmp / "model")
-        pl.DataFrame(layer_rows).write_parquet(tmp / "layers.parquet")
+        write_provenance(tmp / "model", {"base_model": p.model.name, "base_fingerprint": wb.fingerprint,
+                                         "batches": len(ranges), "checkpoint_key": key})
+        pl.DataFrame([row for r in stored for row in r["layers"]]).write_parquet(tmp / "layers.parquet")
         pl.DataFrame(batch_rows).write_parquet(tmp / "batches.parquet")
+        ledger.write_parquet(tmp / LEDGER.name)
+    write_text(LEDGER_MD, ledger_markdown(ledger))
     table = pl.DataFrame(batch_rows)
     phase_names = ["attribution", "clustering", "z", "update"]
     totals = {name: round(float(table[name].sum()), 2) for name in phase_names}
@@ -96,7 +215,15 @@ def main(p: Params) -> None:
         "method": p.method, "n_facts": len(facts), "n_batches": len(ranges), "batch_size": p.edit.batch_size,
         "seconds_total": totals, "seconds_per_batch": {k: round(v / len(ranges), 2) for k, v in totals.items()},
     })
-    print(f"apply_edits: {len(facts)} facts in {len(ranges)} batches; seconds {totals}")
+    checkpoint.clear()
+    print(f"apply_edits: {len(facts)} facts in {len(ranges)} batches; seconds {totals}; ledger in {LEDGER_MD}")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 if __name__ == "__main__":

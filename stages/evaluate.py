@@ -270,8 +270,10 @@ def plot_curve(curve: list[dict[str, Any]], curve_every: int, path: Path) -> Non
 
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     xs = [pt["facts_edited"] for pt in curve]
+    styles = {"efficacy": "o-", "generalization": "s--", "specificity": "^-", "score": "D:"}  # equal values stay visible
     for m in (*REWRITE_METRICS, "score"):
-        ax.plot(xs, [pt[m] if pt[m] is not None else float("nan") for pt in curve], marker="o", label=m)
+        ax.plot(xs, [pt[m] if pt[m] is not None else float("nan") for pt in curve], styles.get(m, "o-"), label=m,
+                markersize=7 if m == "efficacy" else 5)
     ax.set_xlabel("facts edited (sequential batches)")
     ax.set_ylabel("metric over ALL facts")
     ax.set_ylim(-0.02, 1.05)
@@ -291,8 +293,10 @@ def plot_curve(curve: list[dict[str, Any]], curve_every: int, path: Path) -> Non
 
 
 def main(p: Params) -> None:
-    torch.manual_seed(p.evaluate.seed)
     e = p.evaluate
+    if e.threads > 0:
+        torch.set_num_threads(e.threads)
+    torch.manual_seed(e.seed)
     df, _ = read_facts()
     meta = json.loads(Path("artifacts/prepared/meta.json").read_text())
     refs = None

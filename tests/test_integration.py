@@ -37,7 +37,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["edit"]["batch_size"] = N_FACTS
     params["covariance"]["n_tokens"] = 20_000
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "ECE_CACHE_DIR": str(ROOT / ".cache"), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for stage in STAGES:
         run = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=work, env=env,
                              capture_output=True, text=True)

@@ -1,0 +1,283 @@
+"""The audit trail of apply_edits: per-batch weight deltas, the ledger, provenance, rollback and diff.
+
+Files (all written by stages/apply_edits.py, atomically, at the end of the stage):
+
+- artifacts/edited/delta-batch-XXXX.safetensors: for every edited layer l, `layer.{l}.cols` (changed
+  column indices of W_out^l as a d × f matrix, ascending), `layer.{l}.old` and `layer.{l}.new` (d × |cols|
+  float32, the columns right before and right after batch XXXX). Applying `new` batch after batch onto
+  the original weights gives the edited model bit for bit; putting back `old` in reverse order undoes
+  batches bit for bit.
+- artifacts/edited/ledger.parquet: one row per (batch, edited layer), schema `LEDGER_SCHEMA`: the
+  batch's facts (ids, content hashes, clusters, anchors, z losses), the inputs (dataset hash, git
+  revision, params hash, model fingerprint), the layer's selected neurons, ‖ΔW‖ (Frobenius), the
+  per-column norms of ΔW (aligned with `neurons`), the condition number of the solved system, timings.
+- reports/ledger.md: the same, for people.
+- artifacts/edited/model/ece_provenance.json (and in every folder `ece rollback` / `ece edit` write):
+  which original model the weights derive from (its name and fingerprint), so the covariance
+  statistics of the original model can be checked against an edited one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ece.adapter import ModelAdapter
+from ece.config import Params
+from ece.editing import LayerChange
+from ece.errors import EceError
+from ece.io import atomic_path, sha256_json, write_json
+from ece.pipeline import EDITED
+
+LEDGER = EDITED / "ledger.parquet"
+LEDGER_MD = Path("reports/ledger.md")
+PROVENANCE = "ece_provenance.json"
+COND_WARN = 1e12  # float64 keeps ~16 digits; a system this ill-conditioned keeps at most ~4 of them
+
+LEDGER_SCHEMA: dict[str, pl.DataType] = {
+    "batch": pl.Int64(),
+    "layer": pl.Int64(),
+    "n_facts": pl.Int64(),
+    "fact_ids": pl.List(pl.Utf8()),
+    "content_hashes": pl.List(pl.Utf8()),
+    "clusters": pl.List(pl.Int64()),  # cluster label of each fact within its batch
+    "anchor_ids": pl.List(pl.Utf8()),  # anchor fact of each fact's cluster
+    "z_loss": pl.List(pl.Float64()),  # per fact, from artifacts/z/index.parquet
+    "z_nll": pl.List(pl.Float64()),
+    "neurons": pl.List(pl.Int64()),  # the columns of W_out this batch changed at this layer
+    "n_neurons": pl.Int64(),
+    "delta_norm": pl.Float64(),  # ‖ΔW‖_F of this batch at this layer
+    "col_norms": pl.List(pl.Float64()),  # ‖ΔW[:, n]‖_2 for each n of `neurons`, same order
+    "cond": pl.Float64(),  # 2-norm condition number of λ·C0_SS + P_SS + K_S K_Sᵀ
+    "seconds_update": pl.Float64(),  # whole batch (all layers)
+    "seconds_attribution": pl.Float64(),
+    "seconds_clustering": pl.Float64(),
+    "seconds_z": pl.Float64(),
+    "method": pl.Utf8(),
+    "model": pl.Utf8(),
+    "model_fingerprint": pl.Utf8(),  # of the ORIGINAL model the batches were applied to
+    "dataset_hash": pl.Utf8(),
+    "git_revision": pl.Utf8(),
+    "params_hash": pl.Utf8(),
+    "checkpoint_key": pl.Utf8(),  # hash of everything the run depends on
+    "session": pl.Utf8(),  # the process run that computed the batch (differs across a resume)
+    "finished_at": pl.Utf8(),  # UTC, ISO 8601
+}
+
+
+# --- per-batch deltas ---------------------------------------------------------------------------
+
+
+def delta_name(batch: int) -> str:
+    return f"delta-batch-{batch:04d}.safetensors"
+
+
+def write_delta(path: str | Path, changes: dict[int, LayerChange]) -> None:
+    tensors: dict[str, Tensor] = {}
+    for l, c in changes.items():
+        tensors[f"layer.{l}.cols"] = c.cols.contiguous()
+        tensors[f"layer.{l}.old"] = c.old.contiguous()
+        tensors[f"layer.{l}.new"] = c.new.contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def read_delta(path: str | Path) -> dict[int, LayerChange]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+            layers = sorted({int(n.split(".")[1]) for n in names if n.endswith(".cols")})
+            return {
+                l: LayerChange(f.get_tensor(f"layer.{l}.cols"), f.get_tensor(f"layer.{l}.old"), f.get_tensor(f"layer.{l}.new"))
+                for l in layers
+            }
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise EceError(f"{path} is not a readable delta file ({exc})", "rerun the apply_edits stage") from None
+
+
+def delta_files(folder: str | Path = EDITED) -> list[Path]:
+    """The per-batch delta files of `folder`, in batch order; refuses a gap in the numbering."""
+    folder = Path(folder)
+    files = sorted(folder.glob("delta-batch-*.safetensors"))
+    if not files:
+        raise EceError(f"no per-batch deltas (delta-batch-XXXX.safetensors) in {folder}", "run the apply_edits stage first")
+    expected = [delta_name(b) for b in range(len(files))]
+    if [f.name for f in files] != expected:
+        raise EceError(f"the delta files in {folder} are not numbered 0..{len(files) - 1}", "rerun the apply_edits stage")
+    return files
+
+
+def load_deltas(folder: str | Path = EDITED) -> list[dict[int, LayerChange]]:
+    return [read_delta(f) for f in delta_files(folder)]
+
+
+@torch.no_grad()
+def put_columns(adapter: ModelAdapter, changes: dict[int, LayerChange], which: str) -> None:
+    """Write the `new` (redo) or `old` (undo) columns of one batch into the model, bit for bit."""
+    for layer, c in changes.items():
+        w = adapter.w_out_weight(layer)
+        values = c.new if which == "new" else c.old
+        if values.shape != (w.shape[0], len(c.cols)):
+            raise EceError(f"delta of layer {layer} has shape {tuple(values.shape)}, the model's W_out is {tuple(w.shape)}",
+                           "the deltas belong to another model")
+        w[:, c.cols] = values.to(w.dtype)
+
+
+def check_is_after(adapter: ModelAdapter, deltas: list[dict[int, LayerChange]]) -> None:
+    """Refuse weights that are not the state after the last of `deltas` (on the touched columns)."""
+    last: dict[tuple[int, int], tuple[int, Tensor]] = {}
+    for b, changes in enumerate(deltas):
+        for layer, c in changes.items():
+            for j, col in enumerate(c.cols.tolist()):
+                last[(layer, col)] = (b, c.new[:, j])
+    for (layer, col), (b, value) in last.items():
+        if not torch.equal(adapter.w_out_weight(layer)[:, col], value.to(adapter.w_out_weight(layer).dtype)):
+            raise EceError(
+                f"layer {layer} column {col} of the model is not what batch {b} wrote",
+                "the model folder was changed after apply_edits; rerun the apply_edits stage",
+            )
+
+
+def rollback(adapter: ModelAdapter, deltas: list[dict[int, LayerChange]], to_batch: int) -> list[int]:
+    """Undo every batch after `to_batch` (-1: all of them), last first; returns the undone batches."""
+    n = len(deltas)
+    if not -1 <= to_batch < n:
+        raise EceError(f"--to-batch {to_batch} is out of range: there are {n} batches (0..{n - 1})",
+                       "use -1 for the original model, or a batch index")
+    check_is_after(adapter, deltas)
+    undone = list(range(n - 1, to_batch, -1))
+    for b in undone:
+        put_columns(adapter, deltas[b], "old")
+    return undone
+
+
+# --- inputs of the ledger -----------------------------------------------------------------------
+
+
+def git_revision(cwd: str | Path = ".") -> str:
+    """`git rev-parse HEAD` of the project, or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    rev = out.stdout.strip()
+    return rev if out.returncode == 0 and rev else "unknown"
+
+
+def params_hash(p: Params) -> str:
+    """sha256 of the whole params dataclass as canonical JSON."""
+    return sha256_json(asdict(p))
+
+
+def layer_summary(change: LayerChange) -> dict[str, Any]:
+    diff = (change.new.double() - change.old.double())
+    return {
+        "neurons": change.cols.tolist(),
+        "n_neurons": len(change.cols),
+        "delta_norm": float(diff.norm()),
+        "col_norms": diff.norm(dim=0).tolist(),
+    }
+
+
+def condition_number(system: Tensor) -> float:
+    """2-norm condition number of a symmetric positive definite matrix (inf when singular)."""
+    if system.shape[0] == 0:
+        return 1.0
+    # One thread: a ~1000² eigvalsh takes 0.1 s on one core, but can take 10+ s with several threads
+    # on a busy machine (OpenMP spin-waiting), and the result only goes into the ledger.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        eig = torch.linalg.eigvalsh(system.double())
+    finally:
+        torch.set_num_threads(threads)
+    lo, hi = float(eig[0]), float(eig[-1])
+    return hi / lo if lo > 0 else float("inf")
+
+
+# --- provenance ---------------------------------------------------------------------------------
+
+
+def write_provenance(folder: str | Path, info: dict[str, Any]) -> None:
+    write_json(Path(folder) / PROVENANCE, info)
+
+
+def read_provenance(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / PROVENANCE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise EceError(f"{path} is not valid JSON", "delete it or rerun the step that wrote the folder") from None
+
+
+# --- reading and rendering the ledger -----------------------------------------------------------
+
+
+def read_ledger(path: str | Path = LEDGER) -> pl.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise EceError(f"{path} not found", "run the apply_edits stage (dvc repro apply_edits) to write the ledger")
+    return pl.read_parquet(path)
+
+
+def _short(h: str, n: int = 12) -> str:
+    return h[:n] if h else ""
+
+
+def ledger_markdown(table: pl.DataFrame) -> str:
+    first = table.row(0, named=True)
+    batches = table.group_by("batch", maintain_order=True).first().sort("batch")
+    lines = [
+        "# Edit ledger",
+        "",
+        "Written by the apply_edits stage; query it with `ece audit`, undo batches with `ece rollback`.",
+        "",
+        f"- method: `{first['method']}`, model: `{first['model']}` (fingerprint `{first['model_fingerprint']}`)",
+        f"- dataset hash: `{first['dataset_hash']}`",
+        f"- git revision: `{first['git_revision']}`",
+        f"- params hash: `{first['params_hash']}`",
+        f"- checkpoint key: `{first['checkpoint_key']}`",
+        f"- batches: {batches.height}, facts: {int(batches['n_facts'].sum())}, "
+        f"layers: {sorted(set(table['layer'].to_list()))}",
+        "",
+        "## Batches",
+        "",
+        "| batch | facts | clusters | mean z loss | update s | z s | attribution s | session | finished (UTC) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in batches.iter_rows(named=True):
+        loss = sum(r["z_loss"]) / len(r["z_loss"]) if r["z_loss"] else float("nan")
+        lines.append(
+            f"| {r['batch']} | {r['n_facts']} | {len(set(r['clusters']))} | {loss:.4f} | {r['seconds_update']:.2f} "
+            f"| {r['seconds_z']:.2f} | {r['seconds_attribution']:.2f} | {r['session']} | {r['finished_at']} |"
+        )
+    lines += [
+        "",
+        "## Layers",
+        "",
+        "| batch | layer | neurons | ‖ΔW‖_F | max column ‖Δ‖ | condition number |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in table.sort("batch", "layer").iter_rows(named=True):
+        top = max(r["col_norms"]) if r["col_norms"] else 0.0
+        flag = " (ill-conditioned)" if r["cond"] > COND_WARN else ""
+        lines.append(f"| {r['batch']} | {r['layer']} | {r['n_neurons']} | {r['delta_norm']:.4g} | {top:.4g} | {r['cond']:.3g}{flag} |")
+    lines += ["", "## Facts", "", "| batch | fact | cluster | anchor | z loss | z NLL | content hash |", "|---:|---|---:|---|---:|---:|---|"]
+    for r in batches.iter_rows(named=True):
+        for i, fid in enumerate(r["fact_ids"]):
+            lines.append(
+                f"| {r['batch']} | {fid} | {r['clusters'][i]} | {r['anchor_ids'][i]} | {r['z_loss'][i]:.4f} "
+                f"| {r['z_nll'][i]:.4f} | `{_short(r['content_hashes'][i])}` |"
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,91 @@
+"""A scratch project on tiny-llama for the tests of apply_edits, the ledger and the CLI.
+
+`base_project` runs prepare → precompute_z once per test session (in-process: the stage functions
+themselves, ~seconds) and every caller gets its own copy, so tests may change files freely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+
+from ece.config import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+UPSTREAM = ["prepare", "covariance", "attribute", "cluster", "precompute_z"]
+FACTS = [
+    {"id": f"f{i}", "subject": s, "prompt": p, "target_new": n, "target_true": t}
+    for i, (s, p, n, t) in enumerate([
+        ("Paris", "{} is the capital of", "Italy", "France"),
+        ("Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
+        ("Toko Yasuda", "{} plays the", "piano", "guitar"),
+        ("Edwin of Northumbria", "The official religion of {} is", "Islam", "Christianity"),
+        ("Autonomous University of Madrid", "{}, which is located in", "Sweden", "Spain"),
+        ("Lyon", "{} is a city in", "Germany", "France"),
+    ])
+]
+N_BATCHES = 3  # 6 facts, batch_size 2
+_BASE: dict[str, Path] = {}
+
+
+@contextlib.contextmanager
+def inside(folder: Path) -> Iterator[None]:
+    old = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def write_params(work: Path, changes: dict[str, dict] | None = None) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["name"] = "tiny-llama"
+    params["edit"] = {"layers": [1, 2], "batch_size": 2}
+    params["data"].update(edit_dataset="data/facts.jsonl", format="jsonl", generation_prompts="data/gen.json", n_facts=0)
+    params["covariance"].update(corpus="data/corpus.txt", n_tokens=2000, seq_len=32)
+    params["z"].update(shared_steps=2, instance_steps=1, n_context=2, context_length=3)
+    for section, values in (changes or {}).items():
+        params[section].update(values)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_stage_inprocess(work: Path, stage: str) -> None:
+    with inside(work):
+        runpy.run_path(str(ROOT / "stages" / f"{stage}.py"))["main"](load_params("params.yaml"))
+
+
+def run_stage_subprocess(work: Path, stage: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=work, env=stage_env(env),
+                          capture_output=True, text=True, **kw)
+
+
+def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra or {})}
+
+
+def base_project(factory: pytest.TempPathFactory, name: str) -> Path:
+    """A fresh copy of a tiny-llama project with every artifact up to precompute_z."""
+    if "base" not in _BASE:
+        work = factory.mktemp("base_project")
+        (work / "data").mkdir()
+        (work / "data/facts.jsonl").write_text("".join(json.dumps(f) + "\n" for f in FACTS))
+        (work / "data/corpus.txt").write_text("\n\n".join(f"Document {i} talks about cities and rivers." for i in range(50)))
+        (work / "data/gen.json").write_text("[]")
+        write_params(work)
+        for stage in UPSTREAM:
+            run_stage_inprocess(work, stage)
+        _BASE["base"] = work
+    copy = factory.mktemp(name)
+    shutil.copytree(_BASE["base"], copy, dirs_exist_ok=True)
+    return copy

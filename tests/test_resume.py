@@ -1,0 +1,123 @@
+"""Crash-safe sequential editing: apply_edits killed (SIGKILL) between batches and rerun resumes from
+its checkpoint and ends with exactly the weights of an uninterrupted run, no batch applied twice;
+a crash in the middle of a checkpoint commit and a stale checkpoint are handled too."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ece.checkpoint
+from scratch_project import N_BATCHES, ROOT, base_project, run_stage_inprocess, run_stage_subprocess, stage_env
+
+CKPT = Path(".cache/checkpoint/apply_edits")
+
+
+def weights(work: Path) -> dict[str, torch.Tensor]:
+    return load_file(work / "artifacts/edited/model/model.safetensors")
+
+
+def deltas(work: Path) -> list[dict[str, torch.Tensor]]:
+    return [load_file(work / f"artifacts/edited/delta-batch-{b:04d}.safetensors") for b in range(N_BATCHES)]
+
+
+def assert_same_result(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "weights differ from the reference run"
+    for da, db in zip(deltas(a), deltas(b)):
+        assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
+    names = [sorted(p.name for p in (w / "artifacts/edited").iterdir()) for w in (a, b)]
+    assert names[0] == names[1]
+    assert not (b / CKPT).exists(), "the checkpoint is removed once the outputs are in place"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run, as a subprocess like the killed one."""
+    work = base_project(tmp_path_factory, "reference")
+    run = run_stage_subprocess(work, "apply_edits")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resuming" not in run.stdout
+    return work
+
+
+def test_killed_run_resumes_bit_exactly(reference: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    work = base_project(tmp_path_factory, "killed")
+    state = work / CKPT / "state.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages/apply_edits.py")], cwd=work,
+                            env=stage_env({"ECE_TEST_BATCH_DELAY": "60"}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not state.exists():
+            assert proc.poll() is None, f"apply_edits ended early: {proc.communicate()[1][-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.1)
+        assert not (work / "artifacts/edited").exists(), "outputs must appear only at the end"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        out, _ = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    done = json.loads(state.read_text())["last_batch"]
+    assert 0 <= done < N_BATCHES - 1
+    assert not any(f"batch {b}:" in out for b in range(done + 1, N_BATCHES))
+    assert not (work / "artifacts/edited").exists()
+
+    rerun = run_stage_subprocess(work, "apply_edits")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming from the checkpoint: batches 0..{done} restored" in rerun.stdout
+    computed = [b for b in range(N_BATCHES) if f"batch {b}:" in rerun.stdout]
+    assert computed == list(range(done + 1, N_BATCHES)), "a finished batch was computed again"
+    assert_same_result(reference, work)
+
+    ledger = pl.read_parquet(work / "artifacts/edited/ledger.parquet")
+    per_batch = ledger.group_by("batch").agg(pl.len(), pl.col("session").first()).sort("batch")
+    assert per_batch["batch"].to_list() == list(range(N_BATCHES)) and set(per_batch["len"]) == {2}  # 2 layers, once each
+    sessions = per_batch["session"].to_list()
+    assert len(set(sessions[: done + 1])) == 1 and sessions[0] != sessions[-1], "restored batches keep their first session"
+
+
+def test_crash_inside_a_commit_redoes_only_the_unfinished_batch(reference: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Killed after batch 1's delta and rows were written but before its state.json: batch 1 is not done."""
+    work = base_project(tmp_path_factory, "commit_crash")
+    real = ece.checkpoint.write_json
+
+    def crash(path, obj):
+        if Path(path).name == "state.json" and obj["last_batch"] == 1:
+            raise KeyboardInterrupt("simulated kill")
+        real(path, obj)
+
+    monkeypatch.setattr(ece.checkpoint, "write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage_inprocess(work, "apply_edits")
+    assert (work / CKPT / "delta-batch-0001.safetensors").exists() and not (work / "artifacts/edited").exists()
+    monkeypatch.setattr(ece.checkpoint, "write_json", real)
+    capsys.readouterr()
+    run_stage_inprocess(work, "apply_edits")
+    out = capsys.readouterr().out
+    assert "batches 0..0 restored" in out and "batch 0:" not in out and "batch 1:" in out
+    assert_same_result(reference, work)
+
+
+def test_stale_checkpoint_is_ignored(reference: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture) -> None:
+    work = base_project(tmp_path_factory, "stale")
+    folder = work / CKPT
+    folder.mkdir(parents=True)
+    shutil.copy(reference / "artifacts/edited/delta-batch-0001.safetensors", folder / "delta-batch-0000.safetensors")
+    (folder / "rows-0000.json").write_text("{}")
+    (folder / "state.json").write_text(json.dumps({"key": "made-from-other-inputs", "last_batch": 0, "cache": None}))
+    run_stage_inprocess(work, "apply_edits")
+    out = capsys.readouterr().out
+    assert "ignoring a stale checkpoint" in out and "resuming" not in out
+    assert_same_result(reference, work)
