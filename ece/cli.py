@@ -83,6 +83,11 @@ def _fact_selections() -> pl.DataFrame | None:
     return pl.read_parquet(path) if path.exists() else None
 
 
+def _env_threads() -> int:
+    value = os.environ.get("ECE_THREADS", "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -418,6 +423,9 @@ def render_generate(r: dict[str, Any], con: Console) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ece", description="Audit, roll back, edit and compare models of an ECE project.")
     parser.add_argument("-C", "--root", default=".", help="project root (where params.yaml and artifacts/ are); default: .")
+    parser.add_argument("--threads", type=int, default=_env_threads(),
+                        help="CPU threads for torch (default: $ECE_THREADS or 1; one-fact work gains little from more, "
+                             "and several threads on a busy machine can be 10x slower)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{audit,rollback,edit,generate}")
@@ -480,13 +488,17 @@ def run_command(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dic
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: the models load in about a second
+    torch.set_num_threads(max(1, args.threads))
     if args.command == "audit" and args.neuron is not None and args.layer is None:
         print("error: --neuron needs --layer\n  hint: e.g. ece audit --layer 5 --neuron 123", file=sys.stderr)
         return 2
     cwd = Path.cwd()
     for name in ("out", "model", "compare"):  # paths the user typed are relative to where they typed them
         value = getattr(args, name, None)
-        if value is not None and (cwd / str(value)).exists() or name == "out" and value is not None:
+        if value is not None and (name == "out" or (cwd / str(value)).exists()):
             setattr(args, name, type(value)(os.path.abspath(cwd / str(value))))
     if args.command == "rollback" and args.out is None:
         args.out = ROLLBACK_MODEL
