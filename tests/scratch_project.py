@@ -48,6 +48,18 @@ def inside(folder: Path) -> Iterator[None]:
         os.chdir(old)
 
 
+def write_facts(work: Path, n: int = len(FACTS)) -> None:
+    (work / "data/facts.jsonl").write_text("".join(json.dumps(f) + "\n" for f in FACTS[:n]))
+
+
+def write_data(work: Path, n_facts: int = len(FACTS)) -> None:
+    """The scratch inputs: the first `n_facts` facts, a small text corpus, no generation prompts."""
+    (work / "data").mkdir(exist_ok=True)
+    write_facts(work, n_facts)
+    (work / "data/corpus.txt").write_text("\n\n".join(f"Document {i} talks about cities and rivers." for i in range(50)))
+    (work / "data/gen.json").write_text("[]")
+
+
 def write_params(work: Path, changes: dict[str, dict] | None = None) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["name"] = "tiny-llama"
@@ -78,10 +90,7 @@ def base_project(factory: pytest.TempPathFactory, name: str) -> Path:
     """A fresh copy of a tiny-llama project with every artifact up to precompute_z."""
     if "base" not in _BASE:
         work = factory.mktemp("base_project")
-        (work / "data").mkdir()
-        (work / "data/facts.jsonl").write_text("".join(json.dumps(f) + "\n" for f in FACTS))
-        (work / "data/corpus.txt").write_text("\n\n".join(f"Document {i} talks about cities and rivers." for i in range(50)))
-        (work / "data/gen.json").write_text("[]")
+        write_data(work)
         write_params(work)
         for stage in UPSTREAM:
             run_stage_inprocess(work, stage)

@@ -14,29 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scratch_project import write_data, write_facts, write_params
+
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
-
-FACTS = [
-    {"id": f"f{i}", "subject": s, "prompt": p, "target_new": n, "target_true": t}
-    for i, (s, p, n, t) in enumerate([
-        ("Paris", "{} is the capital of", "Italy", "France"),
-        ("Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
-        ("Toko Yasuda", "{} plays the", "piano", "guitar"),
-        ("Edwin of Northumbria", "The official religion of {} is", "Islam", "Christianity"),
-        ("Autonomous University of Madrid", "{}, which is located in", "Sweden", "Spain"),
-        ("Lyon", "{} is a city in", "Germany", "France"),
-    ])
-]
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-
-
-def write_facts(path: Path, n: int) -> None:
-    path.write_text("".join(json.dumps(f) + "\n" for f in FACTS[:n]))
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +31,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("ece", "stages"):
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
-    (work / "data").mkdir()
-    write_facts(work / "data/facts.jsonl", 4)
-    (work / "data/corpus.txt").write_text("\n\n".join(f"Document {i} talks about cities and rivers." for i in range(50)))
-    (work / "data/gen.json").write_text("[]")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"]["name"] = "tiny-llama"
-    params["edit"] = {"layers": [1, 2], "batch_size": 2}
-    params["data"].update(edit_dataset="data/facts.jsonl", format="jsonl", generation_prompts="data/gen.json", n_facts=0)
-    params["covariance"].update(corpus="data/corpus.txt", n_tokens=2000, seq_len=32)
-    params["z"].update(shared_steps=2, instance_steps=1, n_context=2, context_length=3)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_data(work, n_facts=4)
+    write_params(work)
     for cmd in (["git", "init", "-q"], [DVC, "init", "-q"]):
         assert run(cmd, work).returncode == 0
     result = run([DVC, "repro", "apply_edits"], work)
@@ -94,7 +71,7 @@ def test_edit_param_change_reruns_attribution_onwards_but_not_covariance(repo: P
 
 
 def test_appending_facts_computes_z_only_for_new_batches(repo: Path) -> None:
-    write_facts(repo / "data/facts.jsonl", 6)
+    write_facts(repo, 6)
     result = run([DVC, "repro", "precompute_z"], repo)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 batches computed, 2 reused" in result.stdout

@@ -43,7 +43,8 @@ def facts_table(n: int = 4) -> pl.DataFrame:
     return pl.DataFrame(data, schema=SCHEMA)
 
 
-def test_stubbed_scores_new_object_wins(monkeypatch, tiny_llama):
+def new_object_always_wins(monkeypatch, tiny_llama) -> pl.DataFrame:
+    """Per-fact metrics with scores stubbed so that every target_new beats every other continuation."""
     model, tok = tiny_llama
     df = facts_table()
     new = set(df["target_new"].to_list())
@@ -53,23 +54,18 @@ def test_stubbed_scores_new_object_wins(monkeypatch, tiny_llama):
         return wins, (wins == 0).float()
 
     monkeypatch.setattr(ece.metrics, "continuation_scores", fake)
-    per_fact = fact_metrics(model, tok, df)
+    return fact_metrics(model, tok, df)
+
+
+def test_stubbed_scores_new_object_wins(monkeypatch, tiny_llama):
+    per_fact = new_object_always_wins(monkeypatch, tiny_llama)
     assert per_fact["efficacy"].to_list() == [1.0] * 4
     assert per_fact["generalization"].to_list() == [1.0] * 4
     assert summarise(per_fact)["efficacy"] == 1.0
 
 
 def test_stubbed_scores_new_object_wins_on_neighbours_too(monkeypatch, tiny_llama):
-    model, tok = tiny_llama
-    df = facts_table()
-    new = set(df["target_new"].to_list())
-
-    def fake(model, tok, texts, conts, batch_size=32):
-        wins = torch.tensor([0.0 if c in new else -3.0 for c in conts])
-        return wins, (wins == 0).float()
-
-    monkeypatch.setattr(ece.metrics, "continuation_scores", fake)
-    per_fact = fact_metrics(model, tok, df)
+    per_fact = new_object_always_wins(monkeypatch, tiny_llama)
     assert per_fact["specificity"].to_list() == [0.0] * 4  # the neighbours flipped too: none keeps its answer
     assert summarise(per_fact)["score"] == 0.0
 
