@@ -26,16 +26,15 @@ from typing import Any
 
 import polars as pl
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from ece.adapter import ModelAdapter
 from ece.config import Params
-from ece.errors import EceError
 from ece.general_ability import general_ability, perplexity, read_tokens
 from ece.generation import References, fact_references, generation_metrics
 from ece.io import atomic_path, write_json, write_text
+from ece.ledger import delta_files, load_deltas, put_columns
 from ece.metrics import REWRITE_METRICS, fact_metrics, family_of, summarise
 from ece.models import load_model
 from ece.pipeline import EDITED, read_facts
@@ -91,10 +90,6 @@ def evaluate_model(
     return summary, per_fact, seconds
 
 
-def delta_files() -> list[Path]:
-    return sorted(EDITED.glob("delta-batch-*.safetensors"))
-
-
 def facts_per_batch(n_batches: int, n_facts: int) -> list[int]:
     """Cumulative number of facts written after each batch (from apply_edits' batch table)."""
     table = EDITED / "batches.parquet"
@@ -117,24 +112,18 @@ def replay_curve(
     """Write the stored batches into the (original) model one by one; rewrite metrics of ALL facts
     after every `curve_every`-th batch and after the last. Returns the points and the replayed
     weights of the touched layers (to check them against the saved edited model)."""
-    files = delta_files()
-    if not files:
-        raise EceError(f"no per-batch deltas in {EDITED}", "rerun apply_edits, or set evaluate.curve_every: 0")
+    deltas = load_deltas(EDITED)
     adapter = ModelAdapter(model)
-    cumulative = facts_per_batch(len(files), df.height)
+    cumulative = facts_per_batch(len(deltas), df.height)
     points = []
-    for b, path in enumerate(files):
-        with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys())
-            for layer in sorted({int(n.split(".")[1]) for n in names}):
-                cols = f.get_tensor(f"layer.{layer}.cols").long()
-                adapter.w_out_weight(layer)[:, cols] = f.get_tensor(f"layer.{layer}.new").to(adapter.w_out_weight(layer).dtype)
-        if (b + 1) % p.evaluate.curve_every == 0 or b == len(files) - 1:
+    for b, changes in enumerate(deltas):
+        put_columns(adapter, changes, "new")
+        if (b + 1) % p.evaluate.curve_every == 0 or b == len(deltas) - 1:
             t = time.perf_counter()
             point = summarise(fact_metrics(model, tok, df, p.evaluate.batch_size))
             points.append({"batch": b + 1, "facts_edited": cumulative[b], **point})
             print(f"evaluate curve: after batch {b + 1} ({cumulative[b]} facts) " + _fmt(point) + f" [{time.perf_counter() - t:.1f} s]")
-    touched = {int(n.split(".")[1]) for path in files for n in safe_open(str(path), framework="pt").keys()}
+    touched = {l for changes in deltas for l in changes}
     return points, {l: adapter.w_out_weight(l).detach().clone() for l in touched}
 
 
@@ -337,7 +326,7 @@ def main(p: Params) -> None:
             print(f"evaluate curve: replayed weights vs saved edited model, max |ΔW| = {replay_diff:.3g}")
         del model
     if e.curve_every == 0:
-        n_batches = len(delta_files())
+        n_batches = len(delta_files(EDITED))
         curve.append({"batch": n_batches, "facts_edited": df.height, **{m: results["post"][m] for m in (*REWRITE_METRICS, "score")}})
 
     with atomic_path(PER_FACT) as tmp:
