@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
 
 from ece.errors import EceError
 
@@ -33,6 +34,22 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gptj": ArchSpec("transformer.h", "mlp.fc_out", False, None),
     "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h", False, None),
 }
+
+
+KV = dict[int, tuple[Tensor, Tensor]]  # block index -> (keys, values), (batch, kv heads, tokens, head dim)
+
+
+class _FrozenPrefix(DynamicCache):
+    """A cache that prepends fixed keys/values at every block and never grows, so one prefix serves
+    every optimisation step (DynamicCache would append each step's tokens to it)."""
+
+    def __init__(self, kv: KV) -> None:
+        super().__init__()
+        self.kv = kv
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        keys, values = self.kv[layer_idx]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
 
 class StopForward(Exception):
@@ -132,20 +149,47 @@ class ModelAdapter:
         finally:
             setattr(parent, attr, self.blocks)
 
-    def final_hidden_from(self, layer: int, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    def _run_above(
+        self, layer: int, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor | None, cache: DynamicCache | None
+    ) -> Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        embeds = hidden
+        if self.spec.position_embedding is not None:  # the model adds it back to inputs_embeds
+            embeds = hidden - self.model.get_submodule(self.spec.position_embedding)(position_ids)
+        with self._blocks_above(layer):
+            return self.model.base_model(
+                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=cache is not None and not isinstance(cache, _FrozenPrefix),
+            ).last_hidden_state
+
+    @torch.no_grad()
+    def prefix_kv(self, layer: int, hidden: Tensor, attention_mask: Tensor) -> KV:
+        """Keys and values of every block above `layer` for hidden states that will not change.
+
+        With them, `final_hidden_from(..., prefix=...)` runs only the tokens that do change.
+        """
+        cache = DynamicCache()
+        self._run_above(layer, hidden, attention_mask, None, cache)
+        return {l: (cache.layers[l].keys, cache.layers[l].values) for l in range(layer + 1, self.n_layers)}
+
+    def final_hidden_from(
+        self,
+        layer: int,
+        hidden: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor | None = None,
+        prefix: KV | None = None,
+    ) -> Tensor:
         """Final-normed hidden states given the residual stream after block `layer` (differentiable).
 
         Runs only the blocks above `layer`, so an optimisation step on a hidden state does not pay for
         the layers below it; the LM head is left to the caller, to be applied only where needed.
+        With `prefix` (from `prefix_kv`), `hidden` holds only the tokens after it: `position_ids` are
+        then their positions in the full sequence and `attention_mask` an additive
+        (batch, 1, tokens, prefix + tokens) mask saying which prefix and own tokens each may see.
         """
-        embeds = hidden
-        if self.spec.position_embedding is not None:
-            positions = torch.arange(hidden.shape[1], device=hidden.device)
-            embeds = hidden - self.model.get_submodule(self.spec.position_embedding)(positions)
-        with self._blocks_above(layer):
-            return self.model.base_model(
-                inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
-            ).last_hidden_state
+        return self._run_above(layer, hidden, attention_mask, position_ids, _FrozenPrefix(prefix) if prefix else None)
 
     def lm_head(self, hidden: Tensor) -> Tensor:
         return self.model.get_output_embeddings()(hidden)

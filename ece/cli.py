@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +39,7 @@ from ece.attribution import batch_selection, neuron_scores
 from ece.config import Params, load_params
 from ece.covariance import load_covariance
 from ece.editing import Editor
+from ece.methods import method_of
 from ece.errors import EceError
 from ece.keys import Fact, context_templates, document_start, keys_and_hidden
 from ece.ledger import (LEDGER, delta_files, load_deltas, read_delta, read_ledger, read_provenance, rollback,
@@ -108,7 +110,7 @@ def audit_fact(fact_id: str, top: int = 5) -> dict[str, Any]:
     result: dict[str, Any] = {
         "fact": fact_id, "batch": first["batch"], "n_facts_in_batch": first["n_facts"], "cluster": cluster,
         "anchor": first["anchor_ids"][i], "is_anchor": first["anchor_ids"][i] == fact_id, "cluster_members": members,
-        "content_hash": first["content_hashes"][i], "z_loss": first["z_loss"][i], "z_nll": first["z_nll"][i],
+        "content_hash": first["content_hashes"][i], "z_loss": first["z_loss"][i] if first["z_loss"] else None, "z_nll": first["z_nll"][i] if first["z_nll"] else None,
         "dataset_hash": first["dataset_hash"], "git_revision": first["git_revision"], "params_hash": first["params_hash"],
     }
     facts = _fact_table()
@@ -260,7 +262,8 @@ def do_edit(p: Params, subject: str, prompt: str, new: str, model_name: str | No
     name = model_name or (str(EDITED_MODEL) if EDITED_MODEL.exists() else p.model.name)
     model, tok = load_model(name, p.model.seed)
     adapter = ModelAdapter(model)
-    layers = p.edit.layers
+    method = replace(method_of(p), use_cache=False)  # one fact, no later batch to protect it from
+    layers = list(method.layers)
     adapter.check_layers(layers)
     prov = read_provenance(name) if Path(name).is_dir() else None
     fingerprint = prov["base_fingerprint"] if prov and prov.get("base_fingerprint") else model_fingerprint(model)
@@ -274,17 +277,19 @@ def do_edit(p: Params, subject: str, prompt: str, new: str, model_name: str | No
     before = greedy(model, tok, texts, max_new_tokens)
     start = time.perf_counter()
     top = layers[-1]
-    problem = build_problem(adapter, tok, [fact], top, templates)
-    res = two_step_z(problem, adapter, top, torch.tensor([0]), torch.tensor([0]), p.z)
+    res = None
+    if method.needs_z:
+        problem = build_problem(adapter, tok, [fact], top, templates)
+        res = two_step_z(problem, adapter, top, torch.tensor([0]), torch.tensor([0]), p.z)
     cols = None
-    if p.method == "ece":
+    if method.selects_columns:
+        assert res is not None
         keys, _ = keys_and_hidden(adapter, tok, [fact], templates, layers)
         residual = res.z - res.h if p.ece.scorer == "rs" else None
         cols = {l: batch_selection(neuron_scores(keys[l], adapter.w_out_weight(l), p.ece.scorer, residual),
                                    p.ece.neuron_threshold, p.ece.aggregation) for l in layers}
-    editor = Editor(adapter, tok, layers, templates, c0, p.update.mom2_update_weight, use_cache=False,
-                    max_update_norm=p.update.max_update_norm)
-    changes = editor.apply_batch([fact], res.z, cols)
+    editor = Editor(adapter, tok, method, templates, c0, max_update_norm=p.update.max_update_norm)
+    changes = editor.apply_batch([fact], res.z if res is not None else None, cols)
     seconds = time.perf_counter() - start
     after = greedy(model, tok, texts, max_new_tokens)
     if out is not None:
@@ -293,7 +298,7 @@ def do_edit(p: Params, subject: str, prompt: str, new: str, model_name: str | No
                                "edited_from": name, "cli_edit": {"subject": subject, "prompt": prompt, "target_new": new}})
     return {
         "model": name, "method": p.method, "fact": {"subject": subject, "prompt": prompt, "target_new": new},
-        "texts": texts, "before": before, "after": after, "z_nll": float(res.losses.nll[0]), "seconds": round(seconds, 2),
+        "texts": texts, "before": before, "after": after, "z_nll": float(res.losses.nll[0]) if res is not None else None, "seconds": round(seconds, 2),
         "layers": [{"layer": l, "n_neurons": len(c.cols), "delta_norm": float((c.new.double() - c.old.double()).norm())}
                    for l, c in changes.items()],
         "changed": any(not torch.equal(c.old, c.new) for c in changes.values()),
@@ -340,7 +345,7 @@ def render_fact(r: dict[str, Any], con: Console) -> None:
     pairs += [("batch", f"{r['batch']} ({r['n_facts_in_batch']} facts)"),
               ("cluster", f"{r['cluster']} ({len(r['cluster_members'])} members)"),
               ("anchor", f"{r['anchor']}" + (" (this fact)" if r["is_anchor"] else "")),
-              ("z loss / NLL", f"{r['z_loss']:.4f} / {r['z_nll']:.4f}"),
+              ("z loss / NLL", f"{r['z_loss']:.4f} / {r['z_nll']:.4f}" if r["z_loss"] is not None else "no z (fine-tuning)"),
               ("‖ΔW‖ of its batch", f"{r['batch_delta_norm']:.4g} (all layers)"),
               ("content hash", r["content_hash"][:16]), ("dataset hash", r["dataset_hash"][:16]),
               ("git revision", r["git_revision"][:12]), ("params hash", r["params_hash"][:16])]
@@ -396,7 +401,7 @@ def render_rollback(r: dict[str, Any], con: Console) -> None:
 def render_edit(r: dict[str, Any], con: Console) -> None:
     f = r["fact"]
     con.print(f"ece edit: {f['prompt'].replace('{}', f['subject'])} → {f['target_new']}  on {r['model']} "
-              f"({r['method']}, {r['seconds']} s, z NLL {r['z_nll']:.3f})")
+              f"({r['method']}, {r['seconds']} s" + (f", z NLL {r['z_nll']:.3f})" if r["z_nll"] is not None else ")"))
     t = Table(title="greedy completions")
     for c in ("text", "before", "after"):
         t.add_column(c)

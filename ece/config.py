@@ -17,8 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 from ece.attribution import AGGREGATIONS, SCORERS
 from ece.errors import EceError
 
-METHODS = ("ece", "memit")
-NOT_YET_SUPPORTED = ("alphaedit", "rome", "ft-l", "ft-m", "mend", "serac")
+METHODS = ("ece", "memit", "alphaedit", "rome", "ft-l", "ft-m")
+NOT_YET_SUPPORTED = ("mend", "serac")
 GENERAL_TASKS = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
 FORMATS = ("auto", "counterfact", "counterfact_compact", "zsre", "jsonl", "csv")
 
@@ -85,6 +85,26 @@ class UpdateCfg:
 
 
 @dataclass
+class AlphaEditCfg:
+    nullspace_threshold: float = 1e-2  # eigenvalues of C0 below this span the protected null space
+    l2: float = 10.0  # weight of ‖Δ‖² in the projected solve
+
+
+@dataclass
+class RomeCfg:
+    layer: int = 5
+    mom2_update_weight: float = 1.0  # λ → 0 is ROME's exact constraint Δk = r
+
+
+@dataclass
+class FtCfg:
+    layer: int = 5
+    lr: float = 5e-4
+    steps: int = 25
+    norm_constraint: float = 5e-4  # L∞ bound on W − W_original, entrywise
+
+
+@dataclass
 class EvaluateCfg:
     batch_size: int = 16  # prompts per forward pass (scoring, general ability, generation)
     n_general: int = 20  # first N examples of each general-ability task (0 = all)
@@ -117,6 +137,9 @@ class Params:
     cluster: ClusterCfg = field(default_factory=ClusterCfg)
     z: ZCfg = field(default_factory=ZCfg)
     update: UpdateCfg = field(default_factory=UpdateCfg)
+    alphaedit: AlphaEditCfg = field(default_factory=AlphaEditCfg)
+    rome: RomeCfg = field(default_factory=RomeCfg)
+    ft: FtCfg = field(default_factory=FtCfg)
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
 
 
@@ -129,7 +152,8 @@ def validate(p: Params) -> None:
     """Reject values that type checking cannot catch."""
     if p.method in NOT_YET_SUPPORTED:
         raise EceError(
-            f"method '{p.method}' is not yet supported", f"use one of {', '.join(METHODS)}"
+            f"method '{p.method}' is not yet supported (it needs training on zsRE train data)",
+            f"use one of {', '.join(METHODS)}",
         )
     _check(p.method in METHODS, f"unknown method '{p.method}'", f"use one of {', '.join(METHODS)}")
     _check(p.ece.scorer in SCORERS, f"unknown ece.scorer '{p.ece.scorer}'", f"use one of {', '.join(SCORERS)}")
@@ -162,6 +186,19 @@ def validate(p: Params) -> None:
     _check(p.cluster.k_max >= 1, "cluster.k_max must be >= 1", "e.g. 8")
     _check(p.z.shared_steps >= 0 and p.z.instance_steps >= 0, "z steps must be >= 0", "paper: 20 and 5")
     _check(p.z.shared_steps + p.z.instance_steps >= 1, "z needs at least one step", "paper: 20 and 5")
+    single = {"rome": ("rome.layer", p.rome.layer), "ft-l": ("ft.layer", p.ft.layer), "ft-m": ("ft.layer", p.ft.layer)}
+    if p.method in single:
+        name, layer = single[p.method]
+        _check(
+            layer in p.edit.layers,
+            f"{name} = {layer} is not one of edit.layers {list(p.edit.layers)}",
+            "pick one of edit.layers (the covariance statistics are computed for those)",
+        )
+    _check(p.alphaedit.nullspace_threshold > 0, "alphaedit.nullspace_threshold must be > 0", "AlphaEdit: 1e-2")
+    _check(p.alphaedit.l2 > 0, "alphaedit.l2 must be > 0", "AlphaEdit: 10")
+    _check(p.rome.mom2_update_weight > 0, "rome.mom2_update_weight must be > 0", "e.g. 1 (≈ ROME's exact constraint)")
+    _check(p.ft.steps >= 1 and p.ft.lr > 0 and p.ft.norm_constraint > 0,
+           "ft.steps, ft.lr and ft.norm_constraint must be positive", "e.g. 25, 5e-4, 5e-4")
     _check(p.update.mom2_update_weight >= 0, "update.mom2_update_weight must be >= 0", "e.g. 15000")
     _check(
         p.update.max_update_norm > 0,
@@ -181,6 +218,15 @@ def validate(p: Params) -> None:
         "evaluate.attribute_snippets, evaluate.idf and evaluate.tfidf_vocab go together",
         "set all three (MEMIT's attribute_snippets.json, idf.npy, tfidf_vocab.json) or none",
     )
+
+
+def edited_layers(p: Params) -> list[int]:
+    """The layers the chosen method writes: one for ROME and fine-tuning, edit.layers otherwise."""
+    if p.method == "rome":
+        return [p.rome.layer]
+    if p.method in ("ft-l", "ft-m"):
+        return [p.ft.layer]
+    return list(p.edit.layers)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:

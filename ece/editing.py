@@ -1,6 +1,6 @@
 """Sequential batch editing: for each batch and each edited layer (ascending), keys on the current
-model, the residual spread over the remaining layers, the restricted solve, and the reference-knowledge
-cache P that makes later batches protect what earlier batches wrote.
+model, the residual spread over the remaining layers, the method's solve, and the reference-knowledge
+cache P that makes later batches protect what earlier batches wrote (ECE, AlphaEdit).
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from transformers import PreTrainedTokenizerBase
 
 from ece.adapter import ModelAdapter
 from ece.errors import EceError
+from ece.finetune import finetune_delta
 from ece.keys import Fact, keys_and_hidden
-from ece.update import restricted_update
+from ece.methods import Method
+from ece.update import nullspace_basis, projected_update, restricted_update
 
 
 @dataclass
@@ -22,36 +24,54 @@ class LayerChange:
     cols: Tensor  # changed column indices (ascending)
     old: Tensor  # (d, |cols|) before
     new: Tensor  # (d, |cols|) after
+    cond: float = float("nan")  # largest condition number of the systems solved (NaN: no solve)
 
 
 @dataclass
 class Editor:
-    """Holds what persists across batches: C0, the cache P of edited keys, and the settings."""
+    """Holds what persists across batches: C0, the cache P of edited keys, and the method."""
 
     adapter: ModelAdapter
     tok: PreTrainedTokenizerBase
-    layers: list[int]
+    method: Method
     templates: list[str]
     c0: dict[int, Tensor]
-    mom2_update_weight: float
-    use_cache: bool  # ECE/AlphaEdit accumulate P; MEMIT does not
     max_update_norm: float = 1e4
     cache: dict[int, Tensor] = field(default_factory=dict)
+    nullspace: dict[int, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         f = self.adapter.inner_size
         for l in self.layers:
             self.cache.setdefault(l, torch.zeros(f, f, dtype=torch.float64))
+            if self.method.nullspace_threshold is not None and l not in self.nullspace:
+                self.nullspace[l] = nullspace_basis(self.c0[l], self.method.nullspace_threshold)
 
-    def _apply_layer(self, facts: list[Fact], z: Tensor, i: int, cols: Tensor | None) -> LayerChange:
-        layer = self.layers[i]
+    @property
+    def layers(self) -> list[int]:
+        return list(self.method.layers)
+
+    def _delta(self, facts: list[Fact], z: Tensor | None, i: int, sel: Tensor, conditions: list[float]) -> Tensor:
+        """The method's change of W_out[:, sel] of the i-th edited layer, on the current weights."""
+        layer, m = self.layers[i], self.method
+        if m.ft is not None:
+            return finetune_delta(self.adapter, self.tok, facts, layer, m.ft, m.target_only)
+        assert z is not None, f"method {m.name} needs z"
         keys, hidden = keys_and_hidden(self.adapter, self.tok, facts, self.templates, [layer], self.layers[-1])
         assert hidden is not None
         residuals = (z.double() - hidden.double()) / (len(self.layers) - i)
-        penalty = self.mom2_update_weight * self.c0[layer] + self.cache[layer]
+        if m.nullspace_threshold is not None:
+            penalty = self.cache[layer] + m.l2 * torch.eye(self.adapter.inner_size, dtype=torch.float64)
+            return projected_update(keys[layer], residuals, penalty, self.nullspace[layer], conditions)
+        penalty = m.mom2_weight * self.c0[layer] + self.cache[layer]
+        return restricted_update(keys[layer], residuals, penalty, sel, conditions)
+
+    def _apply_layer(self, facts: list[Fact], z: Tensor | None, i: int, cols: Tensor | None) -> LayerChange:
+        layer = self.layers[i]
         sel = cols if cols is not None else torch.arange(self.adapter.inner_size)
+        conditions: list[float] = []
         try:
-            delta = restricted_update(keys[layer], residuals, penalty, sel)
+            delta = self._delta(facts, z, i, sel, conditions)
         except EceError as exc:
             raise EceError(f"layer {layer}: {exc.args[0]}", exc.hint) from None
         norm = float(delta.norm())
@@ -64,7 +84,7 @@ class Editor:
         old = weight[:, sel].clone()
         with torch.no_grad():
             weight[:, sel] += delta.to(weight.dtype)
-        return LayerChange(sel, old, weight[:, sel].clone())
+        return LayerChange(sel, old, weight[:, sel].clone(), max(conditions, default=float("nan")))
 
     def revert(self, changes: dict[int, LayerChange]) -> None:
         """Put back the columns a (partial) batch changed."""
@@ -72,18 +92,29 @@ class Editor:
             for layer, change in changes.items():
                 self.adapter.w_out_weight(layer)[:, change.cols] = change.old
 
-    def apply_batch(self, facts: list[Fact], z: Tensor, cols: dict[int, Tensor] | None) -> dict[int, LayerChange]:
-        """Write one batch into the model in place; `cols[l]` restricts layer l (None: all columns)."""
-        changes: dict[int, LayerChange] = {}
+    def apply_batch(
+        self, facts: list[Fact], z: Tensor | None, cols: dict[int, Tensor] | None
+    ) -> dict[int, LayerChange]:
+        """Write one batch into the model in place; `cols[l]` restricts layer l (None: all columns).
+
+        ROME writes the batch's facts one after another (one rank-one update each); the batch is
+        still written whole or not at all.
+        """
+        groups = [[j] for j in range(len(facts))] if self.method.per_fact else [list(range(len(facts)))]
+        changes: dict[int, list[LayerChange]] = {}
         try:
-            for i, layer in enumerate(self.layers):
-                changes[layer] = self._apply_layer(facts, z, i, cols[layer] if cols is not None else None)
+            for g in groups:
+                for i, layer in enumerate(self.layers):
+                    change = self._apply_layer(
+                        [facts[j] for j in g], z[g] if z is not None else None, i, cols[layer] if cols is not None else None
+                    )
+                    changes.setdefault(layer, []).append(change)
         except BaseException:
-            self.revert(changes)  # a batch is written whole or not at all
+            self.revert({l: c[0] for l, c in changes.items()})  # the values before the batch's first change
             raise
-        if self.use_cache:
+        if self.method.use_cache:
             keys, _ = keys_and_hidden(self.adapter, self.tok, facts, self.templates, self.layers)
             for layer in self.layers:
                 k = keys[layer].double()
                 self.cache[layer] += k.T @ k
-        return changes
+        return {l: LayerChange(c[0].cols, c[0].old, c[-1].new, max(x.cond for x in c)) for l, c in changes.items()}

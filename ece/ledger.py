@@ -188,22 +188,6 @@ def layer_summary(change: LayerChange) -> dict[str, Any]:
     }
 
 
-def condition_number(system: Tensor) -> float:
-    """2-norm condition number of a symmetric positive definite matrix (inf when singular)."""
-    if system.shape[0] == 0:
-        return 1.0
-    # One thread: a ~1000² eigvalsh takes 0.1 s on one core, but can take 10+ s with several threads
-    # on a busy machine (OpenMP spin-waiting), and the result only goes into the ledger.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        eig = torch.linalg.eigvalsh(system.double())
-    finally:
-        torch.set_num_threads(threads)
-    lo, hi = float(eig[0]), float(eig[-1])
-    return hi / lo if lo > 0 else float("inf")
-
-
 # --- provenance ---------------------------------------------------------------------------------
 
 

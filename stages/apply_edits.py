@@ -1,8 +1,9 @@
 """Stage `apply_edits`: write the batches into the model in dataset order, then save it with its ledger.
 
 Per batch and edited layer: keys on the current model, the residual spread over the remaining layers,
-the restricted least-squares update on the batch's selected columns (ECE) or all columns (MEMIT), and
-for ECE the cache P += K Kᵀ.
+the method's update (ece.methods: ECE's restricted solve on the batch's selected columns, MEMIT's on
+all columns, ROME's rank-one solve per fact, AlphaEdit's null-space solve, FT-L/FT-M's constrained
+fine-tuning), and for ECE and AlphaEdit the cache P += K Kᵀ.
 
 Crash safety: after every batch a checkpoint (ece.checkpoint) is committed to `.cache/checkpoint/
 apply_edits/`: the batch's changed columns, its ledger rows and P. A rerun after a kill at any moment
@@ -39,7 +40,9 @@ from torch import Tensor
 
 import ece.adapter
 import ece.editing
+import ece.finetune
 import ece.keys
+import ece.methods
 import ece.update
 from ece.attribution import batch_selection, neuron_scores
 from ece.checkpoint import Checkpoint
@@ -50,7 +53,8 @@ from ece.editing import Editor
 from ece.errors import EceError
 from ece.io import atomic_dir, sha256_file, sha256_json, write_json, write_text
 from ece.keys import Fact, keys_and_hidden
-from ece.ledger import (COND_WARN, LEDGER, LEDGER_MD, LEDGER_SCHEMA, condition_number, delta_name, git_revision,
+from ece.methods import method_of
+from ece.ledger import (COND_WARN, LEDGER, LEDGER_MD, LEDGER_SCHEMA, delta_name, git_revision,
                         layer_summary, ledger_markdown, params_hash, put_columns, write_provenance)
 from ece.models import save_model
 from ece.pipeline import (ATTRIBUTION, CLUSTERS, COVARIANCE, EDITED, PREPARED, Z_DIR, Workbench, batch_ranges,
@@ -60,7 +64,7 @@ from ece.stage import run_stage
 # Outside DVC on purpose: a checkpoint is machine-local scratch state of one interrupted run, not a
 # reproducible artifact (it is deleted on success and ignored when its key does not match).
 CHECKPOINT = Path(".cache/checkpoint/apply_edits")
-CODE = [Path(__file__), Path(ece.editing.__file__), Path(ece.update.__file__), Path(ece.keys.__file__), Path(ece.adapter.__file__)]
+CODE = [Path(m.__file__) for m in (ece.editing, ece.update, ece.keys, ece.adapter, ece.methods, ece.finetune)] + [Path(__file__)]
 
 
 def stored_columns(batch: int, layers: list[int]) -> dict[int, Tensor]:
@@ -84,7 +88,7 @@ def run_key(p: Params, df: pl.DataFrame, fingerprint: str) -> str:
     z_files = sorted(set(pl.read_parquet(Z_DIR / "index.parquet")["file"].to_list()))
     upstream = [ATTRIBUTION / "batches.parquet", CLUSTERS / "clusters.parquet"]
     return sha256_json({
-        "params": {"method": p.method, "model": asdict(p.model), "edit": asdict(p.edit), "ece": asdict(p.ece),
+        "params": {"method": asdict(method_of(p)), "model": asdict(p.model), "edit": asdict(p.edit), "ece": asdict(p.ece),
                    "z": [p.z.n_context, p.z.context_length], "update": asdict(p.update)},
         "facts": [list(r) for r in zip(df["id"].to_list(), df["content_hash"].to_list())],
         "covariance": sha256_file(COVARIANCE),
@@ -111,14 +115,14 @@ def _hint_for(exc: EceError, p: Params) -> str | None:
 def main(p: Params) -> None:
     df, facts = read_facts()
     wb = Workbench.open(p)
-    layers = p.edit.layers
+    method = method_of(p)
+    layers = list(method.layers)
     c0 = load_covariance(COVARIANCE, wb.fingerprint, layers)
-    editor = Editor(wb.adapter, wb.tok, layers, wb.templates, c0, p.update.mom2_update_weight,
-                    use_cache=p.method == "ece", max_update_norm=p.update.max_update_norm)
+    editor = Editor(wb.adapter, wb.tok, method, wb.templates, c0, max_update_norm=p.update.max_update_norm)
     ranges = batch_ranges(len(facts), p.edit.batch_size)
     columns: list[dict[int, Tensor] | None] = []
     for b, rng in enumerate(ranges):  # on the original weights, before any batch is written
-        if p.method != "ece":
+        if not method.selects_columns:
             columns.append(None)
         elif p.ece.scorer == "rs":
             columns.append(residual_columns(wb, p, [facts[i] for i in rng], *read_z(b)))
@@ -143,40 +147,35 @@ def main(p: Params) -> None:
     if done >= 0:
         for b in range(done + 1):
             put_columns(wb.adapter, checkpoint.delta(b), "new")
-        if editor.use_cache:
+        if method.use_cache:
             editor.cache = checkpoint.cache()
         print(f"apply_edits: resuming from the checkpoint: batches 0..{done} restored, {len(ranges) - done - 1} to go")
     delay = float(os.environ.get("ECE_TEST_BATCH_DELAY", "0") or 0)
 
     for b in range(done + 1, len(ranges)):
         batch = [facts[i] for i in ranges[b]]
-        z, _ = read_z(b)
-        free = {l: (columns[b][l] if columns[b] is not None else torch.arange(wb.adapter.inner_size)) for l in layers}
-        before = {l: editor.cache[l][free[l]][:, free[l]].clone() for l in layers}
+        z = read_z(b)[0] if method.needs_z else None
         start = time.perf_counter()
         try:
             changes = editor.apply_batch(batch, z, columns[b])
         except EceError as exc:
             raise EceError(f"batch {b}: {exc.args[0]}", _hint_for(exc, p)) from None
         seconds = time.perf_counter() - start
-        # Keys at layer l do not depend on W_out of layers >= l, so the keys after the batch are the
-        # ones the solve of layer l used: rebuild its system for the condition number.
-        keys, _ = keys_and_hidden(wb.adapter, wb.tok, batch, wb.templates, layers)
         info = clusters.filter(pl.col("batch") == b)
         zrows = z_index.filter(pl.col("batch") == b).sort("row")
-        assert info["id"].to_list() == [f.id for f in batch] == zrows["id"].to_list(), "stale upstream artifacts; rerun dvc repro"
+        assert info["id"].to_list() == [f.id for f in batch], "stale upstream artifacts; rerun dvc repro"
+        assert not method.needs_z or zrows["id"].to_list() == info["id"].to_list(), "stale z; rerun dvc repro"
         fact_info = {
             "n_facts": len(batch), "fact_ids": [f.id for f in batch],
             "content_hashes": df["content_hash"][ranges[b].start : ranges[b].stop].to_list(),
             "clusters": info["cluster"].to_list(), "anchor_ids": info["anchor_id"].to_list(),
             "z_loss": zrows["loss"].to_list(), "z_nll": zrows["nll"].to_list(),
         }
-        phase_seconds = {name: (t.get(b, 0.0) if p.method == "ece" or name == "z" else 0.0) for name, t in phases.items()}
+        phase_seconds = {name: (t.get(b, 0.0) if method.selects_columns or name == "z" else 0.0) for name, t in phases.items()}
         finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         ledger_rows, layer_rows = [], []
         for l, c in changes.items():
-            k = keys[l][:, free[l]].double()
-            cond = condition_number(p.update.mom2_update_weight * c0[l][free[l]][:, free[l]] + before[l] + k.T @ k)
+            cond = c.cond
             if cond > COND_WARN:
                 print(f"warning: batch {b}, layer {l}: ill-conditioned solve (condition number {cond:.3g})")
             summary = layer_summary(c)
@@ -190,7 +189,7 @@ def main(p: Params) -> None:
             "layers": layer_rows,
             "ledger": ledger_rows,
         }
-        checkpoint.commit(b, changes, rows, editor.cache if editor.use_cache else None)
+        checkpoint.commit(b, changes, rows, editor.cache if method.use_cache else None)
         print(f"batch {b}: {len(batch)} facts, update {seconds:.1f} s", flush=True)
         if delay > 0:
             time.sleep(delay)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from ece.adapter import ModelAdapter
-from ece.config import Params
+from ece.config import Params, edited_layers
 from ece.general_ability import general_ability, perplexity, read_tokens
 from ece.generation import References, fact_references, generation_metrics
 from ece.io import atomic_path, write_json, write_text
@@ -179,7 +179,7 @@ def render_summary(p: Params, df: pl.DataFrame, meta: dict[str, Any], results: d
         f"- model: `{p.model.name}` (pre) vs `{EDITED / 'model'}` (post), seed {p.model.seed}",
         f"- dataset: `{meta.get('source', {}).get('path', '?')}` ({meta.get('format', '?')}), "
         f"dataset hash `{meta.get('dataset_hash', '?')}`",
-        f"- editing: method `{p.method}`, layers {list(p.edit.layers)}, batch size {p.edit.batch_size} "
+        f"- editing: method `{p.method}`, layers {edited_layers(p)}, batch size {p.edit.batch_size} "
         f"(sequential; every fact evaluated after the LAST batch)",
     ]
     if p.method == "ece":
@@ -187,7 +187,14 @@ def render_summary(p: Params, df: pl.DataFrame, meta: dict[str, Any], results: d
             f"- ECE: scorer `{p.ece.scorer}`, neuron threshold {p.ece.neuron_threshold}, aggregation `{p.ece.aggregation}`, "
             f"clusters k={p.cluster.k} (k_max {p.cluster.k_max}), z steps {p.z.shared_steps}+{p.z.instance_steps}"
         )
-    lines.append(f"- update: mom2_update_weight {p.update.mom2_update_weight}")
+    settings = {
+        "ece": f"mom2_update_weight {p.update.mom2_update_weight}", "memit": f"mom2_update_weight {p.update.mom2_update_weight}",
+        "alphaedit": f"null space of C0 below {p.alphaedit.nullspace_threshold:g}, l2 {p.alphaedit.l2:g}",
+        "rome": f"rank one per fact, mom2_update_weight {p.rome.mom2_update_weight:g}",
+        "ft-l": f"lr {p.ft.lr:g}, {p.ft.steps} steps, L∞ {p.ft.norm_constraint:g}, loss on prompt + target",
+        "ft-m": f"lr {p.ft.lr:g}, {p.ft.steps} steps, L∞ {p.ft.norm_constraint:g}, loss on the target only",
+    }
+    lines.append(f"- update: {settings[p.method]}")
     e = p.evaluate
     lines.append(
         f"- evaluation: general ability on the first {e.n_general or 'all'} examples of {', '.join(e.general_tasks)}; "

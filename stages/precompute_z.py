@@ -1,8 +1,9 @@
 """Stage `precompute_z`: target hidden states z for every fact, on the ORIGINAL model.
 
 Per batch, ECE's two steps (shared descent on each cluster's anchor, then a short per-fact descent,
-both batched); MEMIT is the singleton-cluster case. Results are cached per batch under a key of the
-batch's content, its clusters, the z params and the model, so appending facts to the dataset only
+both batched); MEMIT, AlphaEdit and ROME are the singleton-cluster case (ROME at its one layer),
+and fine-tuning needs no z (the stage then writes an empty index). Results are cached per batch under a key of the
+batch's content, its clusters, the z params, the model and the z code, so appending facts to the dataset only
 computes z for the new batches (the output folder is `persist` in dvc.yaml for that reason).
 """
 
@@ -17,21 +18,28 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ece import adapter, keys, zvec
 from ece.config import Params
-from ece.io import atomic_path, sha256_json, write_json
+from ece.io import atomic_path, sha256_file, sha256_json, write_json
+from ece.methods import method_of
 from ece.pipeline import CLUSTERS, Z_DIR, Workbench, batch_ranges, read_facts
 from ece.stage import run_stage
 from ece.zvec import build_problem, two_step_z
+
+
+INDEX_SCHEMA = {"id": pl.Utf8, "batch": pl.Int64, "file": pl.Utf8, "row": pl.Int64, "loss": pl.Float64,
+                "nll": pl.Float64, "kl": pl.Float64, "delta_norm": pl.Float64}
 
 
 def main(p: Params) -> None:
     df, facts = read_facts()
     clusters = pl.read_parquet(CLUSTERS / "clusters.parquet")
     wb = Workbench.open(p)
-    top = p.edit.layers[-1]
+    method = method_of(p)
+    top = method.layers[-1]
     cache = Z_DIR / "cache"
     rows, timings, used, computed = [], {}, set(), 0
-    for b, rng in enumerate(batch_ranges(len(facts), p.edit.batch_size)):
+    for b, rng in enumerate(batch_ranges(len(facts), p.edit.batch_size) if method.needs_z else []):
         batch = [facts[i] for i in rng]
         info = clusters.filter(pl.col("batch") == b)
         assert info["id"].to_list() == [f.id for f in batch], "clusters are out of date; rerun dvc repro"
@@ -43,7 +51,7 @@ def main(p: Params) -> None:
         key = sha256_json({
             "facts": df["content_hash"][rng.start : rng.stop].to_list(), "labels": labels.tolist(),
             "anchors": anchors.tolist(), "z": asdict(p.z), "model": wb.fingerprint, "layer": top,
-            "templates": wb.templates,
+            "templates": wb.templates, "code": [sha256_file(m.__file__) for m in (zvec, keys, adapter)],
         })
         path = cache / f"{key[:32]}.safetensors"
         used.add(path.name)
@@ -69,10 +77,13 @@ def main(p: Params) -> None:
     for stale in cache.glob("*.safetensors"):
         if stale.name not in used:
             stale.unlink()
-    table = pl.DataFrame(rows)
+    table = pl.DataFrame(rows, schema=INDEX_SCHEMA)
     with atomic_path(Z_DIR / "index.parquet") as tmp:
         table.write_parquet(tmp)
     write_json(Z_DIR / "timings.json", timings)
+    if not method.needs_z:
+        print(f"precompute_z: method {p.method} needs no z")
+        return
     print(f"precompute_z: {len(facts)} facts, {computed} batches computed, "
           f"{len(timings) - computed} reused; mean target NLL {table['nll'].mean():.3f}")
 

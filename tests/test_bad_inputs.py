@@ -106,7 +106,7 @@ def test_wrong_type_through_the_command_line(project: Path) -> None:
     ("edit", "layers", "three", "at 'edit.layers'"),
     ("z", "lr", [0.5], "at 'z.lr'"),
     ("method", None, "magic", "unknown method 'magic'"),
-    ("method", None, "rome", "method 'rome' is not yet supported"),
+    ("method", None, "mend", "method 'mend' is not yet supported"),
     ("ece", "scorer", "gradient", "unknown ece.scorer 'gradient'"),
     ("ece", "aggregation", "mean", "unknown ece.aggregation 'mean'"),
     ("update", "max_update_norm", 0.0, "update.max_update_norm must be > 0"),

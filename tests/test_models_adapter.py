@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from ece.adapter import ARCHITECTURES, ModelAdapter
 from ece.errors import EceError
 from ece.models import load_model, model_fingerprint, save_model, tiny_model
+from ece.zvec import split_at_subject
 
 
 def _batch(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,6 +185,29 @@ def test_final_hidden_from_runs_only_blocks_above_and_is_differentiable(kind):
     assert calls == [0, 0, 1, 1]
     final.sum().backward()
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_frozen_prefix_gives_the_full_forward_on_the_later_tokens(kind, layer):
+    """Running only each row's tokens from `pos` on against the cached prefix equals the full forward,
+    with rows of different prefix lengths (one of them empty) and padding."""
+    model, tok = tiny_model(kind)
+    adapter = ModelAdapter(model)
+    ids, mask = _batch(tok, TEXTS)
+    pos = torch.tensor([5, 0, 11])
+    with torch.no_grad():
+        _, outs = adapter.trace(ids, mask, out_layers=[layer])
+        full = adapter.final_hidden_from(layer, outs[layer], mask)
+        n_prefix, index, real, attn = split_at_subject(mask, pos)
+        rows = torch.arange(len(pos))[:, None]
+        prefix = adapter.prefix_kv(layer, outs[layer][:, :n_prefix], mask[:, :n_prefix])
+        part = adapter.final_hidden_from(layer, outs[layer][rows, index], attn, index, prefix)
+    assert set(prefix) == set(range(layer + 1, adapter.n_layers))
+    assert torch.allclose(part[real], full[rows, index][real], atol=1e-5)
+    # the prefix is not extended by use: a second call gives the same
+    again = adapter.final_hidden_from(layer, outs[layer][rows, index], attn, index, prefix)
+    assert torch.equal(again, part)
 
 
 def test_final_hidden_from_restores_blocks_after_an_error(tiny_llama):

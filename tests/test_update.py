@@ -1,16 +1,22 @@
-"""The restricted least-squares update and sequential batch editing on a tiny Llama."""
+"""The least-squares updates and sequential batch editing of every method, on a tiny Llama."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 from ece.adapter import ModelAdapter
+from ece.config import AlphaEditCfg, EditCfg, FtCfg, Params, RomeCfg, UpdateCfg
 from ece.covariance import second_moments
 from ece.editing import Editor
 from ece.errors import EceError
 from ece.keys import keys_and_hidden
-from ece.update import restricted_update
+from ece.methods import Method, method_of
+from ece.finetune import finetune_labels
+from ece.update import nullspace_basis, projected_update, restricted_update
+from ece.zvec import target_ids
 
 F_DIM, D_DIM = 12, 5
 
@@ -121,8 +127,16 @@ def editing(tiny_llama, facts):
     return model, tok, adapter, facts, c0, z
 
 
+def method(name: str = "ece", weight: float = 1.0, use_cache: bool | None = None, **sections) -> Method:
+    """The Method params.yaml would give on the tiny model (single-layer methods edit layer 2)."""
+    p = Params(method=name, edit=EditCfg(layers=LAYERS), update=UpdateCfg(mom2_update_weight=weight),
+               rome=sections.pop("rome", RomeCfg(layer=2)), ft=sections.pop("ft", FtCfg(layer=2)), **sections)
+    m = method_of(p)
+    return m if use_cache is None else replace(m, use_cache=use_cache)
+
+
 def _editor(adapter, tok, c0, use_cache, weight=1.0, templates=TEMPLATES):
-    return Editor(adapter, tok, LAYERS, templates, c0, weight, use_cache)
+    return Editor(adapter, tok, method("ece", weight, use_cache), templates, c0)
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -257,6 +271,111 @@ def test_failure_in_a_later_layer_reverts_earlier_layers(editing):
 
 def test_exploding_update_raises(editing):
     model, tok, adapter, facts, c0, z = editing
-    editor = Editor(adapter, tok, LAYERS, TEMPLATES, c0, 1.0, False, max_update_norm=1e-6)
+    editor = Editor(adapter, tok, method("memit"), TEMPLATES, c0, max_update_norm=1e-6)
     with pytest.raises(EceError, match="explodes"):
         editor.apply_batch(facts, z, None)
+
+
+# --- the baselines: each changes only what it should --------------------------------------------
+
+
+def _changed_params(before: dict[str, torch.Tensor], model) -> list[str]:
+    return [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+
+
+def test_projected_update_equals_alphaedits_formula():
+    """Δ = B Uᵀ from the Cholesky solve in null-space coordinates equals AlphaEdit's
+    (P(K_p K_pᵀ + K Kᵀ) + l2·I)⁻¹ P K Rᵀ (transposed), and lies in the null space."""
+    keys, residuals, c0 = _random(6)
+    c0 = c0.clone()
+    values, vectors = torch.linalg.eigh(c0)
+    c0 = vectors @ torch.diag(torch.where(torch.arange(F_DIM) < 4, 1e-6, values)) @ vectors.T  # 4 near-null directions
+    basis = nullspace_basis(c0, 1e-3)
+    assert basis.shape == (F_DIM, 4)
+    kp = torch.randn(3, F_DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    cache, l2 = kp.T @ kp, 10.0
+    delta = projected_update(keys, residuals, cache + l2 * torch.eye(F_DIM, dtype=torch.float64), basis)
+    proj = basis @ basis.T
+    k = keys.double().T
+    reference = torch.linalg.solve(proj @ (cache + k @ k.T) + l2 * torch.eye(F_DIM, dtype=torch.float64),
+                                   proj @ k @ residuals.double()).T
+    assert torch.allclose(delta, reference, atol=1e-10)
+    assert torch.allclose(delta @ (torch.eye(F_DIM, dtype=torch.float64) - proj), torch.zeros(D_DIM, F_DIM, dtype=torch.float64), atol=1e-10)
+
+
+def test_nullspace_basis_empty_is_a_clear_error():
+    _, _, c0 = _random(4)
+    with pytest.raises(EceError, match="null space is empty"):
+        nullspace_basis(c0 + torch.eye(F_DIM, dtype=torch.float64), 1e-3)
+
+
+def test_alphaedit_update_lies_in_the_null_space_and_caches_keys(editing):
+    model, tok, adapter, facts, c0, z = editing
+    threshold = float(torch.linalg.eigvalsh(c0[1])[40])  # keep the 40 smallest directions
+    m = method("alphaedit", alphaedit=AlphaEditCfg(nullspace_threshold=threshold, l2=1.0))
+    editor = Editor(adapter, tok, m, TEMPLATES, {l: c0[l] for l in LAYERS})
+    before = _snapshot(model)
+    changes = editor.apply_batch(facts, z, None)
+    assert sorted(_changed_params(before, model)) == sorted(adapter.w_out_name(l) for l in LAYERS)
+    for l in LAYERS:
+        basis = editor.nullspace[l]
+        delta = (changes[l].new - changes[l].old).double()
+        assert delta.norm() > 0
+        outside = delta - delta @ basis @ basis.T  # float32 weights: new - old carries ~1e-5 relative rounding
+        assert outside.norm() < 1e-3 * delta.norm()  # a random Δ would have ~60% of its norm outside
+        # what ordinary text excites most (the top eigenvector of C0) does not move
+        top = torch.linalg.eigh(c0[l].double())[1][:, -1]
+        assert (delta @ top).norm() < 1e-3 * delta.norm()
+        assert editor.cache[l].any()  # P grows, as in ECE
+
+
+def test_rome_writes_one_rank_one_update_per_fact_on_one_layer(editing):
+    model, tok, adapter, facts, c0, z = editing
+    before = _snapshot(model)
+    _, h2 = keys_and_hidden(adapter, tok, facts, ["{}"], [2], 2)
+    z2 = h2 + (z - z.mean(0))  # a target at ROME's own layer
+    editor = Editor(adapter, tok, method("rome", rome=RomeCfg(layer=2, mom2_update_weight=1e-6)), ["{}"], c0)
+    changes = editor.apply_batch(facts[:1], z2[:1], None)
+    assert _changed_params(before, model) == [adapter.w_out_name(2)]
+    delta = (changes[2].new - changes[2].old).double()
+    assert torch.linalg.matrix_rank(delta, rtol=1e-6) == 1
+    # λ → 0: ROME's equality constraint holds, the subject's hidden state is z
+    _, after = keys_and_hidden(adapter, tok, facts[:1], ["{}"], [2], 2)
+    assert torch.allclose(after, z2[:1], atol=1e-3)
+    # a batch of facts: one rank-one update each, applied in order, so the total has rank ≤ n
+    more = editor.apply_batch(facts[1:], z2[1:], None)
+    total = (more[2].new - more[2].old).double()
+    assert torch.linalg.matrix_rank(total, rtol=1e-6) == len(facts) - 1
+    assert not editor.cache[2].any()  # ROME keeps no cache
+
+
+@pytest.mark.parametrize("name", ["ft-l", "ft-m"])
+def test_finetuning_changes_one_layer_within_the_linf_ball_and_learns(editing, name):
+    model, tok, adapter, facts, c0, _ = editing
+    ft = FtCfg(layer=2, lr=1e-2, steps=10, norm_constraint=2e-2)
+    m = method(name, ft=ft)
+    ids, mask, labels = finetune_labels(tok, facts, m.target_only)
+    n_target = sum(len(target_ids(tok, f.target_new)) for f in facts)
+    assert int((labels >= 0).sum()) == (n_target if name == "ft-m" else int(mask.sum()) - len(facts))
+
+    def loss() -> float:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100))
+
+    before, start = _snapshot(model), loss()
+    changes = Editor(adapter, tok, m, TEMPLATES, c0).apply_batch(facts, None, None)
+    assert _changed_params(before, model) == [adapter.w_out_name(2)]
+    delta = changes[2].new - changes[2].old
+    assert delta.abs().max() <= ft.norm_constraint + 1e-6
+    assert delta.abs().max() > ft.norm_constraint / 2  # the constraint is active, not vacuous
+    assert loss() < start
+
+
+def test_method_table():
+    assert method("ece").selects_columns and method("ece").clusters and method("ece").use_cache
+    memit = method("memit")
+    assert not memit.selects_columns and not memit.use_cache and memit.layers == tuple(LAYERS)
+    assert method("rome").layers == (2,) and method("rome").per_fact
+    assert method("alphaedit").use_cache and method("alphaedit").mom2_weight == 0.0
+    assert not method("ft-l").needs_z and method("ft-m").target_only and not method("ft-l").target_only

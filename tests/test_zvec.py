@@ -103,7 +103,8 @@ def test_problem_h_and_kl_reference(setup):
         with torch.no_grad():
             ref = F.log_softmax(model(input_ids=ids).logits[0, -1], dim=-1)
         assert torch.allclose(problem.kl_ref[i], ref, atol=1e-5)
-        assert int(problem.kl_last[i]) == ids.shape[1] - 1
+        row = problem.kl_rows[i]
+        assert int(problem.position_ids[row, problem.kl_last[i]]) == ids.shape[1] - 1  # counted from the subject
         assert (problem.labels[problem.kl_rows[i]] == -100).all()  # no NLL on the KL prompt
 
 
