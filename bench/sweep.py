@@ -22,7 +22,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ece.config import load_params
+from ece.config import Params, load_params
 from ece.metrics import fact_metrics, summarise
 from ece.models import load_model
 
@@ -42,17 +42,29 @@ def inside(folder: Path):
         os.chdir(old)
 
 
-def run_config(overrides: list[str], work: Path) -> dict:
+PATHS = (("data", "edit_dataset"), ("data", "generation_prompts"), ("covariance", "corpus"),
+         ("evaluate", "general_dir"), ("evaluate", "ppl_corpus"), ("evaluate", "reference_corpus"))
+
+
+def run_stages(overrides: list[str], work: Path, stages: list[str] = STAGES) -> tuple[Params, dict[str, float]]:
+    """Run the stage scripts' `main` in order inside `work` (outputs land there); seconds per stage."""
     p = load_params(ROOT / "params.yaml", overrides)
-    for section, key in (("data", "edit_dataset"), ("data", "generation_prompts"), ("covariance", "corpus")):
+    for section, key in PATHS:  # the project's data, read from the scratch folder
         cfg = getattr(p, section)
-        setattr(cfg, key, str(ROOT / getattr(cfg, key)))
+        if getattr(cfg, key) is not None:
+            setattr(cfg, key, str(ROOT / getattr(cfg, key)))
     seconds = {}
     with inside(work):
-        for stage in STAGES:
+        for stage in stages:
             start = time.perf_counter()
             importlib.import_module(f"stages.{stage}").main(p)
             seconds[stage] = round(time.perf_counter() - start, 1)
+    return p, seconds
+
+
+def run_config(overrides: list[str], work: Path) -> dict:
+    p, seconds = run_stages(overrides, work)
+    with inside(work):
         facts = pl.read_parquet("artifacts/prepared/edits.parquet")
         post = summarise(fact_metrics(*load_model("artifacts/edited/model"), facts))
         pre = summarise(fact_metrics(*load_model(p.model.name), facts))

@@ -13,6 +13,10 @@ batch (and the last), by replaying the stored per-batch column changes
 (artifacts/edited/delta-batch-XXXX.safetensors: W[:, cols] = new, batch after batch) onto the
 original weights; reports/curve.json always holds the pre point (0 facts edited) and the post point.
 
+The unedited model's results are cached in .cache/evaluate_pre/ under a key of the model fingerprint,
+the facts, the evaluation params and the evaluation code (machine-local scratch, like the apply_edits
+checkpoint): comparing methods on the same facts measures "pre" once.
+
 Outputs: reports/per_fact.parquet (one row per fact and phase), reports/metrics.json,
 reports/summary.md, reports/curve.json, reports/plots/{metrics,curve}.png.
 """
@@ -20,7 +24,9 @@ reports/summary.md, reports/curve.json, reports/plots/{metrics,curve}.png.
 from __future__ import annotations
 
 import json
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +39,14 @@ from ece.adapter import ModelAdapter
 from ece.config import Params, edited_layers
 from ece.general_ability import general_ability, perplexity, read_tokens
 from ece.generation import References, fact_references, generation_metrics
-from ece.io import atomic_path, write_json, write_text
+import ece.general_ability
+import ece.generation
+import ece.metrics
+import ece.scoring
+from ece.io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json, write_text
 from ece.ledger import delta_files, load_deltas, put_columns
 from ece.metrics import REWRITE_METRICS, fact_metrics, family_of, summarise
-from ece.models import load_model
+from ece.models import load_model, model_fingerprint
 from ece.pipeline import EDITED, read_facts
 from ece.stage import run_stage
 
@@ -46,6 +56,7 @@ SUMMARY = "reports/summary.md"
 CURVE = "reports/curve.json"
 PLOTS = Path("reports/plots")
 APPROX = "approximate"
+PRE_CACHE = Path(".cache/evaluate_pre")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +98,29 @@ def evaluate_model(
     summary["perplexity"] = perplexity(model, tok, ids, e.ppl_window, max(1, e.batch_size // 4))
     summary["perplexity_tokens"] = len(ids)
     seconds["perplexity"] = time.perf_counter() - t
+    return summary, per_fact, seconds
+
+
+def evaluate_pre(
+    model: nn.Module, tok: PreTrainedTokenizerBase, df: pl.DataFrame, p: Params, refs: References | None
+) -> tuple[dict[str, Any], pl.DataFrame, dict[str, float]]:
+    """`evaluate_model` of the unedited model, reused when nothing it depends on changed."""
+    settings = {k: v for k, v in asdict(p.evaluate).items() if k not in ("threads", "curve_every")}
+    code = [sys.modules[__name__], ece.metrics, ece.scoring, ece.generation, ece.general_ability]
+    key = sha256_json({
+        "model": model_fingerprint(model), "facts": df.select("id", "content_hash").rows(), "settings": settings,
+        "code": [sha256_file(m.__file__) for m in code],
+    })
+    folder = PRE_CACHE / key[:32]
+    if (folder / "summary.json").exists():
+        print(f"evaluate pre: reusing {folder}")
+        return (json.loads((folder / "summary.json").read_text()), pl.read_parquet(folder / "per_fact.parquet"),
+                json.loads((folder / "seconds.json").read_text()))
+    summary, per_fact, seconds = evaluate_model(model, tok, df, p, refs)
+    with atomic_dir(folder) as tmp:
+        write_json(tmp / "summary.json", summary)
+        per_fact.write_parquet(tmp / "per_fact.parquet")
+        write_json(tmp / "seconds.json", seconds)
     return summary, per_fact, seconds
 
 
@@ -315,7 +349,8 @@ def main(p: Params) -> None:
     replay_diff: float | None = None
     for phase, name in (("pre", p.model.name), ("post", str(EDITED / "model"))):
         model, tok = load_model(name, p.model.seed)
-        results[phase], per_fact, seconds[phase] = evaluate_model(model, tok, df, p, refs)
+        measure = evaluate_pre if phase == "pre" else evaluate_model
+        results[phase], per_fact, seconds[phase] = measure(model, tok, df, p, refs)
         tables.append(per_fact.with_columns(
             pl.lit(phase).alias("phase"),
             pl.Series("consistency_reference", refs.sources if refs else [None] * df.height, dtype=pl.Utf8),
