@@ -57,7 +57,7 @@ LEDGER_SCHEMA: dict[str, pl.DataType] = {
     "n_neurons": pl.Int64(),
     "delta_norm": pl.Float64(),  # ‖ΔW‖_F of this batch at this layer
     "col_norms": pl.List(pl.Float64()),  # ‖ΔW[:, n]‖_2 for each n of `neurons`, same order
-    "cond": pl.Float64(),  # 2-norm condition number of λ·C0_SS + P_SS + K_S K_Sᵀ
+    "cond": pl.Float64(),  # 2-norm condition number of the solved system (λ·C0_SS + P_SS + K_S K_Sᵀ); NaN: no solve (FT)
     "seconds_update": pl.Float64(),  # whole batch (all layers)
     "seconds_attribution": pl.Float64(),
     "seconds_clustering": pl.Float64(),
@@ -260,8 +260,9 @@ def ledger_markdown(table: pl.DataFrame) -> str:
     lines += ["", "## Facts", "", "| batch | fact | cluster | anchor | z loss | z NLL | content hash |", "|---:|---|---:|---|---:|---:|---|"]
     for r in batches.iter_rows(named=True):
         for i, fid in enumerate(r["fact_ids"]):
+            z = f"{r['z_loss'][i]:.4f} | {r['z_nll'][i]:.4f}" if r["z_loss"] else "– | –"  # fine-tuning has no z
             lines.append(
-                f"| {r['batch']} | {fid} | {r['clusters'][i]} | {r['anchor_ids'][i]} | {r['z_loss'][i]:.4f} "
-                f"| {r['z_nll'][i]:.4f} | `{_short(r['content_hashes'][i])}` |"
+                f"| {r['batch']} | {fid} | {r['clusters'][i]} | {r['anchor_ids'][i]} | {z} "
+                f"| `{_short(r['content_hashes'][i])}` |"
             )
     return "\n".join(lines) + "\n"
