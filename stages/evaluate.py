@@ -24,7 +24,6 @@ reports/summary.md, reports/curve.json, reports/plots/{metrics,curve}.png.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -106,10 +105,10 @@ def evaluate_pre(
 ) -> tuple[dict[str, Any], pl.DataFrame, dict[str, float]]:
     """`evaluate_model` of the unedited model, reused when nothing it depends on changed."""
     settings = {k: v for k, v in asdict(p.evaluate).items() if k not in ("threads", "curve_every")}
-    code = [sys.modules[__name__], ece.metrics, ece.scoring, ece.generation, ece.general_ability]
+    code = [__file__] + [m.__file__ for m in (ece.metrics, ece.scoring, ece.generation, ece.general_ability)]
     key = sha256_json({
         "model": model_fingerprint(model), "facts": df.select("id", "content_hash").rows(), "settings": settings,
-        "code": [sha256_file(m.__file__) for m in code],
+        "code": [sha256_file(f) for f in code],
     })
     folder = PRE_CACHE / key[:32]
     if (folder / "summary.json").exists():
