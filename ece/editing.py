@@ -41,6 +41,7 @@ class Editor:
     nullspace: dict[int, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        assert not (self.method.use_cache and self.method.per_fact), "the cache reuses one solve's keys per layer"
         f = self.adapter.inner_size
         for l in self.layers:
             self.cache.setdefault(l, torch.zeros(f, f, dtype=torch.float64))
@@ -51,27 +52,32 @@ class Editor:
     def layers(self) -> list[int]:
         return list(self.method.layers)
 
-    def _delta(self, facts: list[Fact], z: Tensor | None, i: int, sel: Tensor, conditions: list[float]) -> Tensor:
-        """The method's change of W_out[:, sel] of the i-th edited layer, on the current weights."""
+    def _delta(
+        self, facts: list[Fact], z: Tensor | None, i: int, sel: Tensor, conditions: list[float]
+    ) -> tuple[Tensor, Tensor | None]:
+        """The method's change of W_out[:, sel] of the i-th edited layer on the current weights, and
+        the keys (n, f) it solved with (None for fine-tuning)."""
         layer, m = self.layers[i], self.method
         if m.ft is not None:
-            return finetune_delta(self.adapter, self.tok, facts, layer, m.ft, m.target_only)
+            return finetune_delta(self.adapter, self.tok, facts, layer, m.ft, m.target_only), None
         assert z is not None, f"method {m.name} needs z"
         keys, hidden = keys_and_hidden(self.adapter, self.tok, facts, self.templates, [layer], self.layers[-1])
         assert hidden is not None
         residuals = (z.double() - hidden.double()) / (len(self.layers) - i)
         if m.nullspace_threshold is not None:
             penalty = self.cache[layer] + m.l2 * torch.eye(self.adapter.inner_size, dtype=torch.float64)
-            return projected_update(keys[layer], residuals, penalty, self.nullspace[layer], conditions)
+            return projected_update(keys[layer], residuals, penalty, self.nullspace[layer], conditions), keys[layer]
         penalty = m.mom2_weight * self.c0[layer] + self.cache[layer]
-        return restricted_update(keys[layer], residuals, penalty, sel, conditions)
+        return restricted_update(keys[layer], residuals, penalty, sel, conditions), keys[layer]
 
-    def _apply_layer(self, facts: list[Fact], z: Tensor | None, i: int, cols: Tensor | None) -> LayerChange:
+    def _apply_layer(
+        self, facts: list[Fact], z: Tensor | None, i: int, cols: Tensor | None
+    ) -> tuple[LayerChange, Tensor | None]:
         layer = self.layers[i]
         sel = cols if cols is not None else torch.arange(self.adapter.inner_size)
         conditions: list[float] = []
         try:
-            delta = self._delta(facts, z, i, sel, conditions)
+            delta, keys = self._delta(facts, z, i, sel, conditions)
         except EceError as exc:
             raise EceError(f"layer {layer}: {exc.args[0]}", exc.hint) from None
         norm = float(delta.norm())
@@ -84,7 +90,7 @@ class Editor:
         old = weight[:, sel].clone()
         with torch.no_grad():
             weight[:, sel] += delta.to(weight.dtype)
-        return LayerChange(sel, old, weight[:, sel].clone(), max(conditions, default=float("nan")))
+        return LayerChange(sel, old, weight[:, sel].clone(), max(conditions, default=float("nan"))), keys
 
     def revert(self, changes: dict[int, LayerChange]) -> None:
         """Put back the columns a (partial) batch changed."""
@@ -99,13 +105,18 @@ class Editor:
 
         ROME writes the batch's facts one after another (one rank-one update each); the batch is
         still written whole or not at all.
+
+        P grows by the keys each layer's solve used: keys at layer l do not depend on W_out of layers
+        >= l, so they are already the keys of the edited model (one group; methods with a cache do not
+        write per fact).
         """
         groups = [[j] for j in range(len(facts))] if self.method.per_fact else [list(range(len(facts)))]
         changes: dict[int, list[LayerChange]] = {}
+        solved: dict[int, Tensor | None] = {}
         try:
             for g in groups:
                 for i, layer in enumerate(self.layers):
-                    change = self._apply_layer(
+                    change, solved[layer] = self._apply_layer(
                         [facts[j] for j in g], z[g] if z is not None else None, i, cols[layer] if cols is not None else None
                     )
                     changes.setdefault(layer, []).append(change)
@@ -113,8 +124,8 @@ class Editor:
             self.revert({l: c[0] for l, c in changes.items()})  # the values before the batch's first change
             raise
         if self.method.use_cache:
-            keys, _ = keys_and_hidden(self.adapter, self.tok, facts, self.templates, self.layers)
-            for layer in self.layers:
-                k = keys[layer].double()
+            for layer, keys in solved.items():
+                assert keys is not None
+                k = keys.double()
                 self.cache[layer] += k.T @ k
         return {l: LayerChange(c[0].cols, c[0].old, c[-1].new, max(x.cond for x in c)) for l, c in changes.items()}

@@ -45,3 +45,16 @@ def method_of(p: Params) -> Method:
         ft=p.ft if name in ("ft-l", "ft-m") else None,
         target_only=name == "ft-m",
     )
+
+
+def describe(p: Params) -> str:
+    """The update settings of the chosen method, for reports."""
+    ft = f"lr {p.ft.lr:g}, {p.ft.steps} steps, L∞ {p.ft.norm_constraint:g}"
+    return {
+        "ece": f"mom2_update_weight {p.update.mom2_update_weight}",
+        "memit": f"mom2_update_weight {p.update.mom2_update_weight}",
+        "alphaedit": f"null space of C0 below {p.alphaedit.nullspace_threshold:g}, l2 {p.alphaedit.l2:g}",
+        "rome": f"rank one per fact, mom2_update_weight {p.rome.mom2_update_weight:g}",
+        "ft-l": f"{ft}, loss on prompt + target",
+        "ft-m": f"{ft}, loss on the target only",
+    }[p.method]

@@ -13,6 +13,7 @@ import polars as pl
 from ece.clustering import cluster_facts
 from ece.config import Params
 from ece.io import atomic_dir, write_json
+from ece.methods import method_of
 from ece.pipeline import ATTRIBUTION, CLUSTERS, batch_ranges, read_facts
 from ece.stage import run_stage
 
@@ -27,7 +28,7 @@ def main(p: Params) -> None:
     for b, rng in enumerate(batch_ranges(len(facts), p.edit.batch_size)):
         start = time.perf_counter()
         ids = [facts[i].id for i in rng]
-        if p.method == "ece":
+        if method_of(p).clusters:
             c = cluster_facts([frozenset(sets[i]) for i in ids], p.cluster.k, p.cluster.k_max, p.cluster.seed)
             labels, anchors, dist = c.labels.tolist(), c.anchors.tolist(), c.dist_to_anchor.tolist()
         else:

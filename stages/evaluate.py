@@ -44,6 +44,7 @@ import ece.metrics
 import ece.scoring
 from ece.io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json, write_text
 from ece.ledger import delta_files, load_deltas, put_columns
+from ece.methods import describe
 from ece.metrics import REWRITE_METRICS, fact_metrics, family_of, summarise
 from ece.models import load_model, model_fingerprint
 from ece.pipeline import EDITED, read_facts
@@ -220,14 +221,7 @@ def render_summary(p: Params, df: pl.DataFrame, meta: dict[str, Any], results: d
             f"- ECE: scorer `{p.ece.scorer}`, neuron threshold {p.ece.neuron_threshold}, aggregation `{p.ece.aggregation}`, "
             f"clusters k={p.cluster.k} (k_max {p.cluster.k_max}), z steps {p.z.shared_steps}+{p.z.instance_steps}"
         )
-    settings = {
-        "ece": f"mom2_update_weight {p.update.mom2_update_weight}", "memit": f"mom2_update_weight {p.update.mom2_update_weight}",
-        "alphaedit": f"null space of C0 below {p.alphaedit.nullspace_threshold:g}, l2 {p.alphaedit.l2:g}",
-        "rome": f"rank one per fact, mom2_update_weight {p.rome.mom2_update_weight:g}",
-        "ft-l": f"lr {p.ft.lr:g}, {p.ft.steps} steps, L∞ {p.ft.norm_constraint:g}, loss on prompt + target",
-        "ft-m": f"lr {p.ft.lr:g}, {p.ft.steps} steps, L∞ {p.ft.norm_constraint:g}, loss on the target only",
-    }
-    lines.append(f"- update: {settings[p.method]}")
+    lines.append(f"- update: {describe(p)}")
     e = p.evaluate
     lines.append(
         f"- evaluation: general ability on the first {e.n_general or 'all'} examples of {', '.join(e.general_tasks)}; "
