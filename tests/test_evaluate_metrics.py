@@ -70,6 +70,16 @@ def test_stubbed_scores_new_object_wins_on_neighbours_too(monkeypatch, tiny_llam
     assert summarise(per_fact)["score"] == 0.0
 
 
+def test_score_is_the_harmonic_mean_of_the_three_means():
+    per_fact = pl.DataFrame({
+        "id": ["a", "b"], "efficacy": [1.0, 0.8], "generalization": [0.5, 0.7],
+        "specificity": [0.75, None],  # a fact without neighbourhood prompts does not count
+    })
+    out = summarise(per_fact)
+    assert [out["efficacy"], out["generalization"], out["specificity"]] == pytest.approx([0.9, 0.6, 0.75])
+    assert out["score"] == pytest.approx(3 / (1 / 0.9 + 1 / 0.6 + 1 / 0.75))  # 0.7297…, below the arithmetic 0.75
+
+
 class Favour(nn.Module):
     """A model whose logits favour the tokens of some words at every position."""
 
