@@ -329,15 +329,19 @@ def _from_compact(i: int, rec: Record) -> Record:
 
 
 def _from_zsre(i: int, rec: Record) -> Record:
+    """MEMIT's reading of a zsRE record (dsets/zsre.py, which AlphaEdit and ECE reuse): the edit writes
+    `answers[0]` (not `alt`, EasyEdit's choice), there is no true object to compare with (scored by
+    token accuracy), and the neighbourhood prompt is `loc` + "?" followed by `loc_ans`."""
     subject, answers = rec.get("subject"), rec.get("answers")
+    loc = rec.get("loc")
     return {
         "id": f"zsre:{i}",
         "subject": subject,
         "prompt": _template(rec.get("src"), subject),
-        "target_new": rec.get("alt"),
-        "target_true": (answers[0] if answers else None) if isinstance(answers, list) else answers,
+        "target_new": (answers[0] if answers else None) if isinstance(answers, list) else answers,
+        "target_true": None,
         "paraphrase_prompts": _as_list(rec.get("rephrase")),
-        "neighborhood_prompts": _as_list(rec.get("loc")),
+        "neighborhood_prompts": _as_list(loc + "?" if isinstance(loc, str) else loc),
         "neighborhood_target": rec.get("loc_ans"),
         "generation_prompts": [],
     }

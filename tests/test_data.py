@@ -99,9 +99,9 @@ def test_zsre_real_file() -> None:
     row = df.row(0, named=True)
     assert df["id"].to_list() == ["zsre:0", "zsre:1"]
     assert row["prompt"] == "When was the inception of {}?"
-    assert (row["target_new"], row["target_true"]) == ("2006", "1998")
+    assert (row["target_new"], row["target_true"]) == ("1998", None)  # MEMIT: answers[0], no true object
     assert row["paraphrase_prompts"] == ["When was the IAAF Combined Events Challenge launched?"]
-    assert row["neighborhood_prompts"] == ["nq question: what is the name of the last episode of spongebob"]
+    assert row["neighborhood_prompts"] == ["nq question: what is the name of the last episode of spongebob?"]
     assert row["neighborhood_target"] == "The String"
     assert source_format(df) == "zsre"
 
@@ -151,6 +151,11 @@ def test_dataset_hash_follows_content_and_order(tmp_path: Path) -> None:
 
 def test_n_facts_keeps_the_first_records() -> None:
     assert load(ZSRE, n_facts=5)["id"].to_list() == [f"zsre:{i}" for i in range(5)]
+
+
+def test_every_zsre_record_loads() -> None:
+    """With MEMIT's target (answers[0]) no record is a no-op edit: all 837 pass validation."""
+    assert load(ZSRE, n_facts=0).height == 837
     assert load(ZSRE).height == 837
 
 

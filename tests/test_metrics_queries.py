@@ -68,15 +68,14 @@ def test_accuracy_family_never_scores_neighbours_with_target_true() -> None:
     assert [q.metric for q in queries(facts(None), ["accuracy"])] == ["efficacy", "generalization"]
 
 
-def test_zsre_is_scored_by_accuracy_although_it_carries_target_true() -> None:
+def test_zsre_is_scored_by_accuracy() -> None:
     df = load(ZSRE, n_facts=3)
-    assert df["target_true"].null_count() == 0
     assert families(df) == ["accuracy"] * 3 and family_of(df) == "accuracy"
     assert [(q.metric, q.text, q.target) for q in queries(df.head(1), families(df))] == [
-        ("efficacy", "When was the inception of IAAF Combined Events Challenge?", "2006"),
-        ("generalization", "When was the IAAF Combined Events Challenge launched?", "2006"),
-        ("specificity", "nq question: what is the name of the last episode of spongebob", "The String"),
-    ]  # specificity: zsRE's loc with its loc_ans, not the edit's target_true "1998"
+        ("efficacy", "When was the inception of IAAF Combined Events Challenge?", "1998"),
+        ("generalization", "When was the IAAF Combined Events Challenge launched?", "1998"),
+        ("specificity", "nq question: what is the name of the last episode of spongebob?", "The String"),
+    ]  # MEMIT's zsRE: the edit writes answers[0]; specificity is loc + "?" with its loc_ans
 
 
 def test_counterfact_shapes_are_scored_by_comparison(tmp_path: Path) -> None:

@@ -96,15 +96,14 @@ def test_zsre_facts_are_scored_by_token_accuracy(bigram, tmp_path: Path) -> None
     model, tok = bigram
     record = {
         "subject": "Ada Lovelace", "src": "When was Ada Lovelace born?", "pred": "1815", "rephrase": "In which year was Ada Lovelace born?",
-        "alt": "2006", "answers": ["1815"], "loc": "nq question: how many legs does a spider have?", "loc_ans": "8",
+        "alt": "1815", "answers": ["2006"], "loc": "nq question: how many legs does a spider have", "loc_ans": "8",
     }
     path = tmp_path / "zsre.json"
     path.write_text(json.dumps([record]))
     df = load_edits(DataCfg(edit_dataset=str(path)))
-    assert df["target_true"].to_list() == ["1815"]  # kept, yet not a rival: zsRE is scored by accuracy
+    assert df["target_new"].to_list() == ["2006"] and df["target_true"].to_list() == [None]  # MEMIT: answers[0]
     assert family_of(df) == "accuracy"
     row = fact_metrics(model, tok, df).row(0, named=True)
-    # " 2006" after "?": 4 of 5 tokens; " 8" after the loc question: the space only. Comparing P("2006")
-    # with P("1815") would give 1.0, and P("8") with P("2006") 0.0: neither is what is asserted here.
+    # " 2006" after "?": 4 of 5 tokens; " 8" after the loc question (+ "?", as MEMIT asks it): the space only.
     assert row["family"] == "accuracy"
     assert [row["efficacy"], row["generalization"], row["specificity"]] == pytest.approx([0.8, 0.8, 0.5])
