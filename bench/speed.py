@@ -3,7 +3,7 @@
 Not a test: a measurement. Each configuration runs the real stage scripts (attribute → apply_edits,
 bench/sweep.run_stages) in a fresh scratch folder .cache/speed/<config>, with the covariance
 statistics of the main pipeline copied in (run `make run` or `dvc repro covariance` first), and reads
-the per-batch phase timings the pipeline itself records (artifacts/edited/batches.parquet).
+the per-batch phase timings the pipeline itself records (reports/ledger_runs.json).
 
     python bench/speed.py                      # batch sizes 10 25 50 100; 5 sequential batches of 10
     python bench/speed.py --sizes 10 25 --sequential 0
@@ -25,6 +25,7 @@ from typing import Any
 
 import polars as pl
 
+from ece.ledger import LEDGER_RUNS
 from sweep import ROOT, inside, run_stages
 
 PHASES = ("attribution", "clustering", "z", "update")
@@ -48,7 +49,7 @@ def measure(config: str, n_facts: int, batch_size: int) -> list[dict[str, Any]]:
     shutil.copytree(covariance, work / "artifacts" / "covariance")
     run_stages([*CONFIGS[config], f"data.n_facts={n_facts}", f"edit.batch_size={batch_size}"], work, STAGES)
     with inside(work):
-        batches = pl.read_parquet("artifacts/edited/batches.parquet").sort("batch")
+        batches = pl.DataFrame(json.loads(LEDGER_RUNS.read_text())).sort("batch")
     return [{"batch": r["batch"], "n_facts": r["n_facts"], **{ph: round(r[ph], 2) for ph in PHASES}} for r in batches.iter_rows(named=True)]
 
 

@@ -42,11 +42,11 @@ from ece.editing import Editor
 from ece.methods import method_of
 from ece.errors import EceError
 from ece.keys import Fact, context_templates, document_start, keys_and_hidden
-from ece.ledger import (LEDGER, delta_files, load_deltas, read_delta, read_ledger, read_provenance, rollback,
-                        write_provenance)
+from ece.ledger import (LEDGER, delta_files, load_deltas, read_delta, read_ledger, read_provenance, read_runs,
+                        rollback, write_provenance)
 from ece.models import load_model, model_fingerprint, save_model
 from ece.pipeline import ATTRIBUTION, COVARIANCE, EDITED, PREPARED
-from ece.zvec import build_problem, two_step_z
+from ece.zvec import compute_z
 
 EDITED_MODEL = EDITED / "model"
 ROLLBACK_MODEL = Path("artifacts/rollback/model")
@@ -111,7 +111,9 @@ def audit_fact(fact_id: str, top: int = 5) -> dict[str, Any]:
         "fact": fact_id, "batch": first["batch"], "n_facts_in_batch": first["n_facts"], "cluster": cluster,
         "anchor": first["anchor_ids"][i], "is_anchor": first["anchor_ids"][i] == fact_id, "cluster_members": members,
         "content_hash": first["content_hashes"][i], "z_loss": first["z_loss"][i] if first["z_loss"] else None, "z_nll": first["z_nll"][i] if first["z_nll"] else None,
-        "dataset_hash": first["dataset_hash"], "git_revision": first["git_revision"], "params_hash": first["params_hash"],
+        "z_steps": first["z_steps"][i] if first["z_steps"] else None, "z_start": first["z_start"][i] if first["z_start"] else None,
+        "dataset_hash": first["dataset_hash"], "params_hash": first["params_hash"],
+        "git_revision": read_runs().get(first["batch"], {}).get("git_revision"),  # None: no run record here
     }
     facts = _fact_table()
     if facts is not None:
@@ -279,8 +281,7 @@ def do_edit(p: Params, subject: str, prompt: str, new: str, model_name: str | No
     top = layers[-1]
     res = None
     if method.needs_z:
-        problem = build_problem(adapter, tok, [fact], top, templates)
-        res = two_step_z(problem, adapter, top, torch.tensor([0]), torch.tensor([0]), p.z)
+        res = compute_z(adapter, tok, [fact], top, templates, torch.tensor([0]), torch.tensor([0]), p.z)
     cols = None
     if method.selects_columns:
         assert res is not None
@@ -337,6 +338,13 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _z_steps(r: dict[str, Any]) -> str:
+    if r["z_steps"] is None:
+        return "–"
+    start = "zero" if r["z_start"] == r["fact"] else f"{r['z_start']}'s shared δ"
+    return f"{r['z_steps']} (started from {start})"
+
+
 def render_fact(r: dict[str, Any], con: Console) -> None:
     pairs = [("fact", r["fact"])]
     if "request" in r:
@@ -346,9 +354,10 @@ def render_fact(r: dict[str, Any], con: Console) -> None:
               ("cluster", f"{r['cluster']} ({len(r['cluster_members'])} members)"),
               ("anchor", f"{r['anchor']}" + (" (this fact)" if r["is_anchor"] else "")),
               ("z loss / NLL", f"{r['z_loss']:.4f} / {r['z_nll']:.4f}" if r["z_loss"] is not None else "no z (fine-tuning)"),
+              ("z steps", _z_steps(r)),
               ("‖ΔW‖ of its batch", f"{r['batch_delta_norm']:.4g} (all layers)"),
               ("content hash", r["content_hash"][:16]), ("dataset hash", r["dataset_hash"][:16]),
-              ("git revision", r["git_revision"][:12]), ("params hash", r["params_hash"][:16])]
+              ("git revision", (r["git_revision"] or "unknown")[:12]), ("params hash", r["params_hash"][:16])]
     con.print(_kv(f"ece audit --fact {r['fact']}", pairs))
     t = Table(title="layers (the batch's change; the fact's own attributed neurons)")
     for c in ("layer", "batch neurons", "‖ΔW‖_F", "max col ‖Δ‖", "cond", "fact neurons (changed)", "top changed neurons of the fact"):

@@ -5,6 +5,9 @@ cache P that makes later batches protect what earlier batches wrote (ECE, AlphaE
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +20,10 @@ from ece.finetune import finetune_delta
 from ece.keys import Fact, keys_and_hidden
 from ece.methods import Method
 from ece.update import nullspace_basis, projected_update, restricted_update
+
+
+PHASES = ("keys", "solve", "cache")  # where an update's seconds go: keys on the current model, the
+# solve (fine-tuning counts as solve), and growing the cache P
 
 
 @dataclass
@@ -39,6 +46,7 @@ class Editor:
     max_update_norm: float = 1e4
     cache: dict[int, Tensor] = field(default_factory=dict)
     nullspace: dict[int, Tensor] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # since the last reset
 
     def __post_init__(self) -> None:
         assert not (self.method.use_cache and self.method.per_fact), "the cache reuses one solve's keys per layer"
@@ -59,16 +67,27 @@ class Editor:
         the keys (n, f) it solved with (None for fine-tuning)."""
         layer, m = self.layers[i], self.method
         if m.ft is not None:
-            return finetune_delta(self.adapter, self.tok, facts, layer, m.ft, m.target_only), None
+            with self._timed("solve"):
+                return finetune_delta(self.adapter, self.tok, facts, layer, m.ft, m.target_only), None
         assert z is not None, f"method {m.name} needs z"
-        keys, hidden = keys_and_hidden(self.adapter, self.tok, facts, self.templates, [layer], self.layers[-1])
+        with self._timed("keys"):
+            keys, hidden = keys_and_hidden(self.adapter, self.tok, facts, self.templates, [layer], self.layers[-1])
         assert hidden is not None
         residuals = (z.double() - hidden.double()) / (len(self.layers) - i)
-        if m.nullspace_threshold is not None:
-            penalty = self.cache[layer] + m.l2 * torch.eye(self.adapter.inner_size, dtype=torch.float64)
-            return projected_update(keys[layer], residuals, penalty, self.nullspace[layer], conditions), keys[layer]
-        penalty = m.mom2_weight * self.c0[layer] + self.cache[layer]
-        return restricted_update(keys[layer], residuals, penalty, sel, conditions), keys[layer]
+        with self._timed("solve"):
+            if m.nullspace_threshold is not None:
+                penalty = self.cache[layer] + m.l2 * torch.eye(self.adapter.inner_size, dtype=torch.float64)
+                return projected_update(keys[layer], residuals, penalty, self.nullspace[layer], conditions), keys[layer]
+            penalty = m.mom2_weight * self.c0[layer] + self.cache[layer]
+            return restricted_update(keys[layer], residuals, penalty, sel, conditions), keys[layer]
+
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
 
     def _apply_layer(
         self, facts: list[Fact], z: Tensor | None, i: int, cols: Tensor | None
@@ -124,8 +143,9 @@ class Editor:
             self.revert({l: c[0] for l, c in changes.items()})  # the values before the batch's first change
             raise
         if self.method.use_cache:
-            for layer, keys in solved.items():
-                assert keys is not None
-                k = keys.double()
-                self.cache[layer] += k.T @ k
+            with self._timed("cache"):
+                for layer, keys in solved.items():
+                    assert keys is not None
+                    k = keys.double()
+                    self.cache[layer] += k.T @ k
         return {l: LayerChange(c[0].cols, c[0].old, c[-1].new, max(x.cond for x in c)) for l, c in changes.items()}

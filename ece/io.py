@@ -83,6 +83,14 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def sha256_tree(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's files (their relative names and contents), recursively."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    return sha256_json({f.relative_to(path).as_posix(): sha256_file(f) for f in sorted(path.rglob("*")) if f.is_file()})
+
+
 def sha256_json(obj: Any) -> str:
     """Hash of a JSON-able object in canonical form (sorted keys, no whitespace)."""
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())

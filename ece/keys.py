@@ -124,6 +124,15 @@ def at_positions(x: Tensor, pos: Tensor) -> Tensor:
     return x[torch.arange(x.shape[0]), pos]
 
 
+def template_weights(n_templates: int) -> Tensor:
+    """Weights of the templates in a fact's key, MEMIT's: averaged within each kind of context (the
+    bare prompt; the generated prefixes) and then across the kinds, so the bare prompt weighs ½ and
+    each of the n−1 prefixes ½/(n−1)."""
+    if n_templates == 1:
+        return torch.ones(1)
+    return torch.tensor([0.5] + [0.5 / (n_templates - 1)] * (n_templates - 1))
+
+
 @torch.no_grad()
 def keys_and_hidden(
     adapter: ModelAdapter,
@@ -133,13 +142,14 @@ def keys_and_hidden(
     key_layers: list[int],
     out_layer: int | None = None,
 ) -> tuple[dict[int, Tensor], Tensor | None]:
-    """Keys (n, f) per layer averaged over templates, and the block output of `out_layer` (n, d)
+    """Keys (n, f) per layer averaged over templates (`template_weights`), and the block output of `out_layer` (n, d)
     at the subject on the bare prompt (template "{}", which must come first)."""
     prompts, subjects = templated(facts, templates)
     enc = encode(tok, prompts, subjects)
     keys, outs = adapter.trace(enc.input_ids, enc.attention_mask, key_layers, [out_layer] if out_layer is not None else [])
     n, t = len(facts), len(templates)
-    mean_keys = {l: at_positions(k, enc.subject_pos).reshape(n, t, -1).mean(1) for l, k in keys.items()}
+    w = template_weights(t).to(next(iter(keys.values())).dtype)[None, :, None] if keys else None
+    mean_keys = {l: (at_positions(k, enc.subject_pos).reshape(n, t, -1) * w).sum(1) for l, k in keys.items()}
     hidden = None
     if out_layer is not None:
         hidden = at_positions(outs[out_layer], enc.subject_pos).reshape(n, t, -1)[:, 0]

@@ -8,10 +8,13 @@ Files (all written by stages/apply_edits.py, atomically, at the end of the stage
   the original weights gives the edited model bit for bit; putting back `old` in reverse order undoes
   batches bit for bit.
 - artifacts/edited/ledger.parquet: one row per (batch, edited layer), schema `LEDGER_SCHEMA`: the
-  batch's facts (ids, content hashes, clusters, anchors, z losses), the inputs (dataset hash, git
-  revision, params hash, model fingerprint), the layer's selected neurons, ‖ΔW‖ (Frobenius), the
-  per-column norms of ΔW (aligned with `neurons`), the condition number of the solved system, timings.
-- reports/ledger.md: the same, for people.
+  batch's facts (ids, content hashes, clusters, anchors, z losses), the inputs (dataset hash, params
+  hash, model fingerprint), the layer's selected neurons, ‖ΔW‖ (Frobenius), the per-column norms of
+  ΔW (aligned with `neurons`), the condition number of the solved system. Only what follows from the
+  inputs, so an identical recompute writes an identical file (and DVC sees an identical output).
+- reports/ledger_runs.json (`LEDGER_RUNS`, not cached by DVC): one row per batch with the facts of
+  the run that computed it: seconds per phase, process session, git revision, finish time.
+- reports/ledger.md: both, for people.
 - artifacts/edited/model/ece_provenance.json (and in every folder `ece rollback` / `ece edit` write):
   which original model the weights derive from (its name and fingerprint), so the covariance
   statistics of the original model can be checked against an edited one.
@@ -39,6 +42,7 @@ from ece.io import atomic_path, sha256_json, write_json
 from ece.pipeline import EDITED
 
 LEDGER = EDITED / "ledger.parquet"
+LEDGER_RUNS = Path("reports/ledger_runs.json")
 LEDGER_MD = Path("reports/ledger.md")
 PROVENANCE = "ece_provenance.json"
 COND_WARN = 1e12  # float64 keeps ~16 digits; a system this ill-conditioned keeps at most ~4 of them
@@ -53,25 +57,23 @@ LEDGER_SCHEMA: dict[str, pl.DataType] = {
     "anchor_ids": pl.List(pl.Utf8()),  # anchor fact of each fact's cluster
     "z_loss": pl.List(pl.Float64()),  # per fact, from artifacts/z/index.parquet
     "z_nll": pl.List(pl.Float64()),
+    "z_steps": pl.List(pl.Int64()),  # gradient steps of each fact's z descent (early stop: fewer)
+    "z_start": pl.List(pl.Utf8()),  # the fact whose shared-phase δ each fact's descent started from
     "neurons": pl.List(pl.Int64()),  # the columns of W_out this batch changed at this layer
     "n_neurons": pl.Int64(),
     "delta_norm": pl.Float64(),  # ‖ΔW‖_F of this batch at this layer
     "col_norms": pl.List(pl.Float64()),  # ‖ΔW[:, n]‖_2 for each n of `neurons`, same order
     "cond": pl.Float64(),  # 2-norm condition number of the solved system (λ·C0_SS + P_SS + K_S K_Sᵀ); NaN: no solve (FT)
-    "seconds_update": pl.Float64(),  # whole batch (all layers)
-    "seconds_attribution": pl.Float64(),
-    "seconds_clustering": pl.Float64(),
-    "seconds_z": pl.Float64(),
     "method": pl.Utf8(),
     "model": pl.Utf8(),
     "model_fingerprint": pl.Utf8(),  # of the ORIGINAL model the batches were applied to
     "dataset_hash": pl.Utf8(),
-    "git_revision": pl.Utf8(),
     "params_hash": pl.Utf8(),
     "checkpoint_key": pl.Utf8(),  # hash of everything the run depends on
-    "session": pl.Utf8(),  # the process run that computed the batch (differs across a resume)
-    "finished_at": pl.Utf8(),  # UTC, ISO 8601
 }
+# Per batch in LEDGER_RUNS: "batch", "n_facts", the seconds of each of RUN_PHASES, "session" (the
+# process that computed the batch; differs across a resume), "git_revision", "finished_at" (UTC, ISO 8601).
+RUN_PHASES = ("attribution", "clustering", "z", "update")  # "update" = keys + solve + cache (ece.editing.PHASES)
 
 
 # --- per-batch deltas ---------------------------------------------------------------------------
@@ -215,13 +217,22 @@ def read_ledger(path: str | Path = LEDGER) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
+def read_runs(path: str | Path = LEDGER_RUNS) -> dict[int, dict[str, Any]]:
+    """The run facts of each batch (batch → row); empty when the file is absent (it is not a DVC-cached
+    output, so e.g. `dvc checkout` of another run does not bring it back)."""
+    path = Path(path)
+    return {int(r["batch"]): r for r in json.loads(path.read_text())} if path.exists() else {}
+
+
 def _short(h: str, n: int = 12) -> str:
     return h[:n] if h else ""
 
 
-def ledger_markdown(table: pl.DataFrame) -> str:
+def ledger_markdown(table: pl.DataFrame, runs: dict[int, dict[str, Any]]) -> str:
+    """The ledger and the run facts of its batches (`read_runs`) as one markdown report."""
     first = table.row(0, named=True)
     batches = table.group_by("batch", maintain_order=True).first().sort("batch")
+    revisions = sorted({r["git_revision"] for r in runs.values()})
     lines = [
         "# Edit ledger",
         "",
@@ -229,7 +240,7 @@ def ledger_markdown(table: pl.DataFrame) -> str:
         "",
         f"- method: `{first['method']}`, model: `{first['model']}` (fingerprint `{first['model_fingerprint']}`)",
         f"- dataset hash: `{first['dataset_hash']}`",
-        f"- git revision: `{first['git_revision']}`",
+        f"- git revision: {', '.join(f'`{r}`' for r in revisions) or 'unknown'}",
         f"- params hash: `{first['params_hash']}`",
         f"- checkpoint key: `{first['checkpoint_key']}`",
         f"- batches: {batches.height}, facts: {int(batches['n_facts'].sum())}, "
@@ -242,10 +253,10 @@ def ledger_markdown(table: pl.DataFrame) -> str:
     ]
     for r in batches.iter_rows(named=True):
         loss = sum(r["z_loss"]) / len(r["z_loss"]) if r["z_loss"] else float("nan")
-        lines.append(
-            f"| {r['batch']} | {r['n_facts']} | {len(set(r['clusters']))} | {loss:.4f} | {r['seconds_update']:.2f} "
-            f"| {r['seconds_z']:.2f} | {r['seconds_attribution']:.2f} | {r['session']} | {r['finished_at']} |"
-        )
+        run = runs.get(r["batch"])
+        facts = (f"{run['update']:.2f} | {run['z']:.2f} | {run['attribution']:.2f} | {run['session']} | {run['finished_at']}"
+                 if run else "– | – | – | – | –")
+        lines.append(f"| {r['batch']} | {r['n_facts']} | {len(set(r['clusters']))} | {loss:.4f} | {facts} |")
     lines += [
         "",
         "## Layers",
@@ -257,10 +268,13 @@ def ledger_markdown(table: pl.DataFrame) -> str:
         top = max(r["col_norms"]) if r["col_norms"] else 0.0
         flag = " (ill-conditioned)" if r["cond"] > COND_WARN else ""
         lines.append(f"| {r['batch']} | {r['layer']} | {r['n_neurons']} | {r['delta_norm']:.4g} | {top:.4g} | {r['cond']:.3g}{flag} |")
-    lines += ["", "## Facts", "", "| batch | fact | cluster | anchor | z loss | z NLL | content hash |", "|---:|---|---:|---|---:|---:|---|"]
+    lines += ["", "## Facts", "",
+              "| batch | fact | cluster | anchor | z loss | z NLL | z steps | z started from | content hash |",
+              "|---:|---|---:|---|---:|---:|---:|---|---|"]
     for r in batches.iter_rows(named=True):
         for i, fid in enumerate(r["fact_ids"]):
-            z = f"{r['z_loss'][i]:.4f} | {r['z_nll'][i]:.4f}" if r["z_loss"] else "– | –"  # fine-tuning has no z
+            z = (f"{r['z_loss'][i]:.4f} | {r['z_nll'][i]:.4f} | {r['z_steps'][i]} | {r['z_start'][i]}"
+                 if r["z_loss"] else "– | – | – | –")  # fine-tuning has no z
             lines.append(
                 f"| {r['batch']} | {fid} | {r['clusters'][i]} | {r['anchor_ids'][i]} | {z} "
                 f"| `{_short(r['content_hashes'][i])}` |"

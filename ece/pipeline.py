@@ -27,6 +27,11 @@ ATTRIBUTION = Path("artifacts/attribution")
 CLUSTERS = Path("artifacts/clusters")
 Z_DIR = Path("artifacts/z")
 EDITED = Path("artifacts/edited")
+# Seconds per batch of each stage: facts of one run, not of its result. They live outside the cached
+# outputs (uncached DVC outputs under reports/), so an identical recompute gives identical hashes.
+ATTRIBUTION_TIMINGS = Path("reports/attribution_timings.json")
+CLUSTER_TIMINGS = Path("reports/cluster_timings.json")
+Z_TIMINGS = Path("reports/z_timings.json")
 
 
 def read_facts(path: Path = PREPARED) -> tuple[pl.DataFrame, list[Fact]]:

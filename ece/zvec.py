@@ -50,8 +50,8 @@ class ZProblem:
     prefix: KV  # keys/values of the first P tokens at every block above the edit layer
     row_fact: Tensor  # (R,) which fact a row belongs to
     labels: Tensor  # (R, S) token that logits at s must predict, -100 where no NLL
-    kl_rows: Tensor  # (n,) row index of each fact's KL prompt
-    kl_last: Tensor  # (n,) last token of that prompt
+    kl_rows: Tensor  # (n,) row index of each fact's KL prompt; its KL is taken at the subject's last
+    # token (token 0 of the row here, where δ is added), as MEMIT's compute_z does
     kl_ref: Tensor  # (n, V) log-probs of the unedited model there
     h: Tensor  # (n, d) residual at the subject on the bare prompt
 
@@ -70,8 +70,7 @@ class ZProblem:
             self, hidden=self.hidden[rows], position_ids=self.position_ids[rows], attn=self.attn[rows],
             prefix={l: (k[rows], v[rows]) for l, (k, v) in self.prefix.items()},
             row_fact=remap[self.row_fact[rows]], labels=self.labels[rows],
-            kl_rows=new_index[self.kl_rows[facts]], kl_last=self.kl_last[facts],
-            kl_ref=self.kl_ref[facts], h=self.h[facts],
+            kl_rows=new_index[self.kl_rows[facts]], kl_ref=self.kl_ref[facts], h=self.h[facts],
         )
 
 
@@ -118,10 +117,9 @@ def build_problem(
     _, outs = adapter.trace(enc.input_ids, enc.attention_mask, out_layers=[layer])
     hidden = outs[layer]
     kl_rows = torch.arange(n * t, n * t + n)
-    kl_last = enc.lengths[kl_rows] - 1
-    final = adapter.final_hidden_from(layer, hidden[kl_rows], enc.attention_mask[kl_rows])
-    kl_ref = F.log_softmax(adapter.lm_head(at_positions(final, kl_last)), dim=-1)
     pos = enc.subject_pos
+    final = adapter.final_hidden_from(layer, hidden[kl_rows], enc.attention_mask[kl_rows])
+    kl_ref = F.log_softmax(adapter.lm_head(at_positions(final, pos[kl_rows])), dim=-1)
     h = at_positions(hidden, pos)[: n * t].reshape(n, t, -1)[:, 0]
     n_prefix, index, real, attn = split_at_subject(enc.attention_mask, pos)
     rows = torch.arange(len(pos))[:, None]
@@ -131,7 +129,7 @@ def build_problem(
         hidden=hidden[rows, index], position_ids=index, attn=attn,
         prefix=adapter.prefix_kv(layer, hidden[:, :n_prefix], enc.attention_mask[:, :n_prefix]) if n_prefix else {},
         row_fact=row_fact, labels=labels_from_subject,
-        kl_rows=kl_rows, kl_last=kl_last - pos[kl_rows], kl_ref=kl_ref, h=h,
+        kl_rows=kl_rows, kl_ref=kl_ref, h=h,
     )
 
 
@@ -158,35 +156,71 @@ def fact_losses(problem: ZProblem, adapter: ModelAdapter, layer: int, delta: Ten
     per_row = row_nll[has_target] / row_len[has_target]
     owner = problem.row_fact[has_target]
     nll = torch.zeros(n).index_add(0, owner, per_row) / torch.zeros(n).index_add(0, owner, torch.ones_like(per_row))
-    cur = F.log_softmax(adapter.lm_head(at_positions(final[problem.kl_rows], problem.kl_last)), dim=-1)
+    cur = F.log_softmax(adapter.lm_head(final[problem.kl_rows, 0]), dim=-1)
     kl = (problem.kl_ref.exp() * (problem.kl_ref - cur)).sum(1)
     decay = cfg.weight_decay * delta.norm(dim=1) / problem.h.norm(dim=1) ** 2
     return FactLosses(nll + cfg.kl_factor * kl + decay, nll, kl)
 
 
-@dataclass
-class Adam:
-    """Row-wise Adam state, so rows can be gathered (anchor → members) between the two steps."""
+@dataclass(frozen=True)
+class StopRule:
+    """When a fact's δ is good enough to stop optimising it (checked at every forward pass, before the
+    update, as MEMIT's compute_z does): total loss below `loss` (MEMIT's rule, 5e-2) and/or mean target
+    NLL below `nll`. A threshold of 0 turns that rule off; with both off every fact takes every step."""
 
-    m: Tensor
-    v: Tensor
-    step: int = 0
+    loss: float = 0.0
+    nll: float = 0.0
 
     @classmethod
-    def zeros(cls, like: Tensor) -> "Adam":
-        return cls(torch.zeros_like(like), torch.zeros_like(like))
+    def of(cls, cfg: ZCfg) -> "StopRule":
+        return cls(cfg.stop_loss, cfg.stop_nll)
 
-    def gather(self, index: Tensor) -> "Adam":
-        return Adam(self.m[index], self.v[index], self.step)
+    def met(self, losses: FactLosses) -> Tensor:
+        met = torch.zeros_like(losses.total, dtype=torch.bool)
+        if self.loss > 0:
+            met |= losses.total.detach() < self.loss
+        if self.nll > 0:
+            met |= losses.nll.detach() < self.nll
+        return met
 
-    def update(self, param: Tensor, grad: Tensor, lr: float) -> Tensor:
+
+@dataclass
+class ZState:
+    """Per-fact optimisation state: δ, row-wise Adam moments with their own step counts (so a row can
+    be handed from an anchor to its members, or started afresh), the gradient steps each fact took,
+    and whether it has met the stop rule (then it is frozen and leaves the batch)."""
+
+    delta: Tensor  # (n, d)
+    m: Tensor  # (n, d) Adam first moment
+    v: Tensor  # (n, d) Adam second moment
+    t: Tensor  # (n,) Adam updates applied to the row (bias correction)
+    steps: Tensor  # (n,) gradient steps (one forward/backward of the fact's rows) taken for this fact
+    done: Tensor  # (n,) met the stop rule
+
+    @classmethod
+    def zeros(cls, n: int, d: int) -> "ZState":
+        z = torch.zeros(n, d)
+        return cls(z, z.clone(), z.clone(), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
+                   torch.zeros(n, dtype=torch.bool))
+
+    def rows(self, index: Tensor) -> "ZState":
+        return ZState(*(x[index].clone() for x in (self.delta, self.m, self.v, self.t, self.steps, self.done)))
+
+    def put(self, index: Tensor, other: "ZState") -> None:
+        for mine, theirs in zip((self.delta, self.m, self.v, self.t, self.steps, self.done),
+                                (other.delta, other.m, other.v, other.t, other.steps, other.done)):
+            mine[index] = theirs
+
+    def adam(self, rows: Tensor, grad: Tensor, lr: Tensor) -> None:
+        """One Adam update (torch.optim.Adam's, without weight decay) of `rows`; lr is (len(rows), 1)."""
         b1, b2 = BETAS
-        self.step += 1
-        self.m = b1 * self.m + (1 - b1) * grad
-        self.v = b2 * self.v + (1 - b2) * grad * grad
-        m_hat = self.m / (1 - b1**self.step)
-        v_hat = self.v / (1 - b2**self.step)
-        return param - lr * m_hat / (v_hat.sqrt() + EPS)
+        self.t[rows] += 1
+        t = self.t[rows].double()[:, None]  # bias corrections in float64, as torch computes them
+        correct1, correct2 = (1 - b1**t).to(grad.dtype), (1 - b2**t).to(grad.dtype)
+        self.m[rows] = m = b1 * self.m[rows] + (1 - b1) * grad
+        self.v[rows] = v = b2 * self.v[rows] + (1 - b2) * grad * grad
+        step = lr * (m / correct1) / ((v / correct2).sqrt() + EPS)
+        self.delta[rows] = self.delta[rows] - step
 
 
 def clamp_rows(delta: Tensor, h: Tensor, factor: float) -> Tensor:
@@ -196,16 +230,69 @@ def clamp_rows(delta: Tensor, h: Tensor, factor: float) -> Tensor:
     return torch.where(norm > limit, delta * limit / norm.clamp_min(1e-12), delta)
 
 
+def row_lr(h: Tensor, cfg: ZCfg) -> Tensor:
+    """Step size per fact, (n, 1). Adam moves every coordinate by about lr per step, so δ grows by
+    about lr·√d per step; `lr_scale: norm` makes that a fixed share of the fact's ‖h‖ (lr·‖h‖/√d
+    per coordinate), so the number of steps to reach δ ≈ ‖h‖ does not depend on the layer's scale."""
+    if cfg.lr_scale == "norm":
+        return cfg.lr * h.norm(dim=1, keepdim=True) / h.shape[1] ** 0.5
+    return torch.full((h.shape[0], 1), cfg.lr)
+
+
 def optimise(
-    problem: ZProblem, adapter: ModelAdapter, layer: int, delta: Tensor, adam: Adam, steps: int, cfg: ZCfg,
-    desc: str = "z",
-) -> tuple[Tensor, Adam]:
+    problem: ZProblem, adapter: ModelAdapter, layer: int, state: ZState, steps: int, cfg: ZCfg, desc: str = "z"
+) -> ZState:
+    """Up to `steps` Adam updates of every fact not yet done, batched, in place.
+
+    At each forward pass the facts that meet the stop rule are frozen (no update, as in MEMIT) and
+    leave the batch: the next passes run only the rows of the facts still optimising, so a batch
+    costs the sum of its facts' steps, not its slowest fact's steps times its size.
+    """
+    rule, lr = StopRule.of(cfg), row_lr(problem.h, cfg)
+    active = torch.nonzero(~state.done).squeeze(1)
+    sub, sub_of = problem, None
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=steps == 0):
-        delta = delta.detach().requires_grad_(True)
-        loss = fact_losses(problem, adapter, layer, delta, cfg).total.sum()
-        (grad,) = torch.autograd.grad(loss, delta)
-        delta = clamp_rows(adam.update(delta.detach(), grad, cfg.lr), problem.h, cfg.clamp_norm_factor)
-    return delta.detach(), adam
+        if len(active) == 0:
+            break
+        if sub_of is None or not torch.equal(sub_of, active):
+            sub, sub_of = problem.subset(active), active
+        delta = state.delta[active].requires_grad_(True)
+        losses = fact_losses(sub, adapter, layer, delta, cfg)
+        met = rule.met(losses)
+        state.done[active[met]] = True
+        go = torch.nonzero(~met).squeeze(1)
+        state.steps[active[go]] += 1
+        (grad,) = torch.autograd.grad(losses.total[go].sum(), delta)
+        active = active[go]
+        state.adam(active, grad[go], lr[active])
+        state.delta[active] = clamp_rows(state.delta[active], problem.h[active], cfg.clamp_norm_factor)
+    return state
+
+
+def warm_start_groups(
+    mode: str, cluster_labels: Tensor, cluster_anchors: Tensor, targets: list[str]
+) -> tuple[Tensor, Tensor]:
+    """(labels, anchors) for two_step_z: which fact's shared-phase δ each fact starts from.
+
+    `cluster`: ECE's neuron clusters as they are. `object`: facts with the same target_new (δ encodes
+    mostly the new object, so it transfers between them; reports/z_design.md). `cluster_object`: a
+    neuron cluster split by target_new, its anchor kept where it belongs. `none`: every fact alone.
+    A keyed group's anchor is the cluster's anchor when it is in the group, else its first fact.
+    """
+    n = len(targets)
+    if mode == "cluster":
+        return cluster_labels, cluster_anchors
+    if mode == "none":
+        return torch.arange(n), torch.arange(n)
+    keys = [targets[i] if mode == "object" else (int(cluster_labels[i]), targets[i]) for i in range(n)]
+    preferred = {keys[int(a)]: int(a) for a in cluster_anchors} if mode == "cluster_object" else {}
+    group: dict[object, int] = {}
+    anchors: list[int] = []
+    for i, key in enumerate(keys):
+        if key not in group:
+            group[key] = len(anchors)
+            anchors.append(preferred.get(key, i))
+    return torch.tensor([group[k] for k in keys]), torch.tensor(anchors)
 
 
 @dataclass
@@ -213,7 +300,8 @@ class ZResult:
     z: Tensor  # (n, d) = h + δ
     delta: Tensor
     h: Tensor
-    losses: FactLosses  # after the last step
+    losses: FactLosses  # at the final δ
+    steps: Tensor  # (n,) gradient steps taken for each fact (an anchor's include its shared phase)
 
 
 def two_step_z(
@@ -221,16 +309,46 @@ def two_step_z(
 ) -> ZResult:
     """Shared phase on the anchors (batched), then the instance phase on all facts (batched).
 
-    `labels[i]` is fact i's cluster and `anchors[c]` the fact index of cluster c's anchor. MEMIT is
-    the case labels = anchors = arange(n).
+    `labels[i]` is fact i's group and `anchors[c]` the fact index of group c's anchor. Members start
+    from their anchor's δ, and from its Adam state when `cfg.carry_adam` (else from fresh moments).
+    An anchor that met the stop rule in the shared phase stays done. MEMIT is the case
+    labels = anchors = arange(n): one uninterrupted descent per fact.
     """
-    d = problem.h.shape[1]
-    anchor_problem = problem.subset(anchors)
-    shared = torch.zeros(len(anchors), d)
-    shared, adam = optimise(anchor_problem, adapter, layer, shared, Adam.zeros(shared), cfg.shared_steps, cfg, "z shared")
-    delta, _ = optimise(
-        problem, adapter, layer, shared[labels], adam.gather(labels), cfg.instance_steps, cfg, "z instance"
-    )
+    n, d = problem.h.shape
+    state = ZState.zeros(n, d)
+    shared = optimise(problem.subset(anchors), adapter, layer, state.rows(anchors), cfg.shared_steps, cfg, "z shared")
+    state.put(anchors, shared)
+    members = torch.nonzero(anchors[labels] != torch.arange(n)).squeeze(1)
+    if len(members):
+        start = state.rows(anchors[labels[members]])
+        start.steps.zero_()
+        start.done.zero_()
+        if not cfg.carry_adam:
+            start.m.zero_(), start.v.zero_(), start.t.zero_()
+        state.put(members, start)
+    optimise(problem, adapter, layer, state, cfg.instance_steps, cfg, "z instance")
     with torch.no_grad():
-        losses = fact_losses(problem, adapter, layer, delta, cfg)
-    return ZResult(problem.h + delta, delta, problem.h, losses)
+        losses = fact_losses(problem, adapter, layer, state.delta, cfg)
+    return ZResult(problem.h + state.delta, state.delta, problem.h, losses, state.steps)
+
+
+def compute_z(
+    adapter: ModelAdapter, tok: PreTrainedTokenizerBase, facts: list[Fact], layer: int, templates: list[str],
+    labels: Tensor, anchors: Tensor, cfg: ZCfg,
+) -> ZResult:
+    """z of a batch of facts: the problem built once and both phases batched, or, with
+    `cfg.facts_per_pass` > 0, that many facts at a time (the reference compute_z runs one fact at a
+    time; it also bounds memory). Chunks need facts that start from nothing of another chunk, so they
+    are allowed only when every fact is its own anchor (config validation says so)."""
+    n = len(facts)
+    if not cfg.facts_per_pass or cfg.facts_per_pass >= n:
+        return two_step_z(build_problem(adapter, tok, facts, layer, templates), adapter, layer, labels, anchors, cfg)
+    assert torch.equal(anchors[labels], torch.arange(n)), "facts_per_pass needs every fact to be its own anchor"
+    parts = []
+    for s in range(0, n, cfg.facts_per_pass):
+        chunk = torch.arange(s, min(s + cfg.facts_per_pass, n))
+        problem = build_problem(adapter, tok, facts[s : s + len(chunk)], layer, templates)
+        parts.append(two_step_z(problem, adapter, layer, torch.arange(len(chunk)), torch.arange(len(chunk)), cfg))
+    cat = lambda name: torch.cat([getattr(r, name) for r in parts])  # noqa: E731
+    losses = FactLosses(*(torch.cat([getattr(r.losses, k) for r in parts]) for k in ("total", "nll", "kl")))
+    return ZResult(cat("z"), cat("delta"), cat("h"), losses, cat("steps"))

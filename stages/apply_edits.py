@@ -11,7 +11,9 @@ restores the finished batches from the stored columns onto the freshly loaded or
 for bit, nothing recomputed, no batch applied twice) and goes on with the next one. The checkpoint is
 keyed by a hash of everything the run depends on, so one made from other inputs is ignored. The
 outputs appear only at the end, in one atomic rename: artifacts/edited/ (the model as a standard HF
-folder, the per-batch deltas, the ledger, per-batch/layer tables) and reports/ledger.md,
+folder, the per-batch deltas, the ledger, per-batch/layer tables), then reports/ledger_runs.json (the
+run facts of each batch: seconds per phase, session, git revision, finish time; kept out of the cached
+artifacts/edited/ so that an identical recompute gives identical hashes), reports/ledger.md and
 reports/timings.json. The checkpoint is deleted once they are in place.
 
 Guards: a NaN/Inf update, one whose norm exceeds update.max_update_norm, or normal equations that are
@@ -38,14 +40,9 @@ import polars as pl
 import torch
 from torch import Tensor
 
-import ece.adapter
-import ece.editing
-import ece.finetune
-import ece.keys
-import ece.methods
-import ece.update
 from ece.attribution import batch_selection, neuron_scores
 from ece.checkpoint import Checkpoint
+from ece.codehash import code_hash
 from ece.config import Params
 from ece.covariance import load_covariance
 from ece.data import dataset_hash
@@ -54,17 +51,16 @@ from ece.errors import EceError
 from ece.io import atomic_dir, sha256_file, sha256_json, write_json, write_text
 from ece.keys import Fact, keys_and_hidden
 from ece.methods import method_of
-from ece.ledger import (COND_WARN, LEDGER, LEDGER_MD, LEDGER_SCHEMA, delta_name, git_revision,
+from ece.ledger import (COND_WARN, LEDGER, LEDGER_MD, LEDGER_RUNS, LEDGER_SCHEMA, RUN_PHASES, delta_name, git_revision,
                         layer_summary, ledger_markdown, params_hash, put_columns, write_provenance)
 from ece.models import save_model
-from ece.pipeline import (ATTRIBUTION, CLUSTERS, COVARIANCE, EDITED, PREPARED, Z_DIR, Workbench, batch_ranges,
-                          read_facts, read_timings, read_z)
+from ece.pipeline import (ATTRIBUTION, ATTRIBUTION_TIMINGS, CLUSTER_TIMINGS, CLUSTERS, COVARIANCE, EDITED, PREPARED,
+                          Z_DIR, Z_TIMINGS, Workbench, batch_ranges, read_facts, read_timings, read_z)
 from ece.stage import run_stage
 
 # Outside DVC on purpose: a checkpoint is machine-local scratch state of one interrupted run, not a
 # reproducible artifact (it is deleted on success and ignored when its key does not match).
 CHECKPOINT = Path(".cache/checkpoint/apply_edits")
-CODE = [Path(m.__file__) for m in (ece.editing, ece.update, ece.keys, ece.adapter, ece.methods, ece.finetune)] + [Path(__file__)]
 
 
 def stored_columns(batch: int, layers: list[int]) -> dict[int, Tensor]:
@@ -95,7 +91,7 @@ def run_key(p: Params, df: pl.DataFrame, fingerprint: str) -> str:
         "upstream": {str(f): sha256_file(f) if f.exists() else None for f in upstream},
         "z": {name: sha256_file(Z_DIR / "cache" / name) for name in z_files},
         "model": fingerprint,
-        "code": {c.name: sha256_file(c) for c in CODE},
+        "code": code_hash(__file__),  # this script and every project module it imports
         "torch": torch.__version__,
     })
 
@@ -129,18 +125,18 @@ def main(p: Params) -> None:
         else:
             columns.append(stored_columns(b, layers))
     phases = {
-        "attribution": read_timings(ATTRIBUTION / "timings.json"),
-        "clustering": read_timings(CLUSTERS / "timings.json"),
-        "z": read_timings(Z_DIR / "timings.json"),
+        "attribution": read_timings(ATTRIBUTION_TIMINGS),
+        "clustering": read_timings(CLUSTER_TIMINGS),
+        "z": read_timings(Z_TIMINGS),
     }
     clusters = pl.read_parquet(CLUSTERS / "clusters.parquet")
     z_index = pl.read_parquet(Z_DIR / "index.parquet")
     key = run_key(p, df, wb.fingerprint)
     common = {
         "method": p.method, "model": p.model.name, "model_fingerprint": wb.fingerprint,
-        "dataset_hash": read_dataset_hash(df), "git_revision": git_revision(), "params_hash": params_hash(p),
-        "checkpoint_key": key, "session": uuid.uuid4().hex[:12],
+        "dataset_hash": read_dataset_hash(df), "params_hash": params_hash(p), "checkpoint_key": key,
     }
+    session, revision = uuid.uuid4().hex[:12], git_revision()
 
     checkpoint = Checkpoint(CHECKPOINT, key)
     done = checkpoint.resume()
@@ -156,6 +152,7 @@ def main(p: Params) -> None:
         batch = [facts[i] for i in ranges[b]]
         z = read_z(b)[0] if method.needs_z else None
         start = time.perf_counter()
+        editor.seconds = dict.fromkeys(editor.seconds, 0.0)
         try:
             changes = editor.apply_batch(batch, z, columns[b])
         except EceError as exc:
@@ -170,9 +167,9 @@ def main(p: Params) -> None:
             "content_hashes": df["content_hash"][ranges[b].start : ranges[b].stop].to_list(),
             "clusters": info["cluster"].to_list(), "anchor_ids": info["anchor_id"].to_list(),
             "z_loss": zrows["loss"].to_list(), "z_nll": zrows["nll"].to_list(),
+            "z_steps": zrows["steps"].to_list(), "z_start": zrows["anchor"].to_list(),
         }
         phase_seconds = {name: (t.get(b, 0.0) if method.selects_columns or name == "z" else 0.0) for name, t in phases.items()}
-        finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         ledger_rows, layer_rows = [], []
         for l, c in changes.items():
             cond = c.cond
@@ -180,12 +177,13 @@ def main(p: Params) -> None:
                 print(f"warning: batch {b}, layer {l}: ill-conditioned solve (condition number {cond:.3g})")
             summary = layer_summary(c)
             layer_rows.append({"batch": b, "layer": l, "n_cols": summary["n_neurons"], "delta_norm": summary["delta_norm"]})
-            ledger_rows.append({
-                "batch": b, "layer": l, **fact_info, **summary, "cond": cond, "seconds_update": seconds,
-                **{f"seconds_{name}": v for name, v in phase_seconds.items()}, **common, "finished_at": finished,
-            })
+            ledger_rows.append({"batch": b, "layer": l, **fact_info, **summary, "cond": cond, **common})
         rows = {
-            "batch": {"batch": b, "n_facts": len(batch), "update": seconds, **phase_seconds},
+            "batch": {"batch": b, "n_facts": len(batch)},
+            "run": {"batch": b, "n_facts": len(batch), **phase_seconds, "update": seconds,
+                    **{f"update_{k}": v for k, v in editor.seconds.items()},
+                    "z_row_steps": int(zrows["steps"].sum()) if method.needs_z else 0, "session": session,
+                    "git_revision": revision, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
             "layers": layer_rows,
             "ledger": ledger_rows,
         }
@@ -195,7 +193,7 @@ def main(p: Params) -> None:
             time.sleep(delay)
 
     stored = [checkpoint.rows(b) for b in range(len(ranges))]
-    batch_rows = [r["batch"] for r in stored]
+    runs = [r["run"] for r in stored]
     ledger = pl.DataFrame([row for r in stored for row in r["ledger"]], schema=LEDGER_SCHEMA)
     with atomic_dir(EDITED) as tmp:
         for b in range(len(ranges)):
@@ -204,12 +202,11 @@ def main(p: Params) -> None:
         write_provenance(tmp / "model", {"base_model": p.model.name, "base_fingerprint": wb.fingerprint,
                                          "batches": len(ranges), "checkpoint_key": key})
         pl.DataFrame([row for r in stored for row in r["layers"]]).write_parquet(tmp / "layers.parquet")
-        pl.DataFrame(batch_rows).write_parquet(tmp / "batches.parquet")
+        pl.DataFrame([r["batch"] for r in stored]).write_parquet(tmp / "batches.parquet")
         ledger.write_parquet(tmp / LEDGER.name)
-    write_text(LEDGER_MD, ledger_markdown(ledger))
-    table = pl.DataFrame(batch_rows)
-    phase_names = ["attribution", "clustering", "z", "update"]
-    totals = {name: round(float(table[name].sum()), 2) for name in phase_names}
+    write_json(LEDGER_RUNS, runs)
+    write_text(LEDGER_MD, ledger_markdown(ledger, {r["batch"]: r for r in runs}))
+    totals = {name: round(sum(r[name] for r in runs), 2) for name in RUN_PHASES}
     write_json("reports/timings.json", {
         "method": p.method, "n_facts": len(facts), "n_batches": len(ranges), "batch_size": p.edit.batch_size,
         "seconds_total": totals, "seconds_per_batch": {k: round(v / len(ranges), 2) for k, v in totals.items()},

@@ -2,7 +2,8 @@
 
 Writes a per-fact table (which neurons each fact uses) and the per-batch aggregated selection
 (the columns the update may change). `rs` has no z yet here, so it uses its fallback score; the
-apply stage re-scores with r = z − h for the update itself.
+apply stage re-scores with r = z − h for the update itself. Seconds per batch go to
+reports/attribution_timings.json, outside the cached output.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ece.attribution import batch_selection, neuron_scores, select_prefix
 from ece.config import Params
 from ece.io import atomic_dir, write_json
 from ece.keys import keys_and_hidden
-from ece.pipeline import ATTRIBUTION, Workbench, batch_ranges, read_facts
+from ece.pipeline import ATTRIBUTION, ATTRIBUTION_TIMINGS, Workbench, batch_ranges, read_facts
 from ece.stage import run_stage
 
 
@@ -42,7 +43,7 @@ def main(p: Params) -> None:
     with atomic_dir(ATTRIBUTION) as tmp:
         pl.DataFrame(fact_rows).write_parquet(tmp / "facts.parquet")
         pl.DataFrame(batch_rows).write_parquet(tmp / "batches.parquet")
-        write_json(tmp / "timings.json", timings)
+    write_json(ATTRIBUTION_TIMINGS, timings)
     share = pl.DataFrame(batch_rows)["n_selected"].mean() / wb.adapter.inner_size
     print(f"attribute: {len(facts)} facts, scorer {p.ece.scorer}, mean {share:.1%} of columns selected per batch and layer")
 

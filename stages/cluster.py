@@ -2,6 +2,7 @@
 
 A fact's set is the union over edited layers of its selected (layer, neuron) pairs; the anchor of a
 cluster is its medoid (paper eq. 10). Only ECE clusters; MEMIT's facts are each their own cluster.
+Seconds per batch go to reports/cluster_timings.json, outside the cached output.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ece.clustering import cluster_facts
 from ece.config import Params
 from ece.io import atomic_dir, write_json
 from ece.methods import method_of
-from ece.pipeline import ATTRIBUTION, CLUSTERS, batch_ranges, read_facts
+from ece.pipeline import ATTRIBUTION, CLUSTER_TIMINGS, CLUSTERS, batch_ranges, read_facts
 from ece.stage import run_stage
 
 
@@ -43,7 +44,7 @@ def main(p: Params) -> None:
     table = pl.DataFrame(rows)
     with atomic_dir(CLUSTERS) as tmp:
         table.write_parquet(tmp / "clusters.parquet")
-        write_json(tmp / "timings.json", timings)
+    write_json(CLUSTER_TIMINGS, timings)
     sizes = table.group_by("batch").agg(pl.col("cluster").n_unique())["cluster"]
     print(f"cluster: {table['batch'].n_unique()} batches, {sizes.sum()} clusters for {len(facts)} facts")
 

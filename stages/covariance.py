@@ -1,4 +1,9 @@
-"""Stage `covariance`: C0 = E[k kᵀ] of the W_out inputs of every edited layer over the corpus."""
+"""Stage `covariance`: C0 = E[k kᵀ] of the W_out inputs of every edited layer over the corpus.
+
+The cached file carries what C0 was computed from (model fingerprint, corpus hash, token count);
+reports/covariance.json adds the seconds it took, which stay out of the cached file so that an
+identical recompute gives identical bytes.
+"""
 
 from __future__ import annotations
 
@@ -30,11 +35,11 @@ def main(p: Params) -> None:
         "corpus_sha256": sha256_file(p.covariance.corpus),
         "n_tokens": n,
         "layers": ",".join(map(str, p.edit.layers)),
-        "seconds": round(time.perf_counter() - start, 1),
     }
+    seconds = round(time.perf_counter() - start, 1)
     save_covariance(OUT, moments, meta)
-    write_json("reports/covariance.json", meta)
-    print(f"covariance: {n} tokens, layers {p.edit.layers}, {meta['seconds']} s")
+    write_json("reports/covariance.json", {**meta, "seconds": seconds})
+    print(f"covariance: {n} tokens, layers {p.edit.layers}, {seconds} s")
 
 
 if __name__ == "__main__":

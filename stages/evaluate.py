@@ -14,8 +14,9 @@ batch (and the last), by replaying the stored per-batch column changes
 original weights; reports/curve.json always holds the pre point (0 facts edited) and the post point.
 
 The unedited model's results are cached in .cache/evaluate_pre/ under a key of the model fingerprint,
-the facts, the evaluation params and the evaluation code (machine-local scratch, like the apply_edits
-checkpoint): comparing methods on the same facts measures "pre" once.
+the facts, the evaluation params, the contents of the data files they name and the code this script
+runs (machine-local scratch, like the apply_edits checkpoint): comparing methods on the same facts
+measures "pre" once.
 
 Outputs: reports/per_fact.parquet (one row per fact and phase), reports/metrics.json,
 reports/summary.md, reports/curve.json, reports/plots/{metrics,curve}.png.
@@ -38,11 +39,8 @@ from ece.adapter import ModelAdapter
 from ece.config import Params, edited_layers
 from ece.general_ability import general_ability, perplexity, read_tokens
 from ece.generation import References, fact_references, generation_metrics
-import ece.general_ability
-import ece.generation
-import ece.metrics
-import ece.scoring
-from ece.io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json, write_text
+from ece.codehash import code_hash
+from ece.io import atomic_dir, atomic_path, sha256_json, sha256_tree, write_json, write_text
 from ece.ledger import delta_files, load_deltas, put_columns
 from ece.methods import describe
 from ece.metrics import REWRITE_METRICS, fact_metrics, family_of, summarise
@@ -57,6 +55,8 @@ CURVE = "reports/curve.json"
 PLOTS = Path("reports/plots")
 APPROX = "approximate"
 PRE_CACHE = Path(".cache/evaluate_pre")
+# evaluate params that name data files or folders: the pre-evaluation key holds their contents
+DATA_PARAMS = ("general_dir", "ppl_corpus", "reference_corpus", "attribute_snippets", "idf", "tfidf_vocab")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,11 +105,11 @@ def evaluate_pre(
     model: nn.Module, tok: PreTrainedTokenizerBase, df: pl.DataFrame, p: Params, refs: References | None
 ) -> tuple[dict[str, Any], pl.DataFrame, dict[str, float]]:
     """`evaluate_model` of the unedited model, reused when nothing it depends on changed."""
-    settings = {k: v for k, v in asdict(p.evaluate).items() if k not in ("threads", "curve_every")}
-    code = [__file__] + [m.__file__ for m in (ece.metrics, ece.scoring, ece.generation, ece.general_ability)]
+    settings = {k: v for k, v in asdict(p.evaluate).items() if k not in ("threads", "curve_every", *DATA_PARAMS)}
+    data = {k: sha256_tree(v) if v is not None else None for k, v in asdict(p.evaluate).items() if k in DATA_PARAMS}
     key = sha256_json({
         "model": model_fingerprint(model), "facts": df.select("id", "content_hash").rows(), "settings": settings,
-        "code": [sha256_file(f) for f in code],
+        "data": data, "code": code_hash(__file__),
     })
     folder = PRE_CACHE / key[:32]
     if (folder / "summary.json").exists():

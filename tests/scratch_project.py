@@ -53,11 +53,14 @@ def write_facts(work: Path, n: int = len(FACTS)) -> None:
 
 
 def write_data(work: Path, n_facts: int = len(FACTS)) -> None:
-    """The scratch inputs: the first `n_facts` facts, a small text corpus, no generation prompts."""
-    (work / "data").mkdir(exist_ok=True)
+    """The scratch inputs: the first `n_facts` facts, a small text corpus, no generation prompts, and
+    four SST-2 examples for the general-ability part of `evaluate`."""
+    (work / "data/general").mkdir(parents=True, exist_ok=True)
     write_facts(work, n_facts)
     (work / "data/corpus.txt").write_text("\n\n".join(f"Document {i} talks about cities and rivers." for i in range(50)))
     (work / "data/gen.json").write_text("[]")
+    sst2 = json.loads((ROOT / "data/general/sst2.json").read_text())[:4]
+    (work / "data/general/sst2.json").write_text(json.dumps(sst2))
 
 
 def write_params(work: Path, changes: dict[str, dict] | None = None) -> None:
@@ -67,6 +70,9 @@ def write_params(work: Path, changes: dict[str, dict] | None = None) -> None:
     params["data"].update(edit_dataset="data/facts.jsonl", format="jsonl", generation_prompts="data/gen.json", n_facts=0)
     params["covariance"].update(corpus="data/corpus.txt", n_tokens=2000, seq_len=32)
     params["z"].update(shared_steps=2, instance_steps=1, n_context=2, context_length=3)
+    params["evaluate"].update(batch_size=4, n_general=4, general_tasks=["sst2"], general_dir="data/general",
+                              ppl_corpus="data/corpus.txt", ppl_tokens=64, ppl_window=32, gen_per_fact=0,
+                              reference_corpus="data/corpus.txt", threads=1)
     for section, values in (changes or {}).items():
         params[section].update(values)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

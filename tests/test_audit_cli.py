@@ -63,7 +63,10 @@ def test_ledger_records_every_batch_and_layer(work: Path) -> None:
     assert ledger.height == N_BATCHES * len(LAYERS)
     meta = json.loads((work / "artifacts/prepared/meta.json").read_text())
     facts = pl.read_parquet(work / "artifacts/prepared/edits.parquet")
-    assert set(ledger["dataset_hash"]) == {meta["dataset_hash"]} and set(ledger["git_revision"]) == {"unknown"}
+    assert set(ledger["dataset_hash"]) == {meta["dataset_hash"]}
+    runs = json.loads((work / "reports/ledger_runs.json").read_text())  # the run facts, outside the cached ledger
+    assert [r["batch"] for r in runs] == list(range(N_BATCHES)) and {r["git_revision"] for r in runs} == {"unknown"}
+    assert all(r["update"] > 0 and r["finished_at"] for r in runs)
     assert ledger["params_hash"].str.len_chars().to_list() == [64] * ledger.height
     for r in ledger.iter_rows(named=True):
         d = deltas(work)[r["batch"]]

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from ece import cli
 from ece.config import load_params
+from ece.covariance import save_covariance
 from ece.errors import EceError
 from ece.stage import run_stage
 from scratch_project import ROOT, base_project, inside, run_stage_inprocess, stage_env
@@ -156,7 +157,7 @@ def test_model_that_cannot_be_loaded_offline(project: Path, capsys: pytest.Captu
 
 def test_covariance_of_another_model(project: Path, capsys: pytest.CaptureFixture) -> None:
     path = project / "artifacts/covariance/c0.safetensors"
-    save_file(load_file(path), str(path), metadata={"model_fingerprint": "0123456789abcdef"})
+    save_covariance(path, {int(k.split(".")[1]): v for k, v in load_file(path).items()}, {"model_fingerprint": "0123456789abcdef"})
     err = fails(project, "apply_edits", capsys)
     assert "was computed for another model (fingerprint 0123456789abcdef" in err and "rerun the covariance stage" in err
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from ece.adapter import ModelAdapter
 from ece.config import ZCfg
 from ece.keys import Fact, document_start, keys_and_hidden
-from ece.zvec import Adam, ZProblem, build_problem, clamp_rows, fact_losses, optimise, target_ids, two_step_z
+from ece.zvec import (ZProblem, ZState, build_problem, clamp_rows, compute_z, fact_losses, optimise, row_lr, target_ids,
+                      two_step_z, warm_start_groups)
 
 LAYER = 2
 TEMPLATES = ["{}", "Once upon a time. {}"]
@@ -17,7 +18,8 @@ ATOL = 1e-5
 
 
 def cfg(shared: int = 2, instance: int = 2, **kw) -> ZCfg:
-    return ZCfg(shared_steps=shared, instance_steps=instance, **kw)
+    """No stop rule unless a test asks for one: tests compare exact step counts."""
+    return ZCfg(shared_steps=shared, instance_steps=instance, **{"stop_loss": 0.0, **kw})
 
 
 @pytest.fixture(params=["tiny_llama", "tiny_gpt2"])
@@ -35,6 +37,14 @@ def zeros(problem: ZProblem) -> torch.Tensor:
 
 def alone(problem: ZProblem, i: int) -> ZProblem:
     return problem.subset(torch.tensor([i]))
+
+
+def fresh(problem: ZProblem) -> ZState:
+    return ZState.zeros(problem.n_facts, problem.h.shape[1])
+
+
+def run(problem: ZProblem, adapter, steps: int, c: ZCfg, state: ZState | None = None) -> ZState:
+    return optimise(problem, adapter, LAYER, state if state is not None else fresh(problem), steps, c)
 
 
 # --- the problem and the loss ------------------------------------------------------------------
@@ -99,12 +109,14 @@ def test_problem_h_and_kl_reference(setup):
     _, h = keys_and_hidden(adapter, tok, facts, TEMPLATES, [LAYER], LAYER)
     assert torch.allclose(problem.h, h, atol=1e-6)  # the bare prompt (template "{}"), not an average
     for i, fact in enumerate(facts):
+        # MEMIT's compute_z: the KL is taken at the subject's last token of "{subject} is a"
+        subject = document_start(tok) + tok(fact.subject, add_special_tokens=False).input_ids
         ids = torch.tensor([document_start(tok) + tok(f"{fact.subject} is a", add_special_tokens=False).input_ids])
         with torch.no_grad():
-            ref = F.log_softmax(model(input_ids=ids).logits[0, -1], dim=-1)
+            ref = F.log_softmax(model(input_ids=ids).logits[0, len(subject) - 1], dim=-1)
         assert torch.allclose(problem.kl_ref[i], ref, atol=1e-5)
         row = problem.kl_rows[i]
-        assert int(problem.position_ids[row, problem.kl_last[i]]) == ids.shape[1] - 1  # counted from the subject
+        assert int(problem.position_ids[row, 0]) == len(subject) - 1  # token 0 counts from the subject
         assert (problem.labels[problem.kl_rows[i]] == -100).all()  # no NLL on the KL prompt
 
 
@@ -131,14 +143,77 @@ def test_problem_subset(setup):
 def test_batched_optimise_equals_per_fact(setup):
     *_, adapter, _, problem = setup
     c = cfg()
-    batched, adam = optimise(problem, adapter, LAYER, zeros(problem), Adam.zeros(zeros(problem)), 3, c)
-    assert adam.step == 3
-    assert batched.abs().sum(1).gt(0).all()
+    batched = run(problem, adapter, 3, c)
+    assert batched.t.tolist() == [3] * problem.n_facts and batched.steps.tolist() == [3] * problem.n_facts
+    assert batched.delta.abs().sum(1).gt(0).all()
     for i in range(problem.n_facts):
-        p = alone(problem, i)
-        single, single_adam = optimise(p, adapter, LAYER, zeros(p), Adam.zeros(zeros(p)), 3, c)
-        assert torch.allclose(batched[i], single[0], atol=ATOL), i
-        assert torch.allclose(adam.m[i], single_adam.m[0], atol=ATOL)
+        single = run(alone(problem, i), adapter, 3, c)
+        assert torch.allclose(batched.delta[i], single.delta[0], atol=ATOL), i
+        assert torch.allclose(batched.m[i], single.m[0], atol=ATOL)
+
+
+def _reference_loop(problem, adapter, i, c, steps, rule):
+    """One fact alone, written as MEMIT's compute_z loop with torch's own Adam (independent of
+    optimise): forward, stop if the rule holds (before stepping), else backward, step, clamp."""
+    p = alone(problem, i)
+    delta = torch.zeros(1, p.h.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=c.lr, betas=(0.9, 0.999), eps=1e-8)
+    taken = 0
+    for _ in range(steps):
+        losses = fact_losses(p, adapter, LAYER, delta, c)
+        if rule(losses):
+            break
+        opt.zero_grad()
+        losses.total.sum().backward()
+        opt.step()
+        taken += 1
+        with torch.no_grad():
+            limit = c.clamp_norm_factor * p.h.norm()
+            if delta.norm() > limit:
+                delta.mul_(limit / delta.norm())
+    return delta.detach()[0], taken
+
+
+@pytest.mark.parametrize("rule", ["loss", "nll"])
+def test_early_stop_batched_equals_per_fact_loop(setup, rule):
+    """Facts that meet the stop rule leave the batch; the others go on exactly as they would alone."""
+    *_, adapter, _, problem = setup
+    free = fact_losses(problem, adapter, LAYER, zeros(problem), cfg())
+    before = run(problem, adapter, 6, cfg())
+    after = fact_losses(problem, adapter, LAYER, before.delta, cfg())
+    # thresholds between the facts' start and end values, so facts stop at different steps
+    key = "total" if rule == "loss" else "nll"
+    start, end = getattr(free, key), getattr(after, key)
+    threshold = float(torch.quantile(torch.cat([start, end]), 0.4))
+    c = cfg(0, 6, **({"stop_loss": threshold} if rule == "loss" else {"stop_nll": threshold}))
+    res = two_step_z(problem, adapter, LAYER, torch.arange(problem.n_facts), torch.arange(problem.n_facts), c)
+    taken = []
+    for i in range(problem.n_facts):
+        delta, n = _reference_loop(problem, adapter, i, c, 6, lambda l: float(getattr(l, key)[0].detach()) < threshold)
+        taken.append(n)
+        assert torch.allclose(res.delta[i], delta, atol=ATOL), i
+    assert res.steps.tolist() == taken
+    assert len(set(taken)) > 1, taken  # the facts really stopped at different steps
+
+
+def test_stop_rule_off_takes_every_step(setup):
+    *_, adapter, _, problem = setup
+    res = two_step_z(problem, adapter, LAYER, torch.arange(3), torch.arange(3), cfg(2, 3, stop_loss=0.0, stop_nll=0.0))
+    assert res.steps.tolist() == [5, 5, 5]
+
+
+def test_early_stop_with_a_huge_threshold_takes_no_step(setup):
+    *_, adapter, _, problem = setup
+    res = two_step_z(problem, adapter, LAYER, torch.tensor([0, 0, 1]), torch.tensor([1, 2]), cfg(3, 3, stop_loss=1e9))
+    assert res.steps.tolist() == [0, 0, 0]
+    assert torch.equal(res.delta, torch.zeros_like(res.delta))
+
+
+def test_lr_scaled_to_the_norm_of_h():
+    h = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]])
+    assert row_lr(h, ZCfg(lr=0.5)).flatten().tolist() == [0.5, 0.5]
+    # lr·‖h‖/√d, d = 4: 0.5·5/2 and 0.5·2/2
+    assert torch.allclose(row_lr(h, ZCfg(lr=0.5, lr_scale="norm")).flatten(), torch.tensor([1.25, 0.5]))
 
 
 def test_batched_two_step_equals_per_fact_schedule(setup):
@@ -148,13 +223,14 @@ def test_batched_two_step_equals_per_fact_schedule(setup):
     res = two_step_z(problem, adapter, LAYER, labels, anchors, c)
     for i in range(problem.n_facts):
         a = int(anchors[labels[i]])
-        pa = alone(problem, a)
-        shared, adam = optimise(pa, adapter, LAYER, zeros(pa), Adam.zeros(zeros(pa)), c.shared_steps, c)
-        pi = alone(problem, i)
-        delta, _ = optimise(pi, adapter, LAYER, shared, adam, c.instance_steps, c)
+        shared = run(alone(problem, a), adapter, c.shared_steps, c)
+        shared.steps.zero_()
+        delta = run(alone(problem, i), adapter, c.instance_steps, c, shared).delta
         assert torch.allclose(res.delta[i], delta[0], atol=ATOL), i
     assert torch.allclose(res.z, res.h + res.delta)
     assert torch.equal(res.h, problem.h)
+    # an anchor took its shared and its instance steps, a member only its instance steps
+    assert res.steps.tolist() == [2, 4, 4]
 
 
 # --- (2) the two-step schedule -----------------------------------------------------------------
@@ -165,40 +241,42 @@ def test_shared_phase_runs_on_anchors_only(setup):
     labels, anchors = torch.tensor([0, 0, 1]), torch.tensor([1, 2])
     s = 3
     res = two_step_z(problem, adapter, LAYER, labels, anchors, cfg(s, 0))
-    pa = problem.subset(anchors)
-    shared, _ = optimise(pa, adapter, LAYER, zeros(pa), Adam.zeros(zeros(pa)), s, cfg(s, 0))
+    shared = run(problem.subset(anchors), adapter, s, cfg(s, 0)).delta
     # with no instance steps every member carries its anchor's δ
     assert torch.allclose(res.delta[0], shared[0], atol=ATOL)
     assert torch.allclose(res.delta[1], shared[0], atol=ATOL)
     assert torch.allclose(res.delta[2], shared[1], atol=ATOL)
     # fact 0 did not take part: its own optimisation would give something else
-    p0 = alone(problem, 0)
-    own, _ = optimise(p0, adapter, LAYER, zeros(p0), Adam.zeros(zeros(p0)), s, cfg(s, 0))
+    own = run(alone(problem, 0), adapter, s, cfg(s, 0)).delta
     assert not torch.allclose(own[0], res.delta[0], atol=1e-3)
     # the returned losses are those of the returned δ
     losses = fact_losses(problem, adapter, LAYER, res.delta, cfg(s, 0))
     assert torch.allclose(losses.total, res.losses.total, atol=1e-6)
 
 
-def test_members_start_from_anchor_delta_and_adam_state(setup):
+@pytest.mark.parametrize("carry", [True, False])
+def test_members_start_from_anchor_delta_and_adam_state(setup, carry):
     *_, adapter, _, problem = setup
     s, t = 2, 2
-    c = cfg(s, t)
+    c = cfg(s, t, carry_adam=carry)
     labels, anchors = torch.tensor([0, 0, 1]), torch.tensor([1, 2])
     res = two_step_z(problem, adapter, LAYER, labels, anchors, c)
     # an anchor continues uninterrupted: plain s + t steps on itself
     for a in (1, 2):
-        pa = alone(problem, a)
-        plain, _ = optimise(pa, adapter, LAYER, zeros(pa), Adam.zeros(zeros(pa)), s + t, c)
+        plain = run(alone(problem, a), adapter, s + t, c).delta
         assert torch.allclose(res.delta[a], plain[0], atol=ATOL)
-    # a member: t steps from the anchor's δ and Adam moments (bias correction continues at step s)
-    p1 = alone(problem, 1)
-    shared, adam = optimise(p1, adapter, LAYER, zeros(p1), Adam.zeros(zeros(p1)), s, c)
-    p0 = alone(problem, 0)
-    expect, _ = optimise(p0, adapter, LAYER, shared, adam, t, c)
+    # a member: t steps from the anchor's δ, with its Adam moments (bias correction continues at
+    # step s) or with fresh ones
+    shared = run(alone(problem, 1), adapter, s, c)
+    start = shared if carry else ZState(shared.delta, *(torch.zeros_like(x) for x in (shared.m, shared.v, shared.t)),
+                                        torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool))
+    expect = run(alone(problem, 0), adapter, t, c, start.rows(torch.tensor([0]))).delta
     assert torch.allclose(res.delta[0], expect[0], atol=ATOL)
-    fresh, _ = optimise(p0, adapter, LAYER, shared, Adam.zeros(shared), t, c)
-    assert not torch.allclose(res.delta[0], fresh[0], atol=1e-4)  # the Adam state does matter
+    other = run(alone(problem, 0), adapter, t, c, (start if not carry else ZState(
+        shared.delta, *(torch.zeros_like(x) for x in (shared.m, shared.v, shared.t)),
+        torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool))).rows(torch.tensor([0]))).delta if carry else None
+    if other is not None:
+        assert not torch.allclose(res.delta[0], other[0], atol=1e-4)  # the Adam state does matter
 
 
 @pytest.mark.parametrize(("s", "t"), [(2, 2), (0, 3), (3, 0)])
@@ -206,8 +284,24 @@ def test_singleton_clusters_are_plain_memit(setup, s, t):
     *_, adapter, _, problem = setup
     n = problem.n_facts
     res = two_step_z(problem, adapter, LAYER, torch.arange(n), torch.arange(n), cfg(s, t))
-    plain, _ = optimise(problem, adapter, LAYER, zeros(problem), Adam.zeros(zeros(problem)), s + t, cfg(s, t))
+    plain = run(problem, adapter, s + t, cfg(s, t)).delta
     assert torch.allclose(res.delta, plain, atol=ATOL)
+
+
+def test_warm_start_groups():
+    labels, anchors = torch.tensor([0, 1, 0, 1, 2]), torch.tensor([2, 1, 4])
+    targets = ["Rome", "Rome", "Paris", "Paris", "Rome"]
+    assert [x.tolist() for x in warm_start_groups("cluster", labels, anchors, targets)] == [[0, 1, 0, 1, 2], [2, 1, 4]]
+    assert [x.tolist() for x in warm_start_groups("none", labels, anchors, targets)] == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+    # object: facts with the same target, the first of each as anchor
+    assert [x.tolist() for x in warm_start_groups("object", labels, anchors, targets)] == [[0, 0, 1, 1, 0], [0, 2]]
+    # cluster_object: (cluster, target) pairs; cluster 0's anchor (fact 2, Paris) anchors its Paris part,
+    # cluster 1's anchor (fact 1, Rome) its Rome part, cluster 2's anchor (fact 4) its own
+    got = warm_start_groups("cluster_object", labels, anchors, targets)
+    assert got[0].tolist() == [0, 1, 2, 3, 4] and got[1].tolist() == [0, 1, 2, 3, 4]
+    labels2 = torch.tensor([0, 0, 0, 0, 0])
+    got = warm_start_groups("cluster_object", labels2, torch.tensor([3]), targets)
+    assert got[0].tolist() == [0, 0, 1, 1, 0] and got[1].tolist() == [0, 3]
 
 
 # --- (3) optimisation works --------------------------------------------------------------------
@@ -266,7 +360,7 @@ def test_clamp_rows_never_exceeds_the_limit():
 def test_optimise_respects_the_clamp(setup):
     *_, adapter, _, problem = setup
     c = cfg(0, 3, clamp_norm_factor=0.05, lr=5.0)
-    delta, _ = optimise(problem, adapter, LAYER, zeros(problem), Adam.zeros(zeros(problem)), 3, c)
+    delta = run(problem, adapter, 3, c).delta
     limit = 0.05 * problem.h.norm(dim=1)
     assert (delta.norm(dim=1) <= limit * (1 + 1e-5)).all()
     assert (delta.norm(dim=1) >= limit * (1 - 1e-5)).all()  # lr 5 reaches the boundary
@@ -287,24 +381,43 @@ def test_adam_matches_torch(lr):
 
     ref = x0.clone().requires_grad_(True)
     opt = torch.optim.Adam([ref], lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    mine, state = x0.clone(), Adam.zeros(x0)
+    state = ZState.zeros(3, 4)
+    state.delta = x0.clone()
+    rows = torch.arange(3)
     for _ in range(6):
         opt.zero_grad()
         loss(ref).backward()
         opt.step()
-        p = mine.clone().requires_grad_(True)
+        p = state.delta.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(loss(p), p)
-        mine = state.update(mine, grad, lr)
-        assert torch.allclose(mine, ref.detach(), atol=1e-6, rtol=1e-5)
-    assert state.step == 6
+        state.adam(rows, grad, torch.full((3, 1), lr))
+        assert torch.allclose(state.delta, ref.detach(), atol=1e-6, rtol=1e-5)
+    assert state.t.tolist() == [6, 6, 6]
     st = opt.state[ref]
     assert torch.allclose(state.m, st["exp_avg"], atol=1e-6)
     assert torch.allclose(state.v, st["exp_avg_sq"], atol=1e-6)
 
 
-def test_adam_gather_copies_rows_and_step():
-    s = Adam(torch.arange(6.0).reshape(3, 2), torch.arange(6.0).reshape(3, 2) * 10, step=4)
-    g = s.gather(torch.tensor([2, 2, 0]))
-    assert g.step == 4
-    assert g.m.tolist() == [[4.0, 5.0], [4.0, 5.0], [0.0, 1.0]]
-    assert g.v.tolist() == [[40.0, 50.0], [40.0, 50.0], [0.0, 10.0]]
+def test_zstate_rows_and_put():
+    s = ZState.zeros(3, 2)
+    s.m = torch.arange(6.0).reshape(3, 2)
+    s.t = torch.tensor([4, 5, 6])
+    g = s.rows(torch.tensor([2, 2, 0]))
+    assert g.m.tolist() == [[4.0, 5.0], [4.0, 5.0], [0.0, 1.0]] and g.t.tolist() == [6, 6, 4]
+    g.m += 1  # a copy, not a view
+    assert s.m[2].tolist() == [4.0, 5.0]
+    s.put(torch.tensor([1]), g.rows(torch.tensor([0])))
+    assert s.m[1].tolist() == [5.0, 6.0] and s.t[1] == 6
+
+
+def test_facts_per_pass_equals_the_batched_descent(setup):
+    """The reference's one-fact-at-a-time z and the batched z are the same numbers."""
+    model, tok, adapter, facts, problem = setup
+    n = len(facts)
+    c = cfg(0, 4, stop_loss=0.0)
+    batched = compute_z(adapter, tok, facts, LAYER, TEMPLATES, torch.arange(n), torch.arange(n), c)
+    one_by_one = compute_z(adapter, tok, facts, LAYER, TEMPLATES, torch.arange(n), torch.arange(n),
+                           cfg(0, 4, stop_loss=0.0, facts_per_pass=1))
+    assert torch.allclose(batched.z, one_by_one.z, atol=ATOL)
+    assert torch.allclose(batched.losses.total, one_by_one.losses.total, atol=ATOL)
+    assert batched.steps.tolist() == one_by_one.steps.tolist() == [4] * n
