@@ -1,7 +1,9 @@
-"""A scratch project on tiny-llama for the tests of apply_edits, the ledger and the CLI.
+"""A scratch project on tiny-llama for the tests of apply_edits, the ledger, the CLI and the methods.
 
 `base_project` runs prepare → precompute_z once per test session (in-process: the stage functions
 themselves, ~seconds) and every caller gets its own copy, so tests may change files freely.
+`method_project` is such a copy switched to another editing method, with the upstream stages that
+read the changed params rerun (as `dvc repro` would).
 """
 
 from __future__ import annotations
@@ -104,3 +106,51 @@ def base_project(factory: pytest.TempPathFactory, name: str) -> Path:
     copy = factory.mktemp(name)
     shutil.copytree(_BASE["base"], copy, dirs_exist_ok=True)
     return copy
+
+
+def set_params(work: Path, values: dict[str, object]) -> None:
+    """Set dotted keys of the project's params.yaml (`method`, `rome.layer`), keeping every other value."""
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    for dotted, value in values.items():
+        *sections, key = dotted.split(".")
+        node = params
+        for section in sections:
+            node = node[section]
+        node[key] = value
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _param(params: dict, dotted: str) -> object:
+    """The value of a dotted key (`rome.layer`) in a loaded params.yaml."""
+    node: object = params
+    for key in dotted.split("."):
+        node = node[key]  # type: ignore[index]
+    return node
+
+
+def stages_reading(changed: set[str]) -> list[str]:
+    """The UPSTREAM stages `dvc repro` reruns after the params `changed` (dotted keys) change: from the
+    first whose dvc.yaml `params` name one of them (or a section holding it) to the end of UPSTREAM,
+    since each later stage reads the outputs of the one before. Read from dvc.yaml, so the helper
+    follows the pipeline instead of a list that could drift from it."""
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+    def reads(stage: str) -> bool:
+        return any(key == entry or key.startswith(entry + ".") or entry.startswith(key + ".")
+                   for entry in declared[stage].get("params", []) for key in changed)
+
+    first = next((i for i, stage in enumerate(UPSTREAM) if reads(stage)), len(UPSTREAM))
+    return UPSTREAM[first:]
+
+
+def method_project(factory: pytest.TempPathFactory, name: str, values: dict[str, object]) -> Path:
+    """A copy of `base_project` with the params `values` (dotted keys, e.g. {"method": "rome",
+    "rome.layer": 2}) and every artifact up to precompute_z for them: the stages that read no changed
+    param (for a method change: prepare, covariance, attribute) keep the base's outputs, as DVC keeps them."""
+    work = base_project(factory, name)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    changed = {key for key, value in values.items() if _param(params, key) != value}
+    set_params(work, values)
+    for stage in stages_reading(changed):
+        run_stage_inprocess(work, stage)
+    return work

@@ -1,6 +1,7 @@
 """The DVC pipeline itself, on a tiny random model in a scratch repository: a full `dvc repro` (evaluate
-included), the per-batch z cache, that a change of a param or of a library module reruns exactly the
-stages that depend on it, and that recomputing a stage from the same inputs gives the same hashes."""
+included), the per-batch z cache (appended facts leave the earlier batches' z files and clusters as
+they were), that a change of a param or of a library module reruns exactly the stages that depend on
+it, and that recomputing a stage from the same inputs gives the same hashes."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 import yaml
+from polars.testing import assert_frame_equal
 
-from scratch_project import write_data, write_facts, write_params
+from scratch_project import set_params, write_data, write_facts, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
@@ -58,12 +61,6 @@ def locked_outs(work: Path, stage: str) -> dict[str, str]:
                 if isinstance(o, dict) and next(iter(o.values())).get("cache") is False}
     lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"][stage]
     return {o["path"]: o["md5"] for o in lock["outs"] if o["path"] not in uncached}
-
-
-def set_param(work: Path, section: str, key: str, value: object) -> None:
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params[section][key] = value
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def test_repro_builds_every_artifact(repo: Path) -> None:
@@ -127,7 +124,7 @@ def test_library_change_that_keeps_the_results_stops_at_its_stage(repo: Path) ->
 
 
 def test_edit_param_change_reruns_attribution_onwards_but_not_covariance(repo: Path) -> None:
-    set_param(repo, "ece", "neuron_threshold", 0.7)
+    set_params(repo, {"ece.neuron_threshold": 0.7})
     assert {"attribute", "apply_edits"} <= stale_stages(repo)
     result = run([DVC, "repro"], repo)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -137,11 +134,28 @@ def test_edit_param_change_reruns_attribution_onwards_but_not_covariance(repo: P
     assert stale_stages(repo) == set()
 
 
+def z_files(work: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in (work / "artifacts/z/cache").glob("*.safetensors")}
+
+
 def test_appending_facts_computes_z_only_for_new_batches(repo: Path) -> None:
+    """4 facts → 6 (batch_size 2): the two earlier batches keep their clusters and their z files byte
+    for byte, and exactly one new z file appears, holding the new batch."""
+    old_files = z_files(repo)
+    old_clusters = pl.read_parquet(repo / "artifacts/clusters/clusters.parquet")
+    assert len(old_files) == 2 and set(old_clusters["batch"]) == {0, 1}
     write_facts(repo, 6)
     result = run([DVC, "repro", "precompute_z"], repo)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 batches computed, 2 reused" in result.stdout
+    new_files = z_files(repo)
+    assert {name: new_files.get(name) for name in old_files} == old_files
+    (added,) = new_files.keys() - old_files.keys()
+    clusters = pl.read_parquet(repo / "artifacts/clusters/clusters.parquet")
+    assert_frame_equal(clusters.filter(pl.col("batch") < 2), old_clusters)
+    index = pl.read_parquet(repo / "artifacts/z/index.parquet")
+    assert index.filter(pl.col("file") == added)["id"].to_list() == ["f4", "f5"]
+    assert set(index.filter(pl.col("batch") < 2)["file"]) == old_files.keys()
 
 
 def test_identical_recompute_keeps_the_covariance_hash(repo: Path) -> None:
