@@ -96,6 +96,8 @@ def test_audit_fact(work: Path, capsys: pytest.CaptureFixture) -> None:
         assert l["batch_neurons"] == len(d[f"layer.{l['layer']}.cols"]) and l["fact_neurons"] >= l["fact_neurons_changed"] >= 1
         assert l["top_neurons"] and all(x["neuron"] in d[f"layer.{l['layer']}.cols"].tolist() for x in l["top_neurons"])
     assert r["batch_delta_norm"] > 0
+    z = pl.read_parquet(work / "artifacts/z/index.parquet").filter(pl.col("id") == "f3").row(0, named=True)
+    assert (r["z_steps"], r["z_start"]) == (z["steps"], z["anchor"]) and r["z_steps"] >= 0  # from the z stage
     capsys.readouterr()
     assert cli.main(["-C", str(work), "audit", "--fact", "f3"]) == 0  # the table view renders
     assert "ece audit --fact f3" in capsys.readouterr().out
