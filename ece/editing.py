@@ -46,7 +46,7 @@ class Editor:
     max_update_norm: float = 1e4
     cache: dict[int, Tensor] = field(default_factory=dict)
     nullspace: dict[int, Tensor] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # since the last reset
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # of the last batch
 
     def __post_init__(self) -> None:
         assert not (self.method.use_cache and self.method.per_fact), "the cache reuses one solve's keys per layer"
@@ -123,12 +123,13 @@ class Editor:
         """Write one batch into the model in place; `cols[l]` restricts layer l (None: all columns).
 
         ROME writes the batch's facts one after another (one rank-one update each); the batch is
-        still written whole or not at all.
+        still written whole or not at all. `seconds` afterwards holds this batch's time per phase.
 
         P grows by the keys each layer's solve used: keys at layer l do not depend on W_out of layers
         >= l, so they are already the keys of the edited model (one group; methods with a cache do not
         write per fact).
         """
+        self.seconds = dict.fromkeys(PHASES, 0.0)
         groups = [[j] for j in range(len(facts))] if self.method.per_fact else [list(range(len(facts)))]
         changes: dict[int, list[LayerChange]] = {}
         solved: dict[int, Tensor | None] = {}

@@ -11,7 +11,7 @@ shared_steps + instance_steps uninterrupted Adam steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -203,12 +203,14 @@ class ZState:
         return cls(z, z.clone(), z.clone(), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
                    torch.zeros(n, dtype=torch.bool))
 
+    def _tensors(self) -> list[Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
     def rows(self, index: Tensor) -> "ZState":
-        return ZState(*(x[index].clone() for x in (self.delta, self.m, self.v, self.t, self.steps, self.done)))
+        return ZState(*(x[index].clone() for x in self._tensors()))
 
     def put(self, index: Tensor, other: "ZState") -> None:
-        for mine, theirs in zip((self.delta, self.m, self.v, self.t, self.steps, self.done),
-                                (other.delta, other.m, other.v, other.t, other.steps, other.done)):
+        for mine, theirs in zip(self._tensors(), other._tensors()):
             mine[index] = theirs
 
     def adam(self, rows: Tensor, grad: Tensor, lr: Tensor) -> None:
@@ -250,11 +252,11 @@ def optimise(
     """
     rule, lr = StopRule.of(cfg), row_lr(problem.h, cfg)
     active = torch.nonzero(~state.done).squeeze(1)
-    sub, sub_of = problem, None
+    sub, sub_of = problem, torch.arange(problem.n_facts)  # re-subset only when the active set changes
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=steps == 0):
         if len(active) == 0:
             break
-        if sub_of is None or not torch.equal(sub_of, active):
+        if not torch.equal(sub_of, active):
             sub, sub_of = problem.subset(active), active
         delta = state.delta[active].requires_grad_(True)
         losses = fact_losses(sub, adapter, layer, delta, cfg)
@@ -316,7 +318,9 @@ def two_step_z(
     """
     n, d = problem.h.shape
     state = ZState.zeros(n, d)
-    shared = optimise(problem.subset(anchors), adapter, layer, state.rows(anchors), cfg.shared_steps, cfg, "z shared")
+    everyone = torch.equal(anchors, torch.arange(n))  # MEMIT: no copy of the problem for the shared phase
+    shared = optimise(problem if everyone else problem.subset(anchors), adapter, layer, state.rows(anchors),
+                      cfg.shared_steps, cfg, "z shared")
     state.put(anchors, shared)
     members = torch.nonzero(anchors[labels] != torch.arange(n)).squeeze(1)
     if len(members):

@@ -152,7 +152,6 @@ def main(p: Params) -> None:
         batch = [facts[i] for i in ranges[b]]
         z = read_z(b)[0] if method.needs_z else None
         start = time.perf_counter()
-        editor.seconds = dict.fromkeys(editor.seconds, 0.0)
         try:
             changes = editor.apply_batch(batch, z, columns[b])
         except EceError as exc:

@@ -44,6 +44,7 @@ def main(p: Params) -> None:
     # Seconds are a fact of one run, not of the result: kept outside the cached z files, so that an
     # identical recompute writes identical bytes (and DVC reruns nothing downstream).
     seconds_of = json.loads(Z_SECONDS.read_text()) if Z_SECONDS.exists() else {}
+    code = code_hash(Path(__file__))  # the z code: this script and every project module it imports
     for b, rng in enumerate(batch_ranges(len(facts), p.edit.batch_size) if method.needs_z else []):
         batch = [facts[i] for i in rng]
         info = clusters.filter(pl.col("batch") == b)
@@ -58,7 +59,7 @@ def main(p: Params) -> None:
         key = sha256_json({
             "facts": df["content_hash"][rng.start : rng.stop].to_list(), "labels": labels.tolist(),
             "anchors": anchors.tolist(), "z": asdict(p.z), "model": wb.fingerprint, "layer": top,
-            "templates": wb.templates, "code": code_hash(Path(__file__)),
+            "templates": wb.templates, "code": code,
         })
         path = cache / f"{key[:32]}.safetensors"
         used.add(path.name)
