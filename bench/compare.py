@@ -25,7 +25,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 from sweep import ROOT, run_stages  # noqa: E402
 
 from ece.config import METHODS  # noqa: E402

@@ -20,8 +20,8 @@ from pathlib import Path
 from sweep import ROOT
 
 from ece import covariance as current
-from ece.adapter import ModelAdapter
-from ece.models import load_model
+from ece.model.adapter import ModelAdapter
+from ece.model.loading import load_model
 
 CORPUS = ROOT / "data/corpus/wikipedia_vital_summaries_en.jsonl"
 LAYERS = [3, 4, 5, 6, 7]

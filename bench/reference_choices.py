@@ -28,14 +28,13 @@ from typing import Any, Iterator
 import polars as pl
 import torch
 from safetensors import safe_open
-
 from sweep import ROOT, inside, run_stages
 
-import ece.covariance
-import ece.keys
-import ece.zvec
-from ece.metrics import fact_metrics, summarise
-from ece.models import load_model
+import ece.edit.covariance
+import ece.edit.zvec
+import ece.model.prompts
+from ece.eval.metrics import fact_metrics, summarise
+from ece.model.loading import load_model
 
 WORK = ROOT / ".cache" / "reference_choices"
 STAGES = ["prepare", "covariance", "attribute", "cluster", "precompute_z", "apply_edits"]
@@ -43,18 +42,18 @@ STAGES = ["prepare", "covariance", "attribute", "cluster", "precompute_z", "appl
 
 @contextlib.contextmanager
 def no_document_start() -> Iterator[None]:
-    original = ece.keys.document_start
-    ece.keys.document_start = ece.covariance.document_start = lambda tok: []  # type: ignore[assignment]
+    original = ece.model.prompts.document_start
+    ece.model.prompts.document_start = ece.edit.covariance.document_start = lambda tok: []  # type: ignore[assignment]
     try:
         yield
     finally:
-        ece.keys.document_start = ece.covariance.document_start = original  # type: ignore[assignment]
+        ece.model.prompts.document_start = ece.edit.covariance.document_start = original  # type: ignore[assignment]
 
 
 @contextlib.contextmanager
 def memit_kl_direction() -> Iterator[None]:
     """fact_losses with KL(current ‖ original): the same function, the KL term's arguments swapped."""
-    original = ece.zvec.fact_losses
+    original = ece.edit.zvec.fact_losses
 
     def swapped(problem, adapter, layer, delta, cfg):  # noqa: ANN001, ANN202
         losses = original(problem, adapter, layer, delta, cfg)
@@ -64,13 +63,13 @@ def memit_kl_direction() -> Iterator[None]:
                                           {l: (k[problem.kl_rows], v[problem.kl_rows]) for l, (k, v) in problem.prefix.items()})
         cur = torch.log_softmax(adapter.lm_head(final[:, 0]), dim=-1)
         kl = (cur.exp() * (cur - problem.kl_ref)).sum(1)
-        return ece.zvec.FactLosses(losses.total - cfg.kl_factor * losses.kl + cfg.kl_factor * kl, losses.nll, kl)
+        return ece.edit.zvec.FactLosses(losses.total - cfg.kl_factor * losses.kl + cfg.kl_factor * kl, losses.nll, kl)
 
-    ece.zvec.fact_losses = swapped  # type: ignore[assignment]
+    ece.edit.zvec.fact_losses = swapped  # type: ignore[assignment]
     try:
         yield
     finally:
-        ece.zvec.fact_losses = original  # type: ignore[assignment]
+        ece.edit.zvec.fact_losses = original  # type: ignore[assignment]
 
 
 VARIANTS = {"as shipped": contextlib.nullcontext, "no document start (MEMIT)": no_document_start,

@@ -31,7 +31,7 @@ from typing import Any
 
 from sweep import ROOT, inside, run_stages
 
-from ece.ledger import LEDGER_RUNS
+from ece.audit.ledger import LEDGER_RUNS
 
 PHASES = ("attribution", "clustering", "z", "update_keys", "update_solve", "update_cache")
 CONFIGS = {

@@ -23,8 +23,8 @@ from pathlib import Path
 import polars as pl
 
 from ece.config import Params, load_params
-from ece.metrics import fact_metrics, summarise
-from ece.models import load_model
+from ece.eval.metrics import fact_metrics, summarise
+from ece.model.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the stage scripts are imported as modules of `stages`

@@ -26,11 +26,10 @@ from typing import Any
 import polars as pl
 import torch
 from safetensors import safe_open
-
 from sweep import ROOT, inside, run_stages
 
-from ece.metrics import fact_metrics, summarise
-from ece.models import load_model
+from ece.eval.metrics import fact_metrics, summarise
+from ece.model.loading import load_model
 
 WORK = ROOT / ".cache" / "z_bench"
 STAGES = ["prepare", "attribute", "cluster", "precompute_z", "apply_edits"]

@@ -34,19 +34,30 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ece.adapter import ModelAdapter
-from ece.attribution import batch_selection, neuron_scores
+from ece.artifacts import ATTRIBUTION, COVARIANCE, EDITED, PREPARED
+from ece.audit.ledger import (
+    LEDGER,
+    delta_files,
+    load_deltas,
+    read_delta,
+    read_ledger,
+    read_provenance,
+    read_runs,
+    rollback,
+    write_provenance,
+)
 from ece.config import Params, load_params
-from ece.covariance import load_covariance
-from ece.editing import Editor
-from ece.methods import method_of
+from ece.data.facts import Fact
+from ece.edit.attribution import batch_selection, neuron_scores
+from ece.edit.covariance import load_covariance
+from ece.edit.editor import Editor
+from ece.edit.keys import keys_and_hidden
+from ece.edit.zvec import compute_z
 from ece.errors import EceError
-from ece.keys import Fact, context_templates, document_start, keys_and_hidden
-from ece.ledger import (LEDGER, delta_files, load_deltas, read_delta, read_ledger, read_provenance, read_runs,
-                        rollback, write_provenance)
-from ece.models import load_model, model_fingerprint, save_model
-from ece.pipeline import ATTRIBUTION, COVARIANCE, EDITED, PREPARED
-from ece.zvec import compute_z
+from ece.methods import method_of
+from ece.model.adapter import ModelAdapter
+from ece.model.loading import load_model, model_fingerprint, save_model
+from ece.model.prompts import context_templates, document_start
 
 EDITED_MODEL = EDITED / "model"
 ROLLBACK_MODEL = Path("artifacts/rollback/model")

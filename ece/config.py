@@ -14,11 +14,12 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ece.attribution import AGGREGATIONS, SCORERS
 from ece.errors import EceError
+from ece.methods import NOT_YET_SUPPORTED, REGISTRY
 
-METHODS = ("ece", "memit", "alphaedit", "rome", "ft-l", "ft-m")
-NOT_YET_SUPPORTED = ("mend", "serac")
+SCORERS = ("as", "wi", "wi_static", "rs")  # ece.scorer; ece.edit.attribution implements each
+AGGREGATIONS = ("sum", "union")  # ece.aggregation
+METHODS = tuple(REGISTRY)
 GENERAL_TASKS = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
 FORMATS = ("auto", "counterfact", "counterfact_compact", "zsre", "jsonl", "csv")
 
@@ -238,7 +239,7 @@ def validate(p: Params) -> None:
         "0.8 is the paper's value",
     )
     _check(
-        p.z.facts_per_pass == 0 or p.z.warm_start == "none" or p.method != "ece",
+        p.z.facts_per_pass == 0 or p.z.warm_start == "none" or not REGISTRY[p.method].clusters,
         f"z.facts_per_pass = {p.z.facts_per_pass} needs z.warm_start: none (with method ece)",
         "a member starts from its anchor's δ, so its group must be optimised in one pass; set z.facts_per_pass: 0",
     )
@@ -257,12 +258,12 @@ def validate(p: Params) -> None:
         "write k: auto or k: 4",
     )
     _check(p.z.shared_steps + p.z.instance_steps >= 1, "z needs at least one step", "paper: 20 and 5")
-    single = {"rome": ("rome.layer", p.rome.layer), "ft-l": ("ft.layer", p.ft.layer), "ft-m": ("ft.layer", p.ft.layer)}
-    if p.method in single:
-        name, layer = single[p.method]
+    section = REGISTRY[p.method].layer_param
+    if section:
+        layer = getattr(p, section).layer
         _check(
             layer in p.edit.layers,
-            f"{name} = {layer} is not one of edit.layers {list(p.edit.layers)}",
+            f"{section}.layer = {layer} is not one of edit.layers {list(p.edit.layers)}",
             "pick one of edit.layers (the covariance statistics are computed for those)",
         )
     e = p.evaluate
@@ -274,15 +275,6 @@ def validate(p: Params) -> None:
         "evaluate.attribute_snippets, evaluate.idf and evaluate.tfidf_vocab go together",
         "set all three (MEMIT's attribute_snippets.json, idf.npy, tfidf_vocab.json) or none",
     )
-
-
-def edited_layers(p: Params) -> list[int]:
-    """The layers the chosen method writes: one for ROME and fine-tuning, edit.layers otherwise."""
-    if p.method == "rome":
-        return [p.rome.layer]
-    if p.method in ("ft-l", "ft-m"):
-        return [p.ft.layer]
-    return list(p.edit.layers)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:

@@ -1,60 +1,117 @@
-"""What distinguishes the editing methods, in one table; everything else they share.
+"""The method registry: what each editing method needs from the pipeline and how it updates.
 
-Every method runs through the same stages and library functions (keys, z, covariance, the solve of
-ece.update). A method is only a choice of: which layers it writes, whether it restricts the columns
-(ECE's attribution) and clusters z (ECE's two steps), how the solve is regularised, and whether it
-remembers earlier batches' keys (the cache P). FT-L/FT-M instead fine-tune one W_out (ece.finetune).
+Every method runs through the same stages and library functions (keys and z of ece.edit, the
+covariance, the solves of ece.edit.solve, the sequential ece.edit.editor.Editor). A method is only a
+registry entry: which layers it writes, whether it needs z and the covariance statistics, whether it
+restricts the columns (ECE's attribution) and clusters z (ECE's two steps), how the solve is
+regularised, whether it remembers earlier batches' keys (the cache P), and whether it needs an editor
+trained beforehand. The stages, the CLI and the programmatic API read these fields; none branches on a
+method's name. Adding a method = its update code under ece/edit/ + one entry in REGISTRY.
+
+This module imports no torch and no other wing, so ece.config can validate `method` against it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
-from ece.config import FtCfg, Params, edited_layers
+if TYPE_CHECKING:
+    from ece.config import FtCfg, Params
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registry entry: the method's needs (read by the stages) and its update settings."""
+
+    name: str
+    summary: str  # one line for help texts and reports
+    needs_z: bool  # closed-form methods; fine-tuning uses the prompts directly
+    needs_covariance: bool  # λ·C0 in the solve or AlphaEdit's null space
+    selects_columns: bool  # ECE: only the attributed columns may change
+    clusters: bool  # ECE: z warm-started within groups (z.warm_start)
+    use_cache: bool  # P += K Kᵀ after each batch (ECE, AlphaEdit)
+    per_fact: bool  # ROME: one rank-one update per fact, in order
+    trained_editor: bool  # MEND/SERAC: an editor trained before editing (not implemented yet)
+    layer_param: str | None  # a params section whose `layer` is the only layer written (rome, ft)
+    settings: Callable[[Params], dict[str, Any]]  # mom2_weight, nullspace_threshold, l2, ft, target_only
+    describe: Callable[[Params], str]  # the update settings, for reports
+
+
+def _ridge(p: Params) -> dict[str, Any]:
+    return {"mom2_weight": p.update.mom2_update_weight}
+
+
+def _ft(target_only: bool) -> Callable[[Params], dict[str, Any]]:
+    return lambda p: {"mom2_weight": 0.0, "ft": p.ft, "target_only": target_only}
+
+
+def _ft_text(p: Params, loss: str) -> str:
+    return f"lr {p.ft.lr:g}, {p.ft.steps} steps, L∞ {p.ft.norm_constraint:g}, loss on {loss}"
+
+
+_CLOSED_FORM = dict(needs_z=True, needs_covariance=True, per_fact=False, trained_editor=False, layer_param=None)
+_FINETUNE = dict(needs_z=False, needs_covariance=False, selects_columns=False, clusters=False, use_cache=False,
+                 per_fact=False, trained_editor=False, layer_param="ft")
+
+REGISTRY: dict[str, MethodSpec] = {s.name: s for s in [
+    MethodSpec("ece", "attributed columns, clustered z, cache of earlier batches", selects_columns=True, clusters=True,
+               use_cache=True, settings=_ridge, describe=lambda p: f"mom2_update_weight {p.update.mom2_update_weight}",
+               **_CLOSED_FORM),
+    MethodSpec("memit", "every column of every edited layer, plain z per fact", selects_columns=False, clusters=False,
+               use_cache=False, settings=_ridge, describe=lambda p: f"mom2_update_weight {p.update.mom2_update_weight}",
+               **_CLOSED_FORM),
+    MethodSpec("alphaedit", "MEMIT's update projected on C0's null space, cache of earlier batches",
+               selects_columns=False, clusters=False, use_cache=True,
+               settings=lambda p: {"mom2_weight": 0.0, "nullspace_threshold": p.alphaedit.nullspace_threshold,
+                                   "l2": p.alphaedit.l2},
+               describe=lambda p: f"null space of C0 below {p.alphaedit.nullspace_threshold:g}, l2 {p.alphaedit.l2:g}",
+               **_CLOSED_FORM),
+    MethodSpec("rome", "one rank-one update per fact on one layer", needs_z=True, needs_covariance=True,
+               selects_columns=False, clusters=False, use_cache=False, per_fact=True, trained_editor=False,
+               layer_param="rome", settings=lambda p: {"mom2_weight": p.rome.mom2_update_weight},
+               describe=lambda p: f"rank one per fact, mom2_update_weight {p.rome.mom2_update_weight:g}"),
+    MethodSpec("ft-l", "constrained fine-tuning of one W_out", settings=_ft(False),
+               describe=lambda p: _ft_text(p, "prompt + target"), **_FINETUNE),
+    MethodSpec("ft-m", "constrained fine-tuning of one W_out, loss masked to the target", settings=_ft(True),
+               describe=lambda p: _ft_text(p, "the target only"), **_FINETUNE),
+]}
+
+# Named by the ECE paper, not implemented yet: each needs an editor trained on edit data.
+NOT_YET_SUPPORTED = ("mend", "serac")
 
 
 @dataclass(frozen=True)
 class Method:
+    """A registry entry resolved against one params file: what the Editor and the stages run."""
+
     name: str
     layers: tuple[int, ...]  # the W_out it writes, ascending
-    selects_columns: bool  # ECE: only the attributed columns may change
-    clusters: bool  # ECE: two-step z from cluster anchors; others: plain z per fact
-    needs_z: bool  # closed-form methods; fine-tuning uses the prompts directly
+    selects_columns: bool
+    clusters: bool
+    needs_z: bool
     mom2_weight: float  # λ of λ·C0 in the solve (AlphaEdit: 0, it projects instead)
-    use_cache: bool  # P += K Kᵀ after each batch (ECE, AlphaEdit)
-    per_fact: bool  # ROME: one rank-one update per fact, in order
-    nullspace_threshold: float | None  # AlphaEdit: solve in C0's null space
-    l2: float  # AlphaEdit: weight of ‖Δ‖²
-    ft: FtCfg | None  # FT-L / FT-M settings
-    target_only: bool  # FT-M: loss on the target tokens only
+    use_cache: bool
+    per_fact: bool
+    nullspace_threshold: float | None = None  # AlphaEdit: solve in C0's null space
+    l2: float = 0.0  # AlphaEdit: weight of ‖Δ‖²
+    ft: FtCfg | None = None  # FT-L / FT-M settings
+    target_only: bool = False  # FT-M: loss on the target tokens only
+
+
+def edited_layers(p: Params) -> list[int]:
+    """The layers the chosen method writes: its `layer_param` section's layer, or edit.layers."""
+    section = REGISTRY[p.method].layer_param
+    return [getattr(p, section).layer] if section else list(p.edit.layers)
 
 
 def method_of(p: Params) -> Method:
-    name = p.method
-    return Method(
-        name=name,
-        layers=tuple(edited_layers(p)),
-        selects_columns=name == "ece",
-        clusters=name == "ece",
-        needs_z=name not in ("ft-l", "ft-m"),
-        mom2_weight={"rome": p.rome.mom2_update_weight, "alphaedit": 0.0}.get(name, p.update.mom2_update_weight),
-        use_cache=name in ("ece", "alphaedit"),
-        per_fact=name == "rome",
-        nullspace_threshold=p.alphaedit.nullspace_threshold if name == "alphaedit" else None,
-        l2=p.alphaedit.l2 if name == "alphaedit" else 0.0,
-        ft=p.ft if name in ("ft-l", "ft-m") else None,
-        target_only=name == "ft-m",
-    )
+    spec = REGISTRY[p.method]
+    return Method(name=spec.name, layers=tuple(edited_layers(p)), selects_columns=spec.selects_columns,
+                  clusters=spec.clusters, needs_z=spec.needs_z, use_cache=spec.use_cache, per_fact=spec.per_fact,
+                  **spec.settings(p))
 
 
 def describe(p: Params) -> str:
     """The update settings of the chosen method, for reports."""
-    ft = f"lr {p.ft.lr:g}, {p.ft.steps} steps, L∞ {p.ft.norm_constraint:g}"
-    return {
-        "ece": f"mom2_update_weight {p.update.mom2_update_weight}",
-        "memit": f"mom2_update_weight {p.update.mom2_update_weight}",
-        "alphaedit": f"null space of C0 below {p.alphaedit.nullspace_threshold:g}, l2 {p.alphaedit.l2:g}",
-        "rome": f"rank one per fact, mom2_update_weight {p.rome.mom2_update_weight:g}",
-        "ft-l": f"{ft}, loss on prompt + target",
-        "ft-m": f"{ft}, loss on the target only",
-    }[p.method]
+    return REGISTRY[p.method].describe(p)

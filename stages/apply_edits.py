@@ -5,7 +5,7 @@ the method's update (ece.methods: ECE's restricted solve on the batch's selected
 all columns, ROME's rank-one solve per fact, AlphaEdit's null-space solve, FT-L/FT-M's constrained
 fine-tuning), and for ECE and AlphaEdit the cache P += K Kᵀ.
 
-Crash safety: after every batch a checkpoint (ece.checkpoint) is committed to `.cache/checkpoint/
+Crash safety: after every batch a checkpoint (ece.audit.checkpoint) is committed to `.cache/checkpoint/
 apply_edits/`: the batch's changed columns, its ledger rows and P. A rerun after a kill at any moment
 restores the finished batches from the stored columns onto the freshly loaded original weights (bit
 for bit, nothing recomputed, no batch applied twice) and goes on with the next one. The checkpoint is
@@ -19,7 +19,7 @@ reports/timings.json. The checkpoint is deleted once they are in place.
 Guards: a NaN/Inf update, one whose norm exceeds update.max_update_norm, or normal equations that are
 not positive definite stop the stage with an error before anything is saved (the failing batch is
 reverted; the finished ones stay in the checkpoint). The condition number of every solved system
-goes into the ledger, with a warning above ece.ledger.COND_WARN.
+goes into the ledger, with a warning above ece.audit.ledger.COND_WARN.
 
 Test hook: ECE_TEST_BATCH_DELAY=<seconds> sleeps that long after each batch's checkpoint commit, so
 that tests/test_resume.py can kill the process between two batches. Unset (the default), it does nothing.
@@ -40,22 +40,47 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from ece.attribution import batch_selection, neuron_scores
-from ece.checkpoint import Checkpoint
-from ece.codehash import code_hash
+from ece.artifacts import (
+    ATTRIBUTION,
+    ATTRIBUTION_TIMINGS,
+    CLUSTER_TIMINGS,
+    CLUSTERS,
+    COVARIANCE,
+    EDITED,
+    PREPARED,
+    Z_DIR,
+    Z_TIMINGS,
+)
+from ece.audit.checkpoint import Checkpoint
+from ece.audit.ledger import (
+    COND_WARN,
+    LEDGER,
+    LEDGER_MD,
+    LEDGER_RUNS,
+    LEDGER_SCHEMA,
+    RUN_PHASES,
+    delta_name,
+    git_revision,
+    layer_summary,
+    ledger_markdown,
+    params_hash,
+    put_columns,
+    write_provenance,
+)
 from ece.config import Params
-from ece.covariance import load_covariance
-from ece.data import dataset_hash
-from ece.editing import Editor
+from ece.data.codehash import code_hash
+from ece.data.facts import Fact, batch_ranges, read_facts
+from ece.data.io import atomic_dir, read_timings, sha256_file, sha256_json, write_json, write_text
+from ece.data.loaders import dataset_hash
+from ece.edit.attribution import batch_selection, neuron_scores
+from ece.edit.covariance import load_covariance
+from ece.edit.editor import Editor
+from ece.edit.keys import keys_and_hidden
+from ece.edit.zvec import read_z
 from ece.errors import EceError
-from ece.io import atomic_dir, sha256_file, sha256_json, write_json, write_text
-from ece.keys import Fact, keys_and_hidden
 from ece.methods import method_of
-from ece.ledger import (COND_WARN, LEDGER, LEDGER_MD, LEDGER_RUNS, LEDGER_SCHEMA, RUN_PHASES, delta_name, git_revision,
-                        layer_summary, ledger_markdown, params_hash, put_columns, write_provenance)
-from ece.models import save_model
-from ece.pipeline import (ATTRIBUTION, ATTRIBUTION_TIMINGS, CLUSTER_TIMINGS, CLUSTERS, COVARIANCE, EDITED, PREPARED,
-                          Z_DIR, Z_TIMINGS, Workbench, batch_ranges, read_facts, read_timings, read_z)
+from ece.model.loading import save_model
+from ece.model.workbench import Workbench
 from ece.stage import run_stage
 
 # Outside DVC on purpose: a checkpoint is machine-local scratch state of one interrupted run, not a

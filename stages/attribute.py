@@ -12,11 +12,13 @@ import time
 
 import polars as pl
 
-from ece.attribution import batch_selection, neuron_scores, select_prefix
+from ece.artifacts import ATTRIBUTION, ATTRIBUTION_TIMINGS
 from ece.config import Params
-from ece.io import atomic_dir, write_json
-from ece.keys import keys_and_hidden
-from ece.pipeline import ATTRIBUTION, ATTRIBUTION_TIMINGS, Workbench, batch_ranges, read_facts
+from ece.data.facts import batch_ranges, read_facts
+from ece.data.io import atomic_dir, write_json
+from ece.edit.attribution import batch_selection, neuron_scores, select_prefix
+from ece.edit.keys import keys_and_hidden
+from ece.model.workbench import Workbench
 from ece.stage import run_stage
 
 

@@ -11,11 +11,12 @@ import time
 
 import polars as pl
 
-from ece.clustering import cluster_facts
+from ece.artifacts import ATTRIBUTION, CLUSTER_TIMINGS, CLUSTERS
 from ece.config import Params
-from ece.io import atomic_dir, write_json
+from ece.data.facts import batch_ranges, read_facts
+from ece.data.io import atomic_dir, write_json
+from ece.edit.clustering import cluster_facts
 from ece.methods import method_of
-from ece.pipeline import ATTRIBUTION, CLUSTER_TIMINGS, CLUSTERS, batch_ranges, read_facts
 from ece.stage import run_stage
 
 

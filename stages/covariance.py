@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 
-from ece.adapter import ModelAdapter
 from ece.config import Params
-from ece.covariance import corpus_texts, save_covariance, second_moments
-from ece.io import sha256_file, write_json
-from ece.models import load_model, model_fingerprint
+from ece.data.io import sha256_file, write_json
+from ece.edit.covariance import corpus_texts, save_covariance, second_moments
+from ece.model.adapter import ModelAdapter
+from ece.model.loading import load_model, model_fingerprint
 from ece.stage import run_stage
 
 OUT = "artifacts/covariance/c0.safetensors"

@@ -2,11 +2,11 @@
 
 Both models are scored in the same run with the same code, so "pre" and "post" differ only in the
 weights. Per model ("phase"):
-- rewrite metrics of every fact (ece.metrics: efficacy, generalization, specificity, score);
+- rewrite metrics of every fact (ece.eval.metrics: efficacy, generalization, specificity, score);
 - fluency and consistency of sampled generations (ece.generation; CounterFact-style facts with
   generation prompts only, null otherwise). Without MEMIT's reference files consistency is
   APPROXIMATE (Wikipedia references; `consistency_approximate` in metrics.json);
-- general ability (ece.general_ability: zero-shot SST-2, MRPC, CoLA, RTE, NLI, MMLU) and perplexity on
+- general ability (ece.eval.general_ability: zero-shot SST-2, MRPC, CoLA, RTE, NLI, MMLU) and perplexity on
   WikiText-2 test.
 With `evaluate.curve_every = j > 0` the rewrite metrics of all facts are also measured after every j-th
 batch (and the last), by replaying the stored per-batch column changes
@@ -35,17 +35,18 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from ece.adapter import ModelAdapter
-from ece.config import Params, edited_layers
-from ece.general_ability import general_ability, perplexity, read_tokens
-from ece.generation import References, fact_references, generation_metrics
-from ece.codehash import code_hash
-from ece.io import atomic_dir, atomic_path, sha256_json, sha256_tree, write_json, write_text
-from ece.ledger import delta_files, load_deltas, put_columns
-from ece.methods import describe
-from ece.metrics import REWRITE_METRICS, fact_metrics, family_of, summarise
-from ece.models import load_model, model_fingerprint
-from ece.pipeline import EDITED, read_facts
+from ece.artifacts import EDITED
+from ece.audit.ledger import delta_files, load_deltas, put_columns
+from ece.config import Params
+from ece.data.codehash import code_hash
+from ece.data.facts import read_facts
+from ece.data.io import atomic_dir, atomic_path, sha256_json, sha256_tree, write_json, write_text
+from ece.eval.general_ability import general_ability, perplexity, read_tokens
+from ece.eval.generation import References, fact_references, generation_metrics
+from ece.eval.metrics import REWRITE_METRICS, fact_metrics, family_of, summarise
+from ece.methods import describe, edited_layers
+from ece.model.adapter import ModelAdapter
+from ece.model.loading import load_model, model_fingerprint
 from ece.stage import run_stage
 
 PER_FACT = "reports/per_fact.parquet"
@@ -231,7 +232,7 @@ def render_summary(p: Params, df: pl.DataFrame, meta: dict[str, Any], results: d
     if approximate:
         lines += ["", f"**Consistency is {APPROX}**: no MEMIT attribute snippets / IDF files were given (or not for every fact), "
                   "so the references are Wikipedia lead paragraphs about or mentioning the new object and the IDF table "
-                  "comes from that corpus (see ece/generation.py). Compare pre with post; do not compare with published numbers."]
+                  "comes from that corpus (see ece/eval/generation.py). Compare pre with post; do not compare with published numbers."]
     lines += ["", "| metric | pre | post | Δ (post − pre) |", "|---|---:|---:|---:|"]
     for label, a, b in metric_rows(results, approximate):
         delta = _cell(b - a) if a is not None and b is not None else "n/a"

@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from dataclasses import asdict
+from pathlib import Path
 
 import polars as pl
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ece.codehash import code_hash
+from ece.artifacts import CLUSTERS, Z_DIR, Z_TIMINGS
 from ece.config import Params
-from ece.io import atomic_path, sha256_json, write_json
+from ece.data.codehash import code_hash
+from ece.data.facts import batch_ranges, read_facts
+from ece.data.io import atomic_path, sha256_json, write_json
+from ece.edit.zvec import compute_z, warm_start_groups
 from ece.methods import method_of
-from ece.pipeline import CLUSTERS, Z_DIR, Z_TIMINGS, Workbench, batch_ranges, read_facts
+from ece.model.workbench import Workbench
 from ece.stage import run_stage
-from ece.zvec import compute_z, warm_start_groups
-
 
 Z_SECONDS = Path(".cache/z_seconds.json")  # machine-local: seconds each cached z file took to compute
 INDEX_SCHEMA = {"id": pl.Utf8, "batch": pl.Int64, "file": pl.Utf8, "row": pl.Int64, "loss": pl.Float64,

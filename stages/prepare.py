@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ece.config import Params
-from ece.data import dataset_hash, load_edits, source_format
+from ece.data.io import atomic_dir, sha256_file, write_json, write_text
+from ece.data.loaders import dataset_hash, load_edits, source_format
+from ece.data.validation import validate_edits
 from ece.errors import EceError
-from ece.io import atomic_dir, sha256_file, write_json, write_text
 from ece.stage import run_stage
-from ece.validation import validate_edits
 
 PREPARED = Path("artifacts/prepared")
 REPORT = Path("reports/validation.md")

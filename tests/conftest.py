@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ece.keys import Fact
-from ece.models import tiny_model
+from ece.data.facts import Fact
+from ece.model.loading import tiny_model
 
 # The models are tiny: one thread is faster than several, and immune to OpenMP spin-waiting when
 # other processes share the cores.

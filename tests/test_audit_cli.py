@@ -15,11 +15,11 @@ import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
+from scratch_project import N_BATCHES, base_project, run_stage_inprocess
 
 from ece import cli
-from ece.adapter import ModelAdapter
-from ece.models import load_model, tiny_model
-from scratch_project import N_BATCHES, base_project, run_stage_inprocess
+from ece.model.adapter import ModelAdapter
+from ece.model.loading import load_model, tiny_model
 
 LAYERS = [1, 2]
 

@@ -36,13 +36,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from scratch_project import ROOT, base_project, inside, run_stage_inprocess, stage_env
 
 from ece import cli
 from ece.config import load_params
-from ece.covariance import save_covariance
+from ece.edit.covariance import save_covariance
 from ece.errors import EceError
 from ece.stage import run_stage
-from scratch_project import ROOT, base_project, inside, run_stage_inprocess, stage_env
 
 
 def snapshot(work: Path) -> dict[str, str]:

@@ -11,7 +11,7 @@ import pytest
 
 from ece.config import Params, load_params
 from ece.errors import EceError
-from ece.models import load_model
+from ece.model.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,7 @@ def test_unknown_hub_model_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_max_context_is_the_number_of_starter_words() -> None:
     from ece.config import MAX_CONTEXT
-    from ece.keys import STARTERS
+    from ece.model.prompts import STARTERS
 
     assert MAX_CONTEXT == len(STARTERS)
 

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import save_file
 
 from ece import covariance
-from ece.adapter import ModelAdapter
-from ece.covariance import corpus_texts, load_covariance, save_covariance, second_moments, token_chunks
+from ece.edit.covariance import corpus_texts, load_covariance, save_covariance, second_moments, token_chunks
 from ece.errors import EceError
-from ece.keys import document_start
-from ece.models import model_fingerprint
+from ece.model.adapter import ModelAdapter
+from ece.model.loading import model_fingerprint
+from ece.model.prompts import document_start
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -25,7 +25,7 @@ TEXTS = [
 
 
 def _plain_second_moments(model, tok, layers, n_tokens, seq_len) -> dict[int, torch.Tensor]:
-    """E[k kᵀ] written without ece.covariance: the corpus packed by hand, the whole model run on one
+    """E[k kᵀ] written without ece.edit.covariance: the corpus packed by hand, the whole model run on one
     chunk at a time with plain forward hooks, and float64 outer products summed token by token."""
     flat: list[int] = []
     for text in TEXTS:

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from ece.config import DataCfg
-from ece.data import SCHEMA, dataset_hash, generation_index, load_edits, prompts_for_subject, source_format
+from ece.data.loaders import SCHEMA, dataset_hash, generation_index, load_edits, prompts_for_subject, source_format
 from ece.errors import EceError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ece.codehash import code_hash, import_closure
+from ece.data.codehash import code_hash, import_closure
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

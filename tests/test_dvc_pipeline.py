@@ -17,7 +17,6 @@ import polars as pl
 import pytest
 import yaml
 from polars.testing import assert_frame_equal
-
 from scratch_project import set_params, write_data, write_facts, write_params
 
 ROOT = Path(__file__).resolve().parents[1]

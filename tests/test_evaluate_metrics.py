@@ -1,4 +1,4 @@
-"""Rewrite metrics (ece.metrics) and the `evaluate` stage end to end on a tiny model."""
+"""Rewrite metrics (ece.eval.metrics) and the `evaluate` stage end to end on a tiny model."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import ece.metrics
-from ece.adapter import ModelAdapter
+import ece.eval.metrics
 from ece.config import load_params
-from ece.data import SCHEMA
-from ece.metrics import fact_metrics, summarise
-from ece.models import save_model, tiny_model
-from ece.zvec import target_ids
+from ece.data.loaders import SCHEMA
+from ece.edit.zvec import target_ids
+from ece.eval.metrics import fact_metrics, summarise
+from ece.model.adapter import ModelAdapter
+from ece.model.loading import save_model, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def new_object_always_wins(monkeypatch, tiny_llama) -> pl.DataFrame:
         wins = torch.tensor([0.0 if c in new else -3.0 for c in conts])
         return wins, (wins == 0).float()
 
-    monkeypatch.setattr(ece.metrics, "continuation_scores", fake)
+    monkeypatch.setattr(ece.eval.metrics, "continuation_scores", fake)
     return fact_metrics(model, tok, df)
 
 
@@ -110,11 +110,11 @@ def test_constructed_model_favouring_the_new_object_fails_specificity(tiny_llama
 def test_metrics_follow_the_weights(tiny_llama):
     model, tok = tiny_llama
     df = facts_table()
-    before = ece.metrics.continuation_scores(model, tok, ["Paris is the capital of"], [" Italy"])[0]
+    before = ece.eval.metrics.continuation_scores(model, tok, ["Paris is the capital of"], [" Italy"])[0]
     first = fact_metrics(model, tok, df)
     with torch.no_grad():
         ModelAdapter(model).w_out_weight(1)[:, :8] += 1.0
-    after = ece.metrics.continuation_scores(model, tok, ["Paris is the capital of"], [" Italy"])[0]
+    after = ece.eval.metrics.continuation_scores(model, tok, ["Paris is the capital of"], [" Italy"])[0]
     assert not torch.allclose(before, after)
     fresh, _ = tiny_model("tiny-llama", seed=0)  # the unedited weights give the first numbers again
     assert fact_metrics(fresh, tok, df).equals(first)

@@ -1,4 +1,4 @@
-"""General ability (ece.general_ability): metrics by hand, label mapping, label scoring, perplexity."""
+"""General ability (ece.eval.general_ability): metrics by hand, label mapping, label scoring, perplexity."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ece.general_ability as ga
-import ece.scoring
-from ece.general_ability import (
+import ece.eval.general_ability as ga
+import ece.eval.scoring
+from ece.eval.general_ability import (
     Example,
     accuracy,
     f1,
@@ -24,7 +24,7 @@ from ece.general_ability import (
     read_tokens,
     task_metrics,
 )
-from ece.keys import document_start
+from ece.model.prompts import document_start
 
 DATA = "data/general"
 
@@ -88,7 +88,7 @@ def test_single_token_shortcut_equals_continuation_scores(monkeypatch, tiny_llam
         return tok(label[:1], add_special_tokens=False).input_ids
 
     monkeypatch.setattr(ga, "target_ids", one_token)
-    monkeypatch.setattr(ece.scoring, "target_ids", one_token)
+    monkeypatch.setattr(ece.eval.scoring, "target_ids", one_token)
     examples = [Example("Is it raining? Answer:", ("yes", "no"), 0), Example("Pick one:", ("A", "B", "C"), 1),
                 Example("x", ("yes", "no"), 1)]
     fast = label_scores(model, tok, examples, batch_size=2, shortcut=True)

@@ -1,4 +1,4 @@
-"""Fluency and consistency (ece.generation): hand-computed values on tiny inputs, and batched sampling."""
+"""Fluency and consistency (ece.eval.generation): hand-computed values on tiny inputs, and batched sampling."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ece.errors import EceError
-from ece.generation import (
+from ece.eval.generation import (
     TfIdf,
     WikiReferences,
     build_tfidf,

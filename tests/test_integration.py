@@ -15,9 +15,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ece.adapter import ModelAdapter
-from ece.metrics import fact_metrics
-from ece.models import load_model
+from ece.eval.metrics import fact_metrics
+from ece.model.adapter import ModelAdapter
+from ece.model.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "covariance", "attribute", "cluster", "precompute_z", "apply_edits"]

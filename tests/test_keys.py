@@ -7,9 +7,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ece.adapter import ModelAdapter
+from ece.edit.keys import keys_and_hidden, templated
 from ece.errors import EceError
-from ece.keys import Fact, context_templates, document_start, encode, keys_and_hidden, templated
+from ece.model.adapter import ModelAdapter
+from ece.model.prompts import context_templates, document_start, encode
 
 CASES = [  # (prompt, subject): subject at the start, in the middle, at the end
     ("{} is the capital of", "Paris"),

@@ -22,11 +22,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from scratch_project import FACTS, N_BATCHES, method_project, run_stage_inprocess
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ece.models import tiny_model
-from scratch_project import FACTS, N_BATCHES, method_project, run_stage_inprocess
+from ece.model.loading import tiny_model
 
 METHODS = ("ece", "memit", "alphaedit", "rome", "ft-l", "ft-m")
 SINGLE_LAYER = 2  # rome.layer and ft.layer: one of the scratch project's edit.layers

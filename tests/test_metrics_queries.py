@@ -9,8 +9,8 @@ from pathlib import Path
 import polars as pl
 
 from ece.config import DataCfg
-from ece.data import load_edits
-from ece.metrics import families, family_of, queries
+from ece.data.loaders import load_edits
+from ece.eval.metrics import families, family_of, queries
 
 ROOT = Path(__file__).resolve().parents[1]
 ZSRE = ROOT / "data/zsre/zsre_mem_eval_837.json"

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ece.adapter import ARCHITECTURES, ModelAdapter
+from ece.edit.zvec import split_at_subject
 from ece.errors import EceError
-from ece.models import load_model, model_fingerprint, save_model, tiny_model
-from ece.zvec import split_at_subject
+from ece.model.adapter import ARCHITECTURES, ModelAdapter
+from ece.model.loading import load_model, model_fingerprint, save_model, tiny_model
 
 
 def _batch(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

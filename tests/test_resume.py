@@ -16,9 +16,9 @@ import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
-
-import ece.checkpoint
 from scratch_project import N_BATCHES, ROOT, base_project, run_stage_inprocess, run_stage_subprocess, stage_env
+
+import ece.audit.checkpoint
 
 CKPT = Path(".cache/checkpoint/apply_edits")
 
@@ -93,18 +93,18 @@ def test_crash_inside_a_commit_redoes_only_the_unfinished_batch(reference: Path,
                                                                  monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """Killed after batch 1's delta and rows were written but before its state.json: batch 1 is not done."""
     work = base_project(tmp_path_factory, "commit_crash")
-    real = ece.checkpoint.write_json
+    real = ece.audit.checkpoint.write_json
 
     def crash(path, obj):
         if Path(path).name == "state.json" and obj["last_batch"] == 1:
             raise KeyboardInterrupt("simulated kill")
         real(path, obj)
 
-    monkeypatch.setattr(ece.checkpoint, "write_json", crash)
+    monkeypatch.setattr(ece.audit.checkpoint, "write_json", crash)
     with pytest.raises(KeyboardInterrupt):
         run_stage_inprocess(work, "apply_edits")
     assert (work / CKPT / "delta-batch-0001.safetensors").exists() and not (work / "artifacts/edited").exists()
-    monkeypatch.setattr(ece.checkpoint, "write_json", real)
+    monkeypatch.setattr(ece.audit.checkpoint, "write_json", real)
     capsys.readouterr()
     run_stage_inprocess(work, "apply_edits")
     out = capsys.readouterr().out

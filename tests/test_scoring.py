@@ -1,4 +1,4 @@
-"""Teacher-forced scores (ece.scoring) and zsRE token accuracy against values computed independently.
+"""Teacher-forced scores (ece.eval.scoring) and zsRE token accuracy against values computed independently.
 
 The reference values come from plain loops over the model or from a hand-made model whose argmax is
 known, never from the batched code under test, so a padding, ordering or off-by-one error shows.
@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ece.config import DataCfg
-from ece.data import load_edits
-from ece.metrics import fact_metrics, family_of
-from ece.models import tiny_model
-from ece.scoring import continuation_scores
+from ece.data.loaders import load_edits
+from ece.eval.metrics import fact_metrics, family_of
+from ece.eval.scoring import continuation_scores
+from ece.model.loading import tiny_model
 
 DOC_START = "<|endoftext|>"
 TEXTS = ["Paris is the capital of", "The mother tongue of Danielle Darrieux is", "Toko Yasuda plays the"]

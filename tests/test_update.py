@@ -7,16 +7,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ece.adapter import ModelAdapter
 from ece.config import AlphaEditCfg, EditCfg, FtCfg, Params, RomeCfg, UpdateCfg
-from ece.covariance import second_moments
-from ece.editing import Editor
+from ece.edit.covariance import second_moments
+from ece.edit.editor import Editor
+from ece.edit.finetune import finetune_labels
+from ece.edit.keys import keys_and_hidden
+from ece.edit.solve import nullspace_basis, projected_update, restricted_update
+from ece.edit.zvec import target_ids
 from ece.errors import EceError
-from ece.keys import keys_and_hidden
 from ece.methods import Method, method_of
-from ece.finetune import finetune_labels
-from ece.update import nullspace_basis, projected_update, restricted_update
-from ece.zvec import target_ids
+from ece.model.adapter import ModelAdapter
 
 F_DIM, D_DIM = 12, 5
 

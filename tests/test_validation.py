@@ -14,9 +14,9 @@ import polars as pl
 import pytest
 
 from ece.config import DataCfg, Params
-from ece.data import dataset_hash, load_edits
+from ece.data.loaders import dataset_hash, load_edits
+from ece.data.validation import validate_edits
 from ece.errors import EceError
-from ece.validation import validate_edits
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPACT = ROOT / "data/counterfact/counterfact_compact_0-19999.json"

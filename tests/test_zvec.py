@@ -6,11 +6,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ece.adapter import ModelAdapter
 from ece.config import ZCfg
-from ece.keys import Fact, document_start, keys_and_hidden
-from ece.zvec import (ZProblem, ZState, build_problem, clamp_rows, compute_z, fact_losses, optimise, row_lr, target_ids,
-                      two_step_z, warm_start_groups)
+from ece.data.facts import Fact
+from ece.edit.keys import keys_and_hidden
+from ece.edit.zvec import (
+    ZProblem,
+    ZState,
+    build_problem,
+    clamp_rows,
+    compute_z,
+    fact_losses,
+    optimise,
+    row_lr,
+    target_ids,
+    two_step_z,
+    warm_start_groups,
+)
+from ece.model.adapter import ModelAdapter
+from ece.model.prompts import document_start
 
 LAYER = 2
 TEMPLATES = ["{}", "Once upon a time. {}"]

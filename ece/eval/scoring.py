@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from ece.keys import encode
-from ece.zvec import target_ids
+from ece.edit.zvec import target_ids
+from ece.model.prompts import encode
 
 
 @torch.no_grad()

@@ -1,7 +1,9 @@
-"""Prompt encoding and key computation: the inputs of W_out at the subject's last token.
+"""Prompt encoding shared by every stage and method: the document start, the subject's last token,
+MEMIT's context prefixes, and greedy completions.
 
-Keys are averaged over context-prefixed variants of the prompt (MEMIT), so that an edit is written
-for the subject in many contexts, not only at the start of a text.
+Keys are read over context-prefixed variants of a prompt (MEMIT), so that an edit is written for the
+subject in many contexts, not only at the start of a text; the prefixes are greedy continuations of
+fixed starter words, hence a pure function of the model.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from ece.adapter import ModelAdapter
 from ece.errors import EceError
 
 STARTERS = ("The", "Therefore", "Because", "I", "You", "It", "She", "In", "When", "A")
@@ -29,20 +30,6 @@ def document_start(tok: PreTrainedTokenizerBase) -> list[int]:
         return []  # the tokenizer adds its own BOS
     sep = tok.convert_tokens_to_ids(DOC_SEPARATOR) if DOC_SEPARATOR in tok.get_vocab() else None
     return [sep] if sep is not None else []
-
-
-@dataclass(frozen=True)
-class Fact:
-    """What editing needs of one canonical edit request."""
-
-    id: str
-    subject: str
-    prompt: str  # contains exactly one "{}" for the subject
-    target_new: str
-
-    @classmethod
-    def from_row(cls, row: dict) -> "Fact":
-        return cls(row["id"], row["subject"], row["prompt"], row["target_new"])
 
 
 @torch.no_grad()
@@ -112,45 +99,8 @@ def encode(
     return Encoded(ids, mask, torch.tensor(positions), mask.sum(1))
 
 
-def templated(facts: list[Fact], templates: list[str]) -> tuple[list[str], list[str]]:
-    """Prompts and subjects for every (fact, template) pair, fact-major."""
-    prompts = [t.replace("{}", f.prompt) for f in facts for t in templates]
-    subjects = [f.subject for f in facts for _ in templates]
-    return prompts, subjects
-
-
 def at_positions(x: Tensor, pos: Tensor) -> Tensor:
     """x[b, pos[b]] for every row b."""
     return x[torch.arange(x.shape[0]), pos]
 
 
-def template_weights(n_templates: int) -> Tensor:
-    """Weights of the templates in a fact's key, MEMIT's: averaged within each kind of context (the
-    bare prompt; the generated prefixes) and then across the kinds, so the bare prompt weighs ½ and
-    each of the n−1 prefixes ½/(n−1)."""
-    if n_templates == 1:
-        return torch.ones(1)
-    return torch.tensor([0.5] + [0.5 / (n_templates - 1)] * (n_templates - 1))
-
-
-@torch.no_grad()
-def keys_and_hidden(
-    adapter: ModelAdapter,
-    tok: PreTrainedTokenizerBase,
-    facts: list[Fact],
-    templates: list[str],
-    key_layers: list[int],
-    out_layer: int | None = None,
-) -> tuple[dict[int, Tensor], Tensor | None]:
-    """Keys (n, f) per layer averaged over templates (`template_weights`), and the block output of `out_layer` (n, d)
-    at the subject on the bare prompt (template "{}", which must come first)."""
-    prompts, subjects = templated(facts, templates)
-    enc = encode(tok, prompts, subjects)
-    keys, outs = adapter.trace(enc.input_ids, enc.attention_mask, key_layers, [out_layer] if out_layer is not None else [])
-    n, t = len(facts), len(templates)
-    w = template_weights(t).to(next(iter(keys.values())).dtype)[None, :, None] if keys else None
-    mean_keys = {l: (at_positions(k, enc.subject_pos).reshape(n, t, -1) * w).sum(1) for l, k in keys.items()}
-    hidden = None
-    if out_layer is not None:
-        hidden = at_positions(outs[out_layer], enc.subject_pos).reshape(n, t, -1)[:, 0]
-    return mean_keys, hidden

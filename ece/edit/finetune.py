@@ -13,10 +13,11 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ece.adapter import ModelAdapter
 from ece.config import FtCfg
-from ece.keys import Fact, encode
-from ece.zvec import target_ids
+from ece.data.facts import Fact
+from ece.edit.zvec import target_ids
+from ece.model.adapter import ModelAdapter
+from ece.model.prompts import encode
 
 
 def finetune_labels(tok: PreTrainedTokenizerBase, facts: list[Fact], target_only: bool) -> tuple[Tensor, Tensor, Tensor]:

@@ -14,13 +14,13 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from ece.adapter import ModelAdapter
+from ece.data.facts import Fact
+from ece.edit.finetune import finetune_delta
+from ece.edit.keys import keys_and_hidden
+from ece.edit.solve import nullspace_basis, projected_update, restricted_update
 from ece.errors import EceError
-from ece.finetune import finetune_delta
-from ece.keys import Fact, keys_and_hidden
 from ece.methods import Method
-from ece.update import nullspace_basis, projected_update, restricted_update
-
+from ece.model.adapter import ModelAdapter
 
 PHASES = ("keys", "solve", "cache")  # where an update's seconds go: keys on the current model, the
 # solve (fine-tuning counts as solve), and growing the cache P

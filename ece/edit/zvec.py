@@ -13,15 +13,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+import polars as pl
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ece.adapter import KV, ModelAdapter
+from ece.artifacts import Z_DIR
 from ece.config import ZCfg
-from ece.keys import Fact, at_positions, encode, templated
+from ece.data.facts import Fact
+from ece.edit.keys import templated
+from ece.errors import EceError
+from ece.model.adapter import KV, ModelAdapter
+from ece.model.prompts import at_positions, encode
 
 KL_TEMPLATE = "{} is a"
 BETAS = (0.9, 0.999)
@@ -356,3 +362,12 @@ def compute_z(
     cat = lambda name: torch.cat([getattr(r, name) for r in parts])  # noqa: E731
     losses = FactLosses(*(torch.cat([getattr(r.losses, k) for r in parts]) for k in ("total", "nll", "kl")))
     return ZResult(cat("z"), cat("delta"), cat("h"), losses, cat("steps"))
+
+
+def read_z(batch: int) -> tuple[Tensor, Tensor]:
+    """z and h (n, d) of one batch, in the batch's fact order, from the precompute_z cache."""
+    index = pl.read_parquet(Z_DIR / "index.parquet").filter(pl.col("batch") == batch)
+    if index.is_empty():
+        raise EceError(f"no z for batch {batch}", "rerun the precompute_z stage: dvc repro precompute_z")
+    with safe_open(str(Z_DIR / "cache" / index["file"][0]), framework="pt") as f:
+        return f.get_tensor("z"), f.get_tensor("h")

@@ -34,12 +34,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ece.adapter import ModelAdapter
+from ece.artifacts import EDITED
 from ece.config import Params
-from ece.editing import LayerChange
+from ece.data.io import atomic_path, sha256_json, write_json
+from ece.edit.editor import LayerChange
 from ece.errors import EceError
-from ece.io import atomic_path, sha256_json, write_json
-from ece.pipeline import EDITED
+from ece.model.adapter import ModelAdapter
 
 LEDGER = EDITED / "ledger.parquet"
 LEDGER_RUNS = Path("reports/ledger_runs.json")
@@ -73,7 +73,7 @@ LEDGER_SCHEMA: dict[str, pl.DataType] = {
 }
 # Per batch in LEDGER_RUNS: "batch", "n_facts", the seconds of each of RUN_PHASES, "session" (the
 # process that computed the batch; differs across a resume), "git_revision", "finished_at" (UTC, ISO 8601).
-RUN_PHASES = ("attribution", "clustering", "z", "update")  # "update" = keys + solve + cache (ece.editing.PHASES)
+RUN_PHASES = ("attribution", "clustering", "z", "update")  # "update" = keys + solve + cache (ece.edit.editor.PHASES)
 
 
 # --- per-batch deltas ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The folder holds, for the run identified by `key` (a hash of everything the run depends on):
 
-- delta-batch-XXXX.safetensors: the columns batch XXXX changed, before and after (ece.ledger format);
+- delta-batch-XXXX.safetensors: the columns batch XXXX changed, before and after (ece.audit.ledger format);
 - rows-XXXX.json: the batch's ledger/timing rows;
 - cache-XXXX.safetensors: the reference-knowledge cache P of every edited layer after batch XXXX
   (only the newest is kept; absent for methods without a cache);
@@ -25,9 +25,9 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ece.editing import LayerChange
-from ece.io import atomic_path, write_json
-from ece.ledger import delta_name, read_delta, write_delta
+from ece.audit.ledger import delta_name, read_delta, write_delta
+from ece.data.io import atomic_path, write_json
+from ece.edit.editor import LayerChange
 
 STATE = "state.json"
 

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ece.config import AGGREGATIONS, SCORERS
 from ece.errors import EceError
 
 # Relative slack on the target mass, so float rounding never drops the last non-zero neuron at p = 1.
@@ -54,8 +55,7 @@ _SCORERS: dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor]] = {
     "wi_static": _wi_static,
     "rs": _rs,
 }
-SCORERS = tuple(_SCORERS)
-AGGREGATIONS = ("sum", "union")
+assert tuple(_SCORERS) == SCORERS, "ece.config.SCORERS lists the scorers implemented here"
 
 
 def neuron_scores(keys: Tensor, weight: Tensor, scorer: str, residual: Tensor | None = None) -> Tensor:

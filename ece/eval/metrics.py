@@ -27,8 +27,8 @@ import polars as pl
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ece.data import source_format
-from ece.scoring import continuation_scores
+from ece.data.loaders import source_format
+from ece.eval.scoring import continuation_scores
 
 REWRITE_METRICS = ("efficacy", "generalization", "specificity")
 COMPARISON, ACCURACY = "comparison", "accuracy"

@@ -20,10 +20,10 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ece.adapter import ModelAdapter
+from ece.data.io import atomic_path
 from ece.errors import EceError
-from ece.keys import document_start
-from ece.io import atomic_path
+from ece.model.adapter import ModelAdapter
+from ece.model.prompts import document_start
 
 
 def corpus_texts(path: str | Path) -> Iterator[str]:

@@ -4,7 +4,7 @@ Definitions (SPEC "Evaluation protocol", MEMIT's `test_generation`):
 
 - Generation: for each generation prompt, one sample of `max_new_tokens` new tokens, top-k sampling
   (MEMIT's `generate_fast` samples with top_k = 5, temperature 1), batched with LEFT padding and an
-  attention mask, after the tokenizer's document start (`ece.keys.document_start`: SmolLM2 needs
+  attention mask, after the tokenizer's document start (`ece.model.prompts.document_start`: SmolLM2 needs
   <|endoftext|> before a prompt). `torch.manual_seed(seed)` is set once before the first batch, so a
   run is reproducible; the pre- and post-edit models draw from the same random stream. The metrics
   read the WHOLE text, prompt included, as MEMIT does.
@@ -56,7 +56,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ece.errors import EceError
-from ece.keys import document_start
+from ece.model.prompts import document_start
 
 FLUENCY_WEIGHTS = {2: 2 / 3, 3: 4 / 3}
 _TERM = re.compile(r"(?u)\b\w\w+\b")  # sklearn's default token_pattern

@@ -9,18 +9,21 @@ read with `ast` (nothing is imported or run), cannot.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-from ece.io import sha256_file, sha256_json
+import yaml
 
-PROJECT = Path(__file__).resolve().parents[1]  # the folder that holds the `ece` package
+from ece.data.io import sha256_file, sha256_json
+
+PROJECT = Path(__file__).resolve().parents[2]  # the folder that holds the `ece` package
 
 
 def _module_files(name: str, root: Path) -> list[Path]:
     """The project files that `import name` runs: each package's __init__.py on the way, then the module.
 
-    Stops at the first part that is not a project package, so `ece.keys.Fact` (a class) gives
-    ece/__init__.py and ece/keys.py, and `torch.nn` gives nothing.
+    Stops at the first part that is not a project package, so `ece.data.facts.Fact` (a class) gives
+    ece/__init__.py, ece/data/__init__.py and ece/data/facts.py, and `torch.nn` gives nothing.
     """
     files: list[Path] = []
     folder = root
@@ -79,3 +82,48 @@ def code_hash(module_path: str | Path, root: Path = PROJECT) -> str:
         (f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name): sha256_file(f)
         for f in import_closure(module_path, root)
     })
+
+
+def sync_dvc_deps(dvc_yaml: Path, root: Path = PROJECT) -> list[str]:
+    """Rewrite the ece/ deps of every `python stages/<name>.py` stage in dvc.yaml to its script's import
+    closure, leaving every other line (comments, data deps) as it is; the names of the stages changed.
+
+    A new import then costs one command (`python -m ece.data.codehash`) instead of a hand edit that
+    tests/test_dvc_deps.py would otherwise have to catch.
+    """
+    lines = dvc_yaml.read_text(encoding="utf-8").splitlines(keepends=True)
+    out: list[str] = []
+    changed: list[str] = []
+    script: str | None = None
+    for line in lines:
+        head = re.match(r"^  \w+:\s*$", line)
+        cmd = re.match(r"^    cmd: python (stages/\w+\.py)\s*$", line)
+        if head:
+            script = None
+        elif cmd:
+            script = cmd.group(1)
+        if script and re.match(rf"^      - {re.escape(script)}\s*$", line):
+            out.append(line)
+            closure = [p.relative_to(root).as_posix() for p in import_closure(root / script, root)]
+            out.extend(f"      - {m}\n" for m in closure if m.startswith("ece/"))
+            continue
+        if script and re.match(r"^      - ece/\S+\.py\s*$", line):
+            continue  # replaced by the closure written after the script line
+        out.append(line)
+    new = "".join(out)
+    if new != "".join(lines):
+        old_deps = _stage_deps("".join(lines))
+        new_deps = _stage_deps(new)
+        changed = sorted(s for s in new_deps if new_deps[s] != old_deps.get(s))
+        dvc_yaml.write_text(new, encoding="utf-8")
+    return changed
+
+
+def _stage_deps(text: str) -> dict[str, list[str]]:
+    stages = yaml.safe_load(text)["stages"]
+    return {name: [d if isinstance(d, str) else next(iter(d)) for d in s.get("deps", [])] for name, s in stages.items()}
+
+
+if __name__ == "__main__":
+    touched = sync_dvc_deps(PROJECT / "dvc.yaml")
+    print(f"dvc.yaml: ece/ deps rewritten for {', '.join(touched)}" if touched else "dvc.yaml: ece/ deps already exact")

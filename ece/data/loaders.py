@@ -30,7 +30,7 @@ of strings) that mention the subject as a whole phrase.
 
 Reading fails with an EceError naming the file, the place and the fix (missing file, bad bytes,
 malformed JSON/CSV, wrong shape, non-string values); rules on the content (one "{}" per prompt, ...)
-are checked afterwards by `ece.validation`, so that all content defects are listed at once.
+are checked afterwards by `ece.data.validation`, so that all content defects are listed at once.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from typing import Any, Callable
 import polars as pl
 
 from ece.config import FORMATS, DataCfg
+from ece.data.io import sha256_bytes, sha256_json
 from ece.errors import EceError
-from ece.io import sha256_bytes, sha256_json
 
 SCHEMA: dict[str, pl.DataType] = {
     "id": pl.Utf8(),

@@ -2,7 +2,7 @@
 
 Zero-shot label-likelihood classification on the shipped GLUE / NLI / MMLU subsets (data/general):
 each example becomes one prompt (templates in `TEMPLATES`), every label word is scored as a
-continuation of it with `ece.scoring.continuation_scores` (mean per-token log-probability, so
+continuation of it with `ece.eval.scoring.continuation_scores` (mean per-token log-probability, so
 multi-token label words are not penalised for their length; single-token labels from one forward pass
 of the prompt, see `label_scores`), and the prediction is the label with the highest score (ties: the
 first label). The subset is deterministic: the first `n` records of each file
@@ -15,7 +15,7 @@ positives, or an MCC with a zero denominator, is 0.
 
 Perplexity on held-out text (WikiText-2 test): the first `n_tokens` tokens of the file (tokenized
 without special tokens) cut into consecutive non-overlapping windows of `window` tokens; each window is
-fed after the document start (`ece.keys.document_start`, or the BOS token of tokenizers that add their
+fed after the document start (`ece.model.prompts.document_start`, or the BOS token of tokenizers that add their
 own), so every one of the `n_tokens` tokens is predicted, and ppl = exp(mean NLL over those tokens).
 """
 
@@ -34,10 +34,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ece.config import GENERAL_TASKS
+from ece.edit.zvec import target_ids
 from ece.errors import EceError
-from ece.keys import document_start, encode
-from ece.scoring import continuation_scores
-from ece.zvec import target_ids
+from ece.eval.scoring import continuation_scores
+from ece.model.prompts import document_start, encode
 
 TASKS = GENERAL_TASKS
 
@@ -122,7 +122,7 @@ def label_scores(
     The general path scores each (prompt, label) pair with `continuation_scores`. When every label is
     ONE token (all six templates with the SmolLM2 and GPT-2 tokenizers) the same numbers come from one
     forward pass of each prompt, read at its last position: the prompt is encoded exactly as
-    `continuation_scores` encodes it (`ece.keys.encode`), so only the cost changes (1/len(labels)).
+    `continuation_scores` encodes it (`ece.model.prompts.encode`), so only the cost changes (1/len(labels)).
     """
     label_ids = {label: target_ids(tok, label) for e in examples for label in e.labels}
     if shortcut and all(len(ids) == 1 for ids in label_ids.values()):

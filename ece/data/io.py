@@ -94,3 +94,8 @@ def sha256_tree(path: str | Path) -> str:
 def sha256_json(obj: Any) -> str:
     """Hash of a JSON-able object in canonical form (sorted keys, no whitespace)."""
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+
+
+def read_timings(path: Path) -> dict[int, float]:
+    """Per-batch seconds recorded by a stage (batch index → seconds)."""
+    return {int(k): float(v) for k, v in json.loads(path.read_text()).items()} if path.exists() else {}

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 import polars as pl
 
-from ece.data import LIST_FIELDS, MAX_LISTED, REQUIRED_COLUMNS, SCHEMA, TEXT_FIELDS, row_label
+from ece.data.loaders import LIST_FIELDS, MAX_LISTED, REQUIRED_COLUMNS, SCHEMA, TEXT_FIELDS, row_label
 from ece.errors import EceError
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # offline: no usage statistics
@@ -40,7 +40,7 @@ _OPTIONAL_TEXT = ("target_true", "neighborhood_target")
 class Failure(NamedTuple):
     rule: str
     description: str
-    rows: list[str]  # the first MAX_LISTED offending rows as '#<index> <id>' (see ece.data.row_label)
+    rows: list[str]  # the first MAX_LISTED offending rows as '#<index> <id>' (see ece.data.loaders.row_label)
     count: int
 
 
@@ -84,7 +84,7 @@ def validate_edits(df: pl.DataFrame, max_chars: int) -> ValidationResult:
     """Check the canonical edit table against every data rule; never raises for bad rows."""
     missing = [c for c in SCHEMA if c not in df.columns]
     if missing:
-        raise EceError(f"edit table lacks column(s) {', '.join(missing)}", "build it with ece.data.load_edits")
+        raise EceError(f"edit table lacks column(s) {', '.join(missing)}", "build it with ece.data.loaders.load_edits")
     rules = _rules(max_chars)
     suite = gx.ExpectationSuite(name="edits", expectations=[exp for _, _, exp in rules])
     batch = _batch_definition().get_batch(batch_parameters={"dataframe": _frame(df)})

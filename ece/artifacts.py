@@ -1,0 +1,19 @@
+"""Where the pipeline keeps its artifacts: paths relative to the project root (where dvc.yaml lives).
+
+Every one of them is declared as a dependency or output in dvc.yaml.
+"""
+
+from pathlib import Path
+
+PREPARED = Path("artifacts/prepared/edits.parquet")
+COVARIANCE = Path("artifacts/covariance/c0.safetensors")
+ATTRIBUTION = Path("artifacts/attribution")
+CLUSTERS = Path("artifacts/clusters")
+Z_DIR = Path("artifacts/z")
+EDITED = Path("artifacts/edited")
+# Seconds per batch of each stage: facts of one run, not of its result. They live outside the cached
+# outputs (uncached DVC outputs under reports/), so an identical recompute gives identical hashes.
+ATTRIBUTION_TIMINGS = Path("reports/attribution_timings.json")
+CLUSTER_TIMINGS = Path("reports/cluster_timings.json")
+Z_TIMINGS = Path("reports/z_timings.json")
+

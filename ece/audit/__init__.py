@@ -1,0 +1,1 @@
+"""The edit ledger, checkpoints, and the audit/diff/rollback queries."""

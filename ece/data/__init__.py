@@ -1,0 +1,1 @@
+"""Loaders of every dataset shape, validation, atomic I/O and content hashes."""

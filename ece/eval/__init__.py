@@ -1,0 +1,1 @@
+"""Rewrite metrics, scoring, general ability, fluency/consistency, and the evaluation run with its summary and plots."""

@@ -1,0 +1,1 @@
+"""Loading models by name, the architecture adapter, and prompt encoding shared by everyone."""
