@@ -16,4 +16,3 @@ EDITED = Path("artifacts/edited")
 ATTRIBUTION_TIMINGS = Path("reports/attribution_timings.json")
 CLUSTER_TIMINGS = Path("reports/cluster_timings.json")
 Z_TIMINGS = Path("reports/z_timings.json")
-

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ece.errors import EceError
 from ece.methods import NOT_YET_SUPPORTED, REGISTRY
 
-SCORERS = ("as", "wi", "wi_static", "rs")  # ece.scorer; ece.edit.attribution implements each
+SCORERS = ("as", "wi", "wi_static", "rs")  # ece.scorer; ece.editing.attribution implements each
 AGGREGATIONS = ("sum", "union")  # ece.aggregation
 METHODS = tuple(REGISTRY)
 GENERAL_TASKS = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
@@ -231,8 +231,11 @@ def validate(p: Params) -> None:
     for name, bound, inclusive, hint in _LOWER_BOUNDS:
         section, key = name.split(".")
         value = getattr(getattr(p, section), key)
-        _check(value >= bound if inclusive else value > bound,
-               f"{name} must be {'>=' if inclusive else '>'} {bound:g}, got {value}", hint)
+        _check(
+            value >= bound if inclusive else value > bound,
+            f"{name} must be {'>=' if inclusive else '>'} {bound:g}, got {value}",
+            hint,
+        )
     _check(
         0.0 < p.ece.neuron_threshold <= 1.0,
         f"ece.neuron_threshold must be in (0, 1], got {p.ece.neuron_threshold}",
@@ -285,11 +288,15 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     try:
         loaded = OmegaConf.load(path)
     except UnicodeDecodeError as exc:
-        raise EceError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at byte offset {exc.start})",
-                       "save params.yaml as UTF-8") from None
+        raise EceError(
+            f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at byte offset {exc.start})",
+            "save params.yaml as UTF-8",
+        ) from None
     except yaml.YAMLError as exc:
-        raise EceError(f"{path} is not valid YAML: {' '.join(str(exc).split())}",
-                       "fix the YAML syntax at the line named (indentation, brackets, duplicate keys)") from None
+        raise EceError(
+            f"{path} is not valid YAML: {' '.join(str(exc).split())}",
+            "fix the YAML syntax at the line named (indentation, brackets, duplicate keys)",
+        ) from None
     try:
         schema = OmegaConf.structured(Params)
         merged = OmegaConf.merge(schema, loaded, OmegaConf.from_dotlist(overrides or []))

@@ -1,20 +1,21 @@
 """The method registry: what each editing method needs from the pipeline and how it updates.
 
-Every method runs through the same stages and library functions (keys and z of ece.edit, the
-covariance, the solves of ece.edit.solve, the sequential ece.edit.editor.Editor). A method is only a
+Every method runs through the same stages and library functions (keys and z of ece.editing, the
+covariance, the solves of ece.editing.solve, the sequential ece.editing.editor.Editor). A method is only a
 registry entry: which layers it writes, whether it needs z and the covariance statistics, whether it
 restricts the columns (ECE's attribution) and clusters z (ECE's two steps), how the solve is
 regularised, whether it remembers earlier batches' keys (the cache P), and whether it needs an editor
 trained beforehand. The stages, the CLI and the programmatic API read these fields; none branches on a
-method's name. Adding a method = its update code under ece/edit/ + one entry in REGISTRY.
+method's name. Adding a method = its update code under ece/editing/ + one entry in REGISTRY.
 
 This module imports no torch and no other wing, so ece.config can validate `method` against it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ece.config import FtCfg, Params
@@ -51,31 +52,84 @@ def _ft_text(p: Params, loss: str) -> str:
 
 
 _CLOSED_FORM = dict(needs_z=True, needs_covariance=True, per_fact=False, trained_editor=False, layer_param=None)
-_FINETUNE = dict(needs_z=False, needs_covariance=False, selects_columns=False, clusters=False, use_cache=False,
-                 per_fact=False, trained_editor=False, layer_param="ft")
+_FINETUNE = dict(
+    needs_z=False,
+    needs_covariance=False,
+    selects_columns=False,
+    clusters=False,
+    use_cache=False,
+    per_fact=False,
+    trained_editor=False,
+    layer_param="ft",
+)
 
-REGISTRY: dict[str, MethodSpec] = {s.name: s for s in [
-    MethodSpec("ece", "attributed columns, clustered z, cache of earlier batches", selects_columns=True, clusters=True,
-               use_cache=True, settings=_ridge, describe=lambda p: f"mom2_update_weight {p.update.mom2_update_weight}",
-               **_CLOSED_FORM),
-    MethodSpec("memit", "every column of every edited layer, plain z per fact", selects_columns=False, clusters=False,
-               use_cache=False, settings=_ridge, describe=lambda p: f"mom2_update_weight {p.update.mom2_update_weight}",
-               **_CLOSED_FORM),
-    MethodSpec("alphaedit", "MEMIT's update projected on C0's null space, cache of earlier batches",
-               selects_columns=False, clusters=False, use_cache=True,
-               settings=lambda p: {"mom2_weight": 0.0, "nullspace_threshold": p.alphaedit.nullspace_threshold,
-                                   "l2": p.alphaedit.l2},
-               describe=lambda p: f"null space of C0 below {p.alphaedit.nullspace_threshold:g}, l2 {p.alphaedit.l2:g}",
-               **_CLOSED_FORM),
-    MethodSpec("rome", "one rank-one update per fact on one layer", needs_z=True, needs_covariance=True,
-               selects_columns=False, clusters=False, use_cache=False, per_fact=True, trained_editor=False,
-               layer_param="rome", settings=lambda p: {"mom2_weight": p.rome.mom2_update_weight},
-               describe=lambda p: f"rank one per fact, mom2_update_weight {p.rome.mom2_update_weight:g}"),
-    MethodSpec("ft-l", "constrained fine-tuning of one W_out", settings=_ft(False),
-               describe=lambda p: _ft_text(p, "prompt + target"), **_FINETUNE),
-    MethodSpec("ft-m", "constrained fine-tuning of one W_out, loss masked to the target", settings=_ft(True),
-               describe=lambda p: _ft_text(p, "the target only"), **_FINETUNE),
-]}
+REGISTRY: dict[str, MethodSpec] = {
+    s.name: s
+    for s in [
+        MethodSpec(
+            "ece",
+            "attributed columns, clustered z, cache of earlier batches",
+            selects_columns=True,
+            clusters=True,
+            use_cache=True,
+            settings=_ridge,
+            describe=lambda p: f"mom2_update_weight {p.update.mom2_update_weight}",
+            **_CLOSED_FORM,
+        ),
+        MethodSpec(
+            "memit",
+            "every column of every edited layer, plain z per fact",
+            selects_columns=False,
+            clusters=False,
+            use_cache=False,
+            settings=_ridge,
+            describe=lambda p: f"mom2_update_weight {p.update.mom2_update_weight}",
+            **_CLOSED_FORM,
+        ),
+        MethodSpec(
+            "alphaedit",
+            "MEMIT's update projected on C0's null space, cache of earlier batches",
+            selects_columns=False,
+            clusters=False,
+            use_cache=True,
+            settings=lambda p: {
+                "mom2_weight": 0.0,
+                "nullspace_threshold": p.alphaedit.nullspace_threshold,
+                "l2": p.alphaedit.l2,
+            },
+            describe=lambda p: f"null space of C0 below {p.alphaedit.nullspace_threshold:g}, l2 {p.alphaedit.l2:g}",
+            **_CLOSED_FORM,
+        ),
+        MethodSpec(
+            "rome",
+            "one rank-one update per fact on one layer",
+            needs_z=True,
+            needs_covariance=True,
+            selects_columns=False,
+            clusters=False,
+            use_cache=False,
+            per_fact=True,
+            trained_editor=False,
+            layer_param="rome",
+            settings=lambda p: {"mom2_weight": p.rome.mom2_update_weight},
+            describe=lambda p: f"rank one per fact, mom2_update_weight {p.rome.mom2_update_weight:g}",
+        ),
+        MethodSpec(
+            "ft-l",
+            "constrained fine-tuning of one W_out",
+            settings=_ft(False),
+            describe=lambda p: _ft_text(p, "prompt + target"),
+            **_FINETUNE,
+        ),
+        MethodSpec(
+            "ft-m",
+            "constrained fine-tuning of one W_out, loss masked to the target",
+            settings=_ft(True),
+            describe=lambda p: _ft_text(p, "the target only"),
+            **_FINETUNE,
+        ),
+    ]
+}
 
 # Named by the ECE paper, not implemented yet: each needs an editor trained on edit data.
 NOT_YET_SUPPORTED = ("mend", "serac")
@@ -107,9 +161,16 @@ def edited_layers(p: Params) -> list[int]:
 
 def method_of(p: Params) -> Method:
     spec = REGISTRY[p.method]
-    return Method(name=spec.name, layers=tuple(edited_layers(p)), selects_columns=spec.selects_columns,
-                  clusters=spec.clusters, needs_z=spec.needs_z, use_cache=spec.use_cache, per_fact=spec.per_fact,
-                  **spec.settings(p))
+    return Method(
+        name=spec.name,
+        layers=tuple(edited_layers(p)),
+        selects_columns=spec.selects_columns,
+        clusters=spec.clusters,
+        needs_z=spec.needs_z,
+        use_cache=spec.use_cache,
+        per_fact=spec.per_fact,
+        **spec.settings(p),
+    )
 
 
 def describe(p: Params) -> str:

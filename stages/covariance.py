@@ -11,7 +11,7 @@ import time
 
 from ece.config import Params
 from ece.data.io import sha256_file, write_json
-from ece.edit.covariance import corpus_texts, save_covariance, second_moments
+from ece.editing.covariance import corpus_texts, save_covariance, second_moments
 from ece.model.adapter import ModelAdapter
 from ece.model.loading import load_model, model_fingerprint
 from ece.stage import run_stage
@@ -25,8 +25,13 @@ def main(p: Params) -> None:
     adapter.check_layers(p.edit.layers)
     start = time.perf_counter()
     moments, n = second_moments(
-        adapter, tok, p.edit.layers, corpus_texts(p.covariance.corpus),
-        p.covariance.n_tokens, p.covariance.seq_len, p.covariance.batch_size,
+        adapter,
+        tok,
+        p.edit.layers,
+        corpus_texts(p.covariance.corpus),
+        p.covariance.n_tokens,
+        p.covariance.seq_len,
+        p.covariance.batch_size,
     )
     meta = {
         "model": p.model.name,

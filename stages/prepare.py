@@ -47,7 +47,9 @@ def main(p: Params) -> None:
         write_json(tmp / "meta.json", meta)
     write_text(REPORT, result.to_markdown(context))
     ERRORS.unlink(missing_ok=True)
-    print(f"prepare: {df.height} facts ({meta['format']}), all {len(result.rules)} rules passed, hash {meta['dataset_hash'][:12]}")
+    print(
+        f"prepare: {df.height} facts ({meta['format']}), all {len(result.rules)} rules passed, hash {meta['dataset_hash'][:12]}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import runpy
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -27,14 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM = ["prepare", "covariance", "attribute", "cluster", "precompute_z"]
 FACTS = [
     {"id": f"f{i}", "subject": s, "prompt": p, "target_new": n, "target_true": t}
-    for i, (s, p, n, t) in enumerate([
-        ("Paris", "{} is the capital of", "Italy", "France"),
-        ("Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
-        ("Toko Yasuda", "{} plays the", "piano", "guitar"),
-        ("Edwin of Northumbria", "The official religion of {} is", "Islam", "Christianity"),
-        ("Autonomous University of Madrid", "{}, which is located in", "Sweden", "Spain"),
-        ("Lyon", "{} is a city in", "Germany", "France"),
-    ])
+    for i, (s, p, n, t) in enumerate(
+        [
+            ("Paris", "{} is the capital of", "Italy", "France"),
+            ("Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
+            ("Toko Yasuda", "{} plays the", "piano", "guitar"),
+            ("Edwin of Northumbria", "The official religion of {} is", "Islam", "Christianity"),
+            ("Autonomous University of Madrid", "{}, which is located in", "Sweden", "Spain"),
+            ("Lyon", "{} is a city in", "Germany", "France"),
+        ]
+    )
 ]
 N_BATCHES = 3  # 6 facts, batch_size 2
 _BASE: dict[str, Path] = {}
@@ -59,7 +61,9 @@ def write_data(work: Path, n_facts: int = len(FACTS)) -> None:
     four SST-2 examples for the general-ability part of `evaluate`."""
     (work / "data/general").mkdir(parents=True, exist_ok=True)
     write_facts(work, n_facts)
-    (work / "data/corpus.txt").write_text("\n\n".join(f"Document {i} talks about cities and rivers." for i in range(50)))
+    (work / "data/corpus.txt").write_text(
+        "\n\n".join(f"Document {i} talks about cities and rivers." for i in range(50))
+    )
     (work / "data/gen.json").write_text("[]")
     sst2 = json.loads((ROOT / "data/general/sst2.json").read_text())[:4]
     (work / "data/general/sst2.json").write_text(json.dumps(sst2))
@@ -69,12 +73,23 @@ def write_params(work: Path, changes: dict[str, dict] | None = None) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["name"] = "tiny-llama"
     params["edit"] = {"layers": [1, 2], "batch_size": 2}
-    params["data"].update(edit_dataset="data/facts.jsonl", format="jsonl", generation_prompts="data/gen.json", n_facts=0)
+    params["data"].update(
+        edit_dataset="data/facts.jsonl", format="jsonl", generation_prompts="data/gen.json", n_facts=0
+    )
     params["covariance"].update(corpus="data/corpus.txt", n_tokens=2000, seq_len=32)
     params["z"].update(shared_steps=2, instance_steps=1, n_context=2, context_length=3)
-    params["evaluate"].update(batch_size=4, n_general=4, general_tasks=["sst2"], general_dir="data/general",
-                              ppl_corpus="data/corpus.txt", ppl_tokens=64, ppl_window=32, gen_per_fact=0,
-                              reference_corpus="data/corpus.txt", threads=1)
+    params["evaluate"].update(
+        batch_size=4,
+        n_general=4,
+        general_tasks=["sst2"],
+        general_dir="data/general",
+        ppl_corpus="data/corpus.txt",
+        ppl_tokens=64,
+        ppl_window=32,
+        gen_per_fact=0,
+        reference_corpus="data/corpus.txt",
+        threads=1,
+    )
     for section, values in (changes or {}).items():
         params[section].update(values)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -85,9 +100,17 @@ def run_stage_inprocess(work: Path, stage: str) -> None:
         runpy.run_path(str(ROOT / "stages" / f"{stage}.py"))["main"](load_params("params.yaml"))
 
 
-def run_stage_subprocess(work: Path, stage: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=work, env=stage_env(env),
-                          capture_output=True, text=True, **kw)
+def run_stage_subprocess(
+    work: Path, stage: str, env: dict[str, str] | None = None, **kw
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / f"{stage}.py")],
+        cwd=work,
+        env=stage_env(env),
+        capture_output=True,
+        text=True,
+        **kw,
+    )
 
 
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -136,8 +159,11 @@ def stages_reading(changed: set[str]) -> list[str]:
     declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
     def reads(stage: str) -> bool:
-        return any(key == entry or key.startswith(entry + ".") or entry.startswith(key + ".")
-                   for entry in declared[stage].get("params", []) for key in changed)
+        return any(
+            key == entry or key.startswith(entry + ".") or entry.startswith(key + ".")
+            for entry in declared[stage].get("params", [])
+            for key in changed
+        )
 
     first = next((i for i, stage in enumerate(UPSTREAM) if reads(stage)), len(UPSTREAM))
     return UPSTREAM[first:]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ece.edit.attribution import SCORERS, batch_selection, fact_selections, neuron_scores, select_prefix
+from ece.editing.attribution import SCORERS, batch_selection, fact_selections, neuron_scores, select_prefix
 from ece.errors import EceError
 
 # Two facts, f = 3 neurons, d = 2. Column L1 norms of W: [3, 1, 4]; L2 norms: [sqrt5, 1, sqrt8].

@@ -70,13 +70,19 @@ def test_ledger_records_every_batch_and_layer(work: Path) -> None:
     assert ledger["params_hash"].str.len_chars().to_list() == [64] * ledger.height
     for r in ledger.iter_rows(named=True):
         d = deltas(work)[r["batch"]]
-        cols, diff = d[f"layer.{r['layer']}.cols"], (d[f"layer.{r['layer']}.new"].double() - d[f"layer.{r['layer']}.old"].double())
+        cols, diff = (
+            d[f"layer.{r['layer']}.cols"],
+            (d[f"layer.{r['layer']}.new"].double() - d[f"layer.{r['layer']}.old"].double()),
+        )
         assert r["neurons"] == cols.tolist() and r["n_neurons"] == len(cols)
         assert r["delta_norm"] == pytest.approx(float(diff.norm()), rel=1e-12)
         assert r["col_norms"] == pytest.approx(diff.norm(dim=0).tolist(), rel=1e-12)
         assert 1 <= r["cond"] < 1e12
         ids = facts["id"][2 * r["batch"] : 2 * r["batch"] + 2].to_list()
-        assert r["fact_ids"] == ids and r["content_hashes"] == facts.filter(pl.col("id").is_in(ids))["content_hash"].to_list()
+        assert (
+            r["fact_ids"] == ids
+            and r["content_hashes"] == facts.filter(pl.col("id").is_in(ids))["content_hash"].to_list()
+        )
         assert len(r["z_loss"]) == len(r["clusters"]) == len(r["anchor_ids"]) == 2
     report = (work / "reports/ledger.md").read_text()
     assert "# Edit ledger" in report and meta["dataset_hash"] in report and "| f5 |" in report
@@ -87,13 +93,18 @@ def test_ledger_records_every_batch_and_layer(work: Path) -> None:
 
 def test_audit_fact(work: Path, capsys: pytest.CaptureFixture) -> None:
     r = ece_json(work, capsys, "audit", "--fact", "f3")
-    clusters = pl.read_parquet(work / "artifacts/clusters/clusters.parquet").filter(pl.col("id") == "f3").row(0, named=True)
+    clusters = (
+        pl.read_parquet(work / "artifacts/clusters/clusters.parquet").filter(pl.col("id") == "f3").row(0, named=True)
+    )
     assert (r["batch"], r["cluster"], r["anchor"]) == (1, clusters["cluster"], clusters["anchor_id"])
     assert r["request"]["subject"] == "Edwin of Northumbria" and "f3" in r["cluster_members"]
     assert [l["layer"] for l in r["layers"]] == LAYERS
     d = deltas(work)[1]
     for l in r["layers"]:
-        assert l["batch_neurons"] == len(d[f"layer.{l['layer']}.cols"]) and l["fact_neurons"] >= l["fact_neurons_changed"] >= 1
+        assert (
+            l["batch_neurons"] == len(d[f"layer.{l['layer']}.cols"])
+            and l["fact_neurons"] >= l["fact_neurons_changed"] >= 1
+        )
         assert l["top_neurons"] and all(x["neuron"] in d[f"layer.{l['layer']}.cols"].tolist() for x in l["top_neurons"])
     assert r["batch_delta_norm"] > 0
     z = pl.read_parquet(work / "artifacts/z/index.parquet").filter(pl.col("id") == "f3").row(0, named=True)
@@ -113,7 +124,9 @@ def test_audit_neuron(work: Path, capsys: pytest.CaptureFixture) -> None:
     for b in r["batches"]:
         d = ds[b["batch"]]
         j = d["layer.2.cols"].tolist().index(col)
-        assert b["col_norm"] == pytest.approx(float((d["layer.2.new"][:, j].double() - d["layer.2.old"][:, j].double()).norm()), rel=1e-12)
+        assert b["col_norm"] == pytest.approx(
+            float((d["layer.2.new"][:, j].double() - d["layer.2.old"][:, j].double()).norm()), rel=1e-12
+        )
         assert b["fact_ids"] == [f"f{2 * b['batch']}", f"f{2 * b['batch'] + 1}"]
     untouched = next(c for c in range(64) if not any(c in t for t in touched))
     assert ece_json(work, capsys, "audit", "--layer", "2", "--neuron", str(untouched))["batches"] == []
@@ -126,7 +139,9 @@ def test_audit_diff_attributes_every_changed_column(work: Path, capsys: pytest.C
     edited = ModelAdapter(load_model(str(work / "artifacts/edited/model"))[0])
     assert [l["layer"] for l in r["layers"]] == LAYERS
     for l in r["layers"]:
-        changed = (original.w_out_weight(l["layer"]) != edited.w_out_weight(l["layer"])).any(0).nonzero().squeeze(1).tolist()
+        changed = (
+            (original.w_out_weight(l["layer"]) != edited.w_out_weight(l["layer"])).any(0).nonzero().squeeze(1).tolist()
+        )
         assert sorted(map(int, l["columns"])) == changed and l["unattributed"] == []
         for col, batches in l["columns"].items():
             assert all(int(col) in deltas(work)[b][f"layer.{l['layer']}.cols"].tolist() for b in batches)
@@ -169,8 +184,19 @@ def test_rollback_last_batch_equals_state_after_the_previous_one(work: Path, cap
 
 def test_edit_changes_the_model(work: Path, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     out = tmp_path / "one_edit"
-    r = ece_json(work, capsys, "edit", "--subject", "Eiffel Tower", "--prompt", "{} is located in the city of",
-                 "--new", "Rome", "--out", str(out))
+    r = ece_json(
+        work,
+        capsys,
+        "edit",
+        "--subject",
+        "Eiffel Tower",
+        "--prompt",
+        "{} is located in the city of",
+        "--new",
+        "Rome",
+        "--out",
+        str(out),
+    )
     assert r["changed"] and r["model"] == "artifacts/edited/model" and r["saved_to"] == str(out)
     assert len(r["before"]) == len(r["after"]) == 2 and r["texts"][0] == "Eiffel Tower is located in the city of"
     assert [l["layer"] for l in r["layers"]] == LAYERS and all(l["delta_norm"] > 0 for l in r["layers"])
@@ -179,13 +205,28 @@ def test_edit_changes_the_model(work: Path, capsys: pytest.CaptureFixture, tmp_p
     assert differ == {f"model.layers.{l}.mlp.down_proj.weight" for l in LAYERS}
     # The saved folder keeps the original's fingerprint, so it can be edited again with the same C0.
     assert json.loads((out / "ece_provenance.json").read_text())["base_model"] == "tiny-llama"
-    again = ece_json(work, capsys, "edit", "--model", str(out), "--subject", "Lyon", "--prompt", "{} is a city in",
-                     "--new", "Spain", "--paraphrase", "People say {} is a city in")
+    again = ece_json(
+        work,
+        capsys,
+        "edit",
+        "--model",
+        str(out),
+        "--subject",
+        "Lyon",
+        "--prompt",
+        "{} is a city in",
+        "--new",
+        "Spain",
+        "--paraphrase",
+        "People say {} is a city in",
+    )
     assert again["changed"] and again["texts"][1] == "People say Lyon is a city in" and again["saved_to"] is None
 
 
 def test_generate_side_by_side(work: Path, capsys: pytest.CaptureFixture) -> None:
-    r = ece_json(work, capsys, "generate", "--prompt", "Paris is the capital of", "--prompt", "Lyon is", "--max-new-tokens", "4")
+    r = ece_json(
+        work, capsys, "generate", "--prompt", "Paris is the capital of", "--prompt", "Lyon is", "--max-new-tokens", "4"
+    )
     assert r["models"] == ["tiny-llama", "artifacts/edited/model"]
     assert [c["prompt"] for c in r["completions"]] == ["Paris is the capital of", "Lyon is"]
     assert all(isinstance(c[m], str) for c in r["completions"] for m in r["models"])

@@ -40,14 +40,18 @@ from scratch_project import ROOT, base_project, inside, run_stage_inprocess, sta
 
 from ece import cli
 from ece.config import load_params
-from ece.edit.covariance import save_covariance
+from ece.editing.covariance import save_covariance
 from ece.errors import EceError
 from ece.stage import run_stage
 
 
 def snapshot(work: Path) -> dict[str, str]:
-    return {str(p.relative_to(work)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for d in ("artifacts", "reports") for p in sorted((work / d).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(work)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for d in ("artifacts", "reports")
+        for p in sorted((work / d).rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +64,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def project(finished: Path, tmp_path: Path) -> Path:
     import shutil
+
     work = tmp_path / "project"
     shutil.copytree(finished, work)
     return work
@@ -95,24 +100,34 @@ def fails(work: Path, stage: str, capsys: pytest.CaptureFixture, report: str | N
 def test_wrong_type_through_the_command_line(project: Path) -> None:
     set_params(project, "edit", "batch_size", "ten")
     before = snapshot(project)
-    run = subprocess.run([sys.executable, str(ROOT / "stages/apply_edits.py")], cwd=project, env=stage_env(),
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "stages/apply_edits.py")],
+        cwd=project,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "at 'edit.batch_size'" in run.stderr and "'ten'" in run.stderr and "hint: check the type" in run.stderr
     assert snapshot(project) == before
 
 
-@pytest.mark.parametrize(("section", "key", "value", "expected"), [
-    ("update", "max_update_norm", "huge", "at 'update.max_update_norm'"),
-    ("edit", "layers", "three", "at 'edit.layers'"),
-    ("z", "lr", [0.5], "at 'z.lr'"),
-    ("method", None, "magic", "unknown method 'magic'"),
-    ("method", None, "mend", "method 'mend' is not yet supported"),
-    ("ece", "scorer", "gradient", "unknown ece.scorer 'gradient'"),
-    ("ece", "aggregation", "mean", "unknown ece.aggregation 'mean'"),
-    ("update", "max_update_norm", 0.0, "update.max_update_norm must be > 0"),
-])
-def test_params_wrong_type_or_unknown_choice(project: Path, section: str, key: str | None, value: object, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("update", "max_update_norm", "huge", "at 'update.max_update_norm'"),
+        ("edit", "layers", "three", "at 'edit.layers'"),
+        ("z", "lr", [0.5], "at 'z.lr'"),
+        ("method", None, "magic", "unknown method 'magic'"),
+        ("method", None, "mend", "method 'mend' is not yet supported"),
+        ("ece", "scorer", "gradient", "unknown ece.scorer 'gradient'"),
+        ("ece", "aggregation", "mean", "unknown ece.aggregation 'mean'"),
+        ("update", "max_update_norm", 0.0, "update.max_update_norm must be > 0"),
+    ],
+)
+def test_params_wrong_type_or_unknown_choice(
+    project: Path, section: str, key: str | None, value: object, expected: str
+) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     if key is None:
         params[section] = value
@@ -126,11 +141,14 @@ def test_params_wrong_type_or_unknown_choice(project: Path, section: str, key: s
         assert "use one of" in info.value.hint  # the valid choices are listed
 
 
-@pytest.mark.parametrize(("content", "expected"), [
-    (b"model:\n  name: [unclosed\n", "is not valid YAML"),
-    (b"edit:\n  layers: [1]\n  layers: [2]\n", "duplicate key"),
-    (b"model:\n  name: caf\xe9\n", "is not UTF-8 text (byte 0xe9 at byte offset 18)"),
-])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"model:\n  name: [unclosed\n", "is not valid YAML"),
+        (b"edit:\n  layers: [1]\n  layers: [2]\n", "duplicate key"),
+        (b"model:\n  name: caf\xe9\n", "is not UTF-8 text (byte 0xe9 at byte offset 18)"),
+    ],
+)
 def test_broken_params_file(tmp_path: Path, content: bytes, expected: str) -> None:
     path = tmp_path / "params.yaml"
     path.write_bytes(content)
@@ -148,7 +166,9 @@ def test_layers_out_of_range_for_the_model(project: Path, capsys: pytest.Capture
     assert "edit layers [9] are out of range: the model has 4 layers" in err and "edit.layers" in err
 
 
-def test_model_that_cannot_be_loaded_offline(project: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_that_cannot_be_loaded_offline(
+    project: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     set_params(project, "model", "name", "no-such-org/no-such-model")
     err = fails(project, "apply_edits", capsys)
@@ -157,7 +177,9 @@ def test_model_that_cannot_be_loaded_offline(project: Path, capsys: pytest.Captu
 
 def test_covariance_of_another_model(project: Path, capsys: pytest.CaptureFixture) -> None:
     path = project / "artifacts/covariance/c0.safetensors"
-    save_covariance(path, {int(k.split(".")[1]): v for k, v in load_file(path).items()}, {"model_fingerprint": "0123456789abcdef"})
+    save_covariance(
+        path, {int(k.split(".")[1]): v for k, v in load_file(path).items()}, {"model_fingerprint": "0123456789abcdef"}
+    )
     err = fails(project, "apply_edits", capsys)
     assert "was computed for another model (fingerprint 0123456789abcdef" in err and "rerun the covariance stage" in err
 
@@ -202,16 +224,22 @@ def test_huge_string_is_rejected_and_prepared_data_kept(project: Path, capsys: p
 # --- the CLI ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("argv", "expected"), [
-    (["edit", "--subject", "Eiffel Tower", "--prompt", "located in the city of", "--new", "Rome"], "exactly one '{}'"),
-    (["edit", "--subject", "Eiffel Tower", "--prompt", "{} is in {}", "--new", "Rome"], "exactly one '{}'"),
-    (["edit", "--subject", "Eiffel Tower", "--prompt", "{} is in", "--new", " "], "must not be empty"),
-    (["audit", "--fact", "no-such-fact"], "fact 'no-such-fact' is not in the ledger"),
-    (["audit", "--layer", "3", "--neuron", "1"], "layer 3 was not edited"),
-    (["rollback", "--batches", "4"], "--batches 4 is out of range: there are 3 batches"),
-    (["rollback", "--to-batch", "-2"], "--to-batch -2 is out of range"),
-    (["rollback", "--batches", "1", "--out", "artifacts/edited/model"], "is inside artifacts/edited"),
-])
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["edit", "--subject", "Eiffel Tower", "--prompt", "located in the city of", "--new", "Rome"],
+            "exactly one '{}'",
+        ),
+        (["edit", "--subject", "Eiffel Tower", "--prompt", "{} is in {}", "--new", "Rome"], "exactly one '{}'"),
+        (["edit", "--subject", "Eiffel Tower", "--prompt", "{} is in", "--new", " "], "must not be empty"),
+        (["audit", "--fact", "no-such-fact"], "fact 'no-such-fact' is not in the ledger"),
+        (["audit", "--layer", "3", "--neuron", "1"], "layer 3 was not edited"),
+        (["rollback", "--batches", "4"], "--batches 4 is out of range: there are 3 batches"),
+        (["rollback", "--to-batch", "-2"], "--to-batch -2 is out of range"),
+        (["rollback", "--batches", "1", "--out", "artifacts/edited/model"], "is inside artifacts/edited"),
+    ],
+)
 def test_cli_misuse(project: Path, capsys: pytest.CaptureFixture, argv: list[str], expected: str) -> None:
     before = snapshot(project)
     with inside(project):
@@ -240,8 +268,11 @@ def test_no_pickle_in_the_code() -> None:
     for path in [*(ROOT / "ece").rglob("*.py"), *(ROOT / "stages").rglob("*.py")]:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]
-            if re.search(r"\b(pickle|cPickle|dill|joblib|cloudpickle|shelve)\b", code) and "allow_pickle=False" not in code \
-                    and "no pickles" not in line:
+            if (
+                re.search(r"\b(pickle|cPickle|dill|joblib|cloudpickle|shelve)\b", code)
+                and "allow_pickle=False" not in code
+                and "no pickles" not in line
+            ):
                 offenders.append(f"{path.name}:{n}: {line.strip()}")
             if re.search(r"torch\.load\(", code) and "weights_only=True" not in code:
                 offenders.append(f"{path.name}:{n}: {line.strip()}")
@@ -252,7 +283,9 @@ def test_no_pickle_in_the_code() -> None:
     assert not offenders, "\n".join(offenders)
 
 
-def test_no_pickle_is_loaded_at_run_time(project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_no_pickle_is_loaded_at_run_time(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     def refuse(*_a, **_k):
         raise AssertionError("a pickle was loaded")
 

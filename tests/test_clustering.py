@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from ece.edit.clustering import cluster_facts, jaccard_distances, kmedoids, silhouette
+from ece.editing.clustering import cluster_facts, jaccard_distances, kmedoids, silhouette
 
 
 def line_distances(points: list[float]) -> np.ndarray:

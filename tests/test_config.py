@@ -65,14 +65,25 @@ MORE_INVALID = {  # further bounds of params already in INVALID, and lists of nu
     "z.n_context": -1,
     "edit.layers": [-1, 2],
 }
-UNKNOWN_CHOICES = {"method": "magic", "ece.scorer": "gradient", "ece.aggregation": "mean", "data.format": "xml",
-                   "z.lr_scale": "cosine", "z.warm_start": "random"}
+UNKNOWN_CHOICES = {
+    "method": "magic",
+    "ece.scorer": "gradient",
+    "ece.aggregation": "mean",
+    "data.format": "xml",
+    "z.lr_scale": "cosine",
+    "z.warm_start": "random",
+}
 
 
 def numeric_params() -> list[str]:
     """Every int or float param of the schema, found from the dataclasses themselves."""
-    return [f"{section.name}.{f.name}" for section in dataclasses.fields(Params) if dataclasses.is_dataclass(section.default_factory)
-            for f in dataclasses.fields(section.default_factory) if f.type in ("int", "float")]
+    return [
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(Params)
+        if dataclasses.is_dataclass(section.default_factory)
+        for f in dataclasses.fields(section.default_factory)
+        if f.type in ("int", "float")
+    ]
 
 
 def expect_error(overrides: list[str], name: str) -> EceError:
@@ -120,7 +131,7 @@ def test_max_context_is_the_number_of_starter_words() -> None:
     from ece.config import MAX_CONTEXT
     from ece.model.prompts import STARTERS
 
-    assert MAX_CONTEXT == len(STARTERS)
+    assert len(STARTERS) == MAX_CONTEXT
 
 
 def test_facts_per_pass_needs_facts_that_are_their_own_anchor() -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ece import covariance
-from ece.edit.covariance import corpus_texts, load_covariance, save_covariance, second_moments, token_chunks
+from ece.editing import covariance
+from ece.editing.covariance import corpus_texts, load_covariance, save_covariance, second_moments, token_chunks
 from ece.errors import EceError
 from ece.model.adapter import ModelAdapter
 from ece.model.loading import model_fingerprint
@@ -25,7 +25,7 @@ TEXTS = [
 
 
 def _plain_second_moments(model, tok, layers, n_tokens, seq_len) -> dict[int, torch.Tensor]:
-    """E[k kᵀ] written without ece.edit.covariance: the corpus packed by hand, the whole model run on one
+    """E[k kᵀ] written without ece.editing.covariance: the corpus packed by hand, the whole model run on one
     chunk at a time with plain forward hooks, and float64 outer products summed token by token."""
     flat: list[int] = []
     for text in TEXTS:
@@ -34,8 +34,7 @@ def _plain_second_moments(model, tok, layers, n_tokens, seq_len) -> dict[int, to
     w_out = ModelAdapter(model).w_out_module  # used only to find the module to hook
     captured: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     handles = [
-        w_out(l).register_forward_hook(lambda _m, inp, _o, l=l: captured[l].append(inp[0][0].detach()))
-        for l in layers
+        w_out(l).register_forward_hook(lambda _m, inp, _o, l=l: captured[l].append(inp[0][0].detach())) for l in layers
     ]
     try:
         with torch.no_grad():
@@ -87,7 +86,9 @@ def test_second_moments_match_plain_float64(request, kind_fixture, n_tokens, bat
     model, tok = request.getfixturevalue(kind_fixture)
     adapter = ModelAdapter(model)
     layers = [0, 2]
-    moments, seen = second_moments(adapter, tok, layers, TEXTS, n_tokens, seq_len=16, batch_size=batch_size, progress=False)
+    moments, seen = second_moments(
+        adapter, tok, layers, TEXTS, n_tokens, seq_len=16, batch_size=batch_size, progress=False
+    )
     assert seen == n_tokens
     ref = _plain_second_moments(model, tok, layers, n_tokens, 16)
     assert sorted(moments) == layers

@@ -70,7 +70,9 @@ def test_counterfact_memit_shape(tmp_path: Path) -> None:
     assert row["neighborhood_prompts"] == MEMIT_RECORD["neighborhood_prompts"]
     assert row["generation_prompts"] == MEMIT_RECORD["generation_prompts"]  # its own, not the file's
     assert source_format(df) == "counterfact"
-    assert row["source"].startswith("counterfact:multi_counterfact.json:") and len(row["source"].rsplit(":", 1)[1]) == 12
+    assert (
+        row["source"].startswith("counterfact:multi_counterfact.json:") and len(row["source"].rsplit(":", 1)[1]) == 12
+    )
 
 
 def test_counterfact_compact_real_file() -> None:
@@ -107,10 +109,13 @@ def test_zsre_real_file() -> None:
 
 
 def test_jsonl_user_facts(tmp_path: Path) -> None:
-    path = jsonl(tmp_path / "facts.jsonl", [
-        {"id": "ada", **USER_FACT, "paraphrase_prompts": ["Ada Lovelace's birthplace is"]},
-        {"id": 2, "subject": "Alan Turing", "prompt": "{} worked in", "target_new": "Berlin"},
-    ])
+    path = jsonl(
+        tmp_path / "facts.jsonl",
+        [
+            {"id": "ada", **USER_FACT, "paraphrase_prompts": ["Ada Lovelace's birthplace is"]},
+            {"id": 2, "subject": "Alan Turing", "prompt": "{} worked in", "target_new": "Berlin"},
+        ],
+    )
     df = load(path)
     assert df["id"].to_list() == ["ada", "2"]
     assert df["target_true"].to_list() == ["London", None]
@@ -119,11 +124,14 @@ def test_jsonl_user_facts(tmp_path: Path) -> None:
 
 
 def test_csv_user_facts(tmp_path: Path) -> None:
-    path = write(tmp_path / "facts.csv", (
-        "\ufeffsubject,prompt,target_new,target_true,neighborhood_prompts,note\n"
-        "Ada Lovelace,{} was born in,Paris,London,Byron was born in | Babbage was born in,ignored\n"
-        'Alan Turing,"{}, a mathematician, worked in",Berlin,,,\n'
-    ))
+    path = write(
+        tmp_path / "facts.csv",
+        (
+            "\ufeffsubject,prompt,target_new,target_true,neighborhood_prompts,note\n"
+            "Ada Lovelace,{} was born in,Paris,London,Byron was born in | Babbage was born in,ignored\n"
+            'Alan Turing,"{}, a mathematician, worked in",Berlin,,,\n'
+        ),
+    )
     df = load(path)
     assert df["id"].to_list() == ["row:0", "row:1"]
     assert df["prompt"][1] == "{}, a mathematician, worked in"
@@ -133,7 +141,11 @@ def test_csv_user_facts(tmp_path: Path) -> None:
 
 def test_same_fact_same_hash_across_formats_and_stable(tmp_path: Path) -> None:
     a = load(jsonl(tmp_path / "a.jsonl", [USER_FACT]))
-    b = load(write(tmp_path / "b.csv", "id,subject,prompt,target_new,target_true\nx,Ada Lovelace,{} was born in,Paris,London\n"))
+    b = load(
+        write(
+            tmp_path / "b.csv", "id,subject,prompt,target_new,target_true\nx,Ada Lovelace,{} was born in,Paris,London\n"
+        )
+    )
     assert a["content_hash"][0] == b["content_hash"][0]
     assert (a["id"][0], b["id"][0]) == ("row:0", "x")
     assert dataset_hash(a) != dataset_hash(b)  # the ids differ
@@ -160,16 +172,28 @@ def test_every_zsre_record_loads() -> None:
 
 
 def test_generation_prompts_match_the_whole_subject() -> None:
-    index = generation_index([
-        "Paris is the home of", "The mayor of Paris said", "Parisian food is", "Paris's river is",
-        "Paris_2 is", "Paris Hilton works for", "Lyon is",
-    ])
+    index = generation_index(
+        [
+            "Paris is the home of",
+            "The mayor of Paris said",
+            "Parisian food is",
+            "Paris's river is",
+            "Paris_2 is",
+            "Paris Hilton works for",
+            "Lyon is",
+        ]
+    )
     assert prompts_for_subject("Paris", index) == [
-        "Paris is the home of", "The mayor of Paris said", "Paris's river is", "Paris Hilton works for",
+        "Paris is the home of",
+        "The mayor of Paris said",
+        "Paris's river is",
+        "Paris Hilton works for",
     ]
     assert prompts_for_subject("Paris Hilton", index) == ["Paris Hilton works for"]
     assert prompts_for_subject("Marseille", index) == []
-    assert prompts_for_subject("$9.99", generation_index(["$9.99 originates from", "$9.999 is"])) == ["$9.99 originates from"]
+    assert prompts_for_subject("$9.99", generation_index(["$9.99 originates from", "$9.999 is"])) == [
+        "$9.99 originates from"
+    ]
 
 
 # --- read errors ------------------------------------------------------------------------------------
@@ -209,18 +233,23 @@ def test_csv_row_with_too_many_fields(tmp_path: Path) -> None:
     assert "line 2 has more fields than the header" in error_of(path)
 
 
-@pytest.mark.parametrize(("content", "expected"), [
-    ('{"case_id": 0}', "top-level JSON value is an object, expected a list"),
-    ('"just text"', "top-level JSON value is a string"),
-    ('[{"src": "a", "alt": "b"}, ["not", "a", "record"]]', "record 1 is a list, expected an object"),
-    ("[]", "holds no records"),
-])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"case_id": 0}', "top-level JSON value is an object, expected a list"),
+        ('"just text"', "top-level JSON value is a string"),
+        ('[{"src": "a", "alt": "b"}, ["not", "a", "record"]]', "record 1 is a list, expected an object"),
+        ("[]", "holds no records"),
+    ],
+)
 def test_wrong_json_shape(tmp_path: Path, content: str, expected: str) -> None:
     assert expected in error_of(write(tmp_path / "data.json", content))
 
 
 def test_jsonl_line_that_is_not_an_object(tmp_path: Path) -> None:
-    assert "line 2 is a list, expected an object" in error_of(write(tmp_path / "f.jsonl", json.dumps(USER_FACT) + "\n[1]\n"))
+    assert "line 2 is a list, expected an object" in error_of(
+        write(tmp_path / "f.jsonl", json.dumps(USER_FACT) + "\n[1]\n")
+    )
 
 
 def test_unknown_or_undetectable_format(tmp_path: Path) -> None:

@@ -42,8 +42,15 @@ EXAMPLE = {
 def test_import_closure_follows_every_kind_of_import(tmp_path: Path) -> None:
     write(tmp_path, EXAMPLE)
     found = {p.relative_to(tmp_path).as_posix() for p in import_closure(tmp_path / "scripts/run.py", tmp_path)}
-    assert found == {"scripts/run.py", "pkg/__init__.py", "pkg/a.py", "pkg/b.py", "pkg/c.py", "pkg/sub/__init__.py",
-                     "pkg/sub/d.py"}
+    assert found == {
+        "scripts/run.py",
+        "pkg/__init__.py",
+        "pkg/a.py",
+        "pkg/b.py",
+        "pkg/c.py",
+        "pkg/sub/__init__.py",
+        "pkg/sub/d.py",
+    }
 
 
 def test_code_hash_sees_exactly_the_imported_code(tmp_path: Path) -> None:
@@ -79,4 +86,24 @@ def test_stage_deps_are_the_import_closure_of_its_script(name: str) -> None:
     imported = {p.relative_to(ROOT).as_posix() for p in import_closure(script)} - {script.relative_to(ROOT).as_posix()}
     declared = {d for d in deps if d.startswith("ece/")}
     assert not imported - declared, f"{name}: add to its deps in dvc.yaml: {sorted(imported - declared)}"
-    assert not declared - imported, f"{name}: not imported, remove from its deps in dvc.yaml: {sorted(declared - imported)}"
+    assert not declared - imported, (
+        f"{name}: not imported, remove from its deps in dvc.yaml: {sorted(declared - imported)}"
+    )
+
+
+def test_declared_artifacts_are_stage_outputs() -> None:
+    """dvc.yaml's `artifacts:` (the edited model, the edit facts) name what a stage writes, with a type."""
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["artifacts"]
+    outs = {next(iter(o)) if isinstance(o, dict) else o for s in STAGES.values() for o in s.get("outs", [])}
+    assert {a["type"] for a in declared.values()} == {"model", "dataset"}
+    for name, a in declared.items():
+        assert any(a["path"] == o or a["path"].startswith(o + "/") for o in outs), (
+            f"{name}: {a['path']} is no stage's output"
+        )
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_stage_scripts_are_thin(name: str) -> None:
+    """A stage script reads its params, calls the library, writes its outputs: at most 60 lines."""
+    lines = script_of(STAGES[name]).read_text().splitlines()
+    assert len(lines) <= 60, f"{name}: {len(lines)} lines; move the logic into ece/"

@@ -56,8 +56,12 @@ def stale_stages(work: Path) -> set[str]:
 def locked_outs(work: Path, stage: str) -> dict[str, str]:
     """path → md5 of the stage's DVC-cached outputs (not the `cache: false` ones), as dvc.lock records them."""
     declared = yaml.safe_load((work / "dvc.yaml").read_text())["stages"][stage]
-    uncached = {next(iter(o)) for kind in ("outs", "metrics", "plots") for o in declared.get(kind, [])
-                if isinstance(o, dict) and next(iter(o.values())).get("cache") is False}
+    uncached = {
+        next(iter(o))
+        for kind in ("outs", "metrics", "plots")
+        for o in declared.get(kind, [])
+        if isinstance(o, dict) and next(iter(o.values())).get("cache") is False
+    }
     lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"][stage]
     return {o["path"]: o["md5"] for o in lock["outs"] if o["path"] not in uncached}
 
@@ -90,11 +94,14 @@ def test_identical_recompute_keeps_every_hash(repo: Path, stage: str) -> None:
     assert stale_stages(repo) == set()
 
 
-@pytest.mark.parametrize(("module", "importers"), [
-    ("ece/clustering.py", {"cluster"}),
-    ("ece/generation.py", {"evaluate"}),
-    ("ece/covariance.py", {"covariance", "apply_edits"}),
-])
+@pytest.mark.parametrize(
+    ("module", "importers"),
+    [
+        ("ece/editing/clustering.py", {"cluster"}),
+        ("ece/eval/generation.py", {"evaluate"}),
+        ("ece/editing/covariance.py", {"covariance", "apply_edits"}),
+    ],
+)
 def test_library_change_makes_exactly_its_importers_stale(repo: Path, module: str, importers: set[str]) -> None:
     path = repo / module
     original = path.read_text()
@@ -109,7 +116,7 @@ def test_library_change_makes_exactly_its_importers_stale(repo: Path, module: st
 def test_library_change_that_keeps_the_results_stops_at_its_stage(repo: Path) -> None:
     """cluster reruns after its module changed; its output has the same bytes, so nothing after it runs
     (and prepare, covariance, attribute do not import the module)."""
-    path = repo / "ece/clustering.py"
+    path = repo / "ece/editing/clustering.py"
     original = path.read_text()
     path.write_text(original + "\n# a comment\n")
     try:

@@ -15,7 +15,7 @@ from torch import nn
 import ece.eval.metrics
 from ece.config import load_params
 from ece.data.loaders import SCHEMA
-from ece.edit.zvec import target_ids
+from ece.editing.zvec import target_ids
 from ece.eval.metrics import fact_metrics, summarise
 from ece.model.adapter import ModelAdapter
 from ece.model.loading import save_model, tiny_model
@@ -25,7 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def facts_table(n: int = 4) -> pl.DataFrame:
     rows = [
-        ("Danielle Darrieux", "The mother tongue of {} is", "English", "French", "Michel Rocard is a native speaker of"),
+        (
+            "Danielle Darrieux",
+            "The mother tongue of {} is",
+            "English",
+            "French",
+            "Michel Rocard is a native speaker of",
+        ),
         ("Toko Yasuda", "{} plays the", "piano", "guitar", "John Lennon performs on the"),
         ("Paris", "{} is the capital of", "Italy", "France", "Lyon is a city in"),
         ("Apple A5", "{} was made by", "Google", "Apple", "The iPhone is made by"),
@@ -33,10 +39,17 @@ def facts_table(n: int = 4) -> pl.DataFrame:
     data = {c: [] for c in SCHEMA}
     for i, (s, prompt, new, true, neighbour) in enumerate(rows):
         row = {
-            "id": f"t:{i}", "subject": s, "prompt": prompt, "target_new": new, "target_true": true,
+            "id": f"t:{i}",
+            "subject": s,
+            "prompt": prompt,
+            "target_new": new,
+            "target_true": true,
             "paraphrase_prompts": [f"Everyone knows that {prompt.replace('{}', s)}"],
-            "neighborhood_prompts": [neighbour], "neighborhood_target": true,
-            "generation_prompts": [f"{s} is known for", f"{s} often"], "source": "test", "content_hash": f"h{i}",
+            "neighborhood_prompts": [neighbour],
+            "neighborhood_target": true,
+            "generation_prompts": [f"{s} is known for", f"{s} often"],
+            "source": "test",
+            "content_hash": f"h{i}",
         }
         for c in SCHEMA:
             data[c].append(row[c])
@@ -71,10 +84,14 @@ def test_stubbed_scores_new_object_wins_on_neighbours_too(monkeypatch, tiny_llam
 
 
 def test_score_is_the_harmonic_mean_of_the_three_means():
-    per_fact = pl.DataFrame({
-        "id": ["a", "b"], "efficacy": [1.0, 0.8], "generalization": [0.5, 0.7],
-        "specificity": [0.75, None],  # a fact without neighbourhood prompts does not count
-    })
+    per_fact = pl.DataFrame(
+        {
+            "id": ["a", "b"],
+            "efficacy": [1.0, 0.8],
+            "generalization": [0.5, 0.7],
+            "specificity": [0.75, None],  # a fact without neighbourhood prompts does not count
+        }
+    )
     out = summarise(per_fact)
     assert [out["efficacy"], out["generalization"], out["specificity"]] == pytest.approx([0.9, 0.6, 0.75])
     assert out["score"] == pytest.approx(3 / (1 / 0.9 + 1 / 0.6 + 1 / 0.75))  # 0.7297…, below the arithmetic 0.75
@@ -139,7 +156,9 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "artifacts" / "edited").mkdir(parents=True)
     (tmp_path / "data").symlink_to(ROOT / "data")
     df.write_parquet(tmp_path / "artifacts/prepared/edits.parquet")
-    (tmp_path / "artifacts/prepared/meta.json").write_text(json.dumps({"dataset_hash": "abc", "format": "test", "source": {"path": "none"}}))
+    (tmp_path / "artifacts/prepared/meta.json").write_text(
+        json.dumps({"dataset_hash": "abc", "format": "test", "source": {"path": "none"}})
+    )
     model, tok = tiny_model("tiny-llama", 0)
     adapter = ModelAdapter(model)
     g = torch.Generator().manual_seed(1)
@@ -162,10 +181,19 @@ def project(tmp_path, monkeypatch):
 
 def test_stage_pre_is_unedited_post_is_edited_and_curve_replays(project):
     root, df, edited, tok = project
-    p = load_params(ROOT / "params.yaml", [
-        "model.name=tiny-llama", "edit.layers=[1,2]", "evaluate.n_general=2", "evaluate.general_tasks=[sst2]",
-        "evaluate.ppl_tokens=64", "evaluate.ppl_window=32", "evaluate.gen_max_new_tokens=8", "evaluate.curve_every=2",
-    ])
+    p = load_params(
+        ROOT / "params.yaml",
+        [
+            "model.name=tiny-llama",
+            "edit.layers=[1,2]",
+            "evaluate.n_general=2",
+            "evaluate.general_tasks=[sst2]",
+            "evaluate.ppl_tokens=64",
+            "evaluate.ppl_window=32",
+            "evaluate.gen_max_new_tokens=8",
+            "evaluate.curve_every=2",
+        ],
+    )
     _load_stage().main(p)
 
     metrics = json.loads((root / "reports/metrics.json").read_text())
@@ -198,8 +226,15 @@ def test_stage_pre_is_unedited_post_is_edited_and_curve_replays(project):
 
 def test_stage_reuses_the_unedited_evaluation_only_when_nothing_it_depends_on_changed(project, capsys):
     root, *_ = project
-    base = ["model.name=tiny-llama", "edit.layers=[1,2]", "evaluate.n_general=2", "evaluate.general_tasks=[sst2]",
-            "evaluate.ppl_tokens=64", "evaluate.ppl_window=32", "evaluate.gen_max_new_tokens=8"]
+    base = [
+        "model.name=tiny-llama",
+        "edit.layers=[1,2]",
+        "evaluate.n_general=2",
+        "evaluate.general_tasks=[sst2]",
+        "evaluate.ppl_tokens=64",
+        "evaluate.ppl_window=32",
+        "evaluate.gen_max_new_tokens=8",
+    ]
     stage = _load_stage()
     stage.main(load_params(ROOT / "params.yaml", base))
     first = json.loads((root / "reports/metrics.json").read_text())

@@ -75,7 +75,9 @@ def test_predict_picks_the_most_likely_label(monkeypatch, tiny_llama):
     favoured = {("p1", "no"), ("p2", "C")}
 
     def fake(model, tok, texts, conts, batch_size=32):
-        return torch.tensor([0.0 if (t, c) in favoured else -5.0 for t, c in zip(texts, conts)]), torch.zeros(len(texts))
+        return torch.tensor([0.0 if (t, c) in favoured else -5.0 for t, c in zip(texts, conts)]), torch.zeros(
+            len(texts)
+        )
 
     monkeypatch.setattr(ga, "continuation_scores", fake)
     assert predict(model, tok, examples) == [1, 2]
@@ -89,8 +91,11 @@ def test_single_token_shortcut_equals_continuation_scores(monkeypatch, tiny_llam
 
     monkeypatch.setattr(ga, "target_ids", one_token)
     monkeypatch.setattr(ece.eval.scoring, "target_ids", one_token)
-    examples = [Example("Is it raining? Answer:", ("yes", "no"), 0), Example("Pick one:", ("A", "B", "C"), 1),
-                Example("x", ("yes", "no"), 1)]
+    examples = [
+        Example("Is it raining? Answer:", ("yes", "no"), 0),
+        Example("Pick one:", ("A", "B", "C"), 1),
+        Example("x", ("yes", "no"), 1),
+    ]
     fast = label_scores(model, tok, examples, batch_size=2, shortcut=True)
     slow = label_scores(model, tok, examples, batch_size=2, shortcut=False)
     assert [len(r) for r in fast] == [2, 3, 2]

@@ -107,18 +107,39 @@ def test_fact_references_memit_snippets_and_fallback(tmp_path, wiki):
     corpus = tmp_path / "wiki.jsonl"
     corpus.write_text("".join(json.dumps({"title": t, "text": x}) + "\n" for t, x in zip(wiki.titles, wiki.texts)))
     snippets = tmp_path / "attribute_snippets.json"
-    snippets.write_text(json.dumps([{"relation_id": "P1303", "target_id": "Q5994", "samples": [{"text": "He plays piano.", "name": "X"}]}]))
+    snippets.write_text(
+        json.dumps(
+            [{"relation_id": "P1303", "target_id": "Q5994", "samples": [{"text": "He plays piano.", "name": "X"}]}]
+        )
+    )
     dataset = tmp_path / "multi_counterfact.json"
-    dataset.write_text(json.dumps([
-        {"case_id": 7, "requested_rewrite": {"relation_id": "P1303", "target_new": {"str": "piano", "id": "Q5994"}}},
-    ]))
+    dataset.write_text(
+        json.dumps(
+            [
+                {
+                    "case_id": 7,
+                    "requested_rewrite": {"relation_id": "P1303", "target_new": {"str": "piano", "id": "Q5994"}},
+                },
+            ]
+        )
+    )
     np.save(tmp_path / "idf.npy", np.array([1.0, 1.0]))
     (tmp_path / "vocab.json").write_text(json.dumps({"piano": 0, "plays": 1}))
-    refs = fact_references(["piano", "Mercury"], ["counterfact:7", "counterfact:8"], corpus, 2,
-                           snippets, tmp_path / "idf.npy", tmp_path / "vocab.json", dataset)
+    refs = fact_references(
+        ["piano", "Mercury"],
+        ["counterfact:7", "counterfact:8"],
+        corpus,
+        2,
+        snippets,
+        tmp_path / "idf.npy",
+        tmp_path / "vocab.json",
+        dataset,
+    )
     assert refs.texts[0] == ["He plays piano."] and refs.sources[0] == "snippets"
     assert refs.sources[1] == "wikipedia" and refs.approximate
-    only_memit = fact_references(["piano"], ["counterfact:7"], corpus, 2, snippets, tmp_path / "idf.npy", tmp_path / "vocab.json", dataset)
+    only_memit = fact_references(
+        ["piano"], ["counterfact:7"], corpus, 2, snippets, tmp_path / "idf.npy", tmp_path / "vocab.json", dataset
+    )
     assert not only_memit.approximate
     approx = fact_references(["piano", "violin"], ["a", "b"], corpus, 2)
     assert approx.approximate and approx.sources == ["wikipedia", None] and approx.texts[1] == []

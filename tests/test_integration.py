@@ -39,8 +39,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for stage in STAGES:
-        run = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=work, env=env,
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=work, env=env, capture_output=True, text=True
+        )
         assert run.returncode == 0, f"{stage} failed:\n{run.stderr[-3000:]}"
     return work
 

@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ece.edit.keys import keys_and_hidden, templated
+from ece.editing.keys import keys_and_hidden, templated
 from ece.errors import EceError
 from ece.model.adapter import ModelAdapter
 from ece.model.prompts import context_templates, document_start, encode

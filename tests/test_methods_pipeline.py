@@ -13,16 +13,16 @@ updates lie in C0's null space, FT-L/FT-M keep every entry of a batch's update w
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from scratch_project import FACTS, N_BATCHES, method_project, run_stage_inprocess
+from scratch_project import FACTS, N_BATCHES, inside, method_project, run_stage_inprocess
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,10 +62,16 @@ def expected_layers(params: dict) -> list[int]:
 
 
 def build(factory: pytest.TempPathFactory, method: str) -> Edited:
-    work = method_project(factory, f"method_{method}", {
-        "method": method, "rome.layer": SINGLE_LAYER, "ft.layer": SINGLE_LAYER,
-        "alphaedit.nullspace_threshold": NULLSPACE_THRESHOLD,
-    })
+    work = method_project(
+        factory,
+        f"method_{method}",
+        {
+            "method": method,
+            "rome.layer": SINGLE_LAYER,
+            "ft.layer": SINGLE_LAYER,
+            "alphaedit.nullspace_threshold": NULLSPACE_THRESHOLD,
+        },
+    )
     for stage in ("apply_edits", "evaluate"):
         run_stage_inprocess(work, stage)
     params = yaml.safe_load((work / "params.yaml").read_text())
@@ -199,3 +205,61 @@ def test_evaluate_reports_the_method_and_the_same_pre_phase(edited: Callable[[st
     assert per_fact.height == 2 * len(FACTS)
     reference = json.loads((edited("ece").work / "reports/metrics.json").read_text())
     assert metrics["pre"] == reference["pre"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_api_edit_equals_the_stages(edited: Callable[[str], Edited], method: str) -> None:
+    """`ece.edit` in memory (one call, no artifacts in between) writes the same weights, bit for bit, and
+    the same ledger as the stages with their cached artifacts: one edit sequence, two ways to drive it."""
+    import ece
+    from ece.config import load_params
+
+    run = edited(method)
+    with inside(run.work):
+        p = load_params("params.yaml")
+        model, tok = tiny_model(p.model.name, p.model.seed)
+        result = ece.edit(
+            model,
+            tok,
+            [dict(f) for f in FACTS],
+            params=p,
+            covariance="artifacts/covariance/c0.safetensors",
+            log=lambda _: None,
+        )
+    weights = model.state_dict()
+    assert all(torch.equal(weights[name], run.edited[name]) for name in run.edited)
+    same = [
+        "batch",
+        "layer",
+        "fact_ids",
+        "content_hashes",
+        "clusters",
+        "anchor_ids",
+        "z_loss",
+        "z_nll",
+        "z_steps",
+        "z_start",
+        "neurons",
+        "delta_norm",
+        "col_norms",
+        "dataset_hash",
+        "params_hash",
+        "model_fingerprint",
+    ]
+    assert result.ledger.select(same).equals(run.ledger().select(same))
+
+
+def test_api_evaluate_equals_the_evaluate_stage(edited: Callable[[str], Edited]) -> None:
+    """`ece.evaluate` on the edited folder gives the stage's post-edit rewrite metrics (reports/metrics.json)."""
+    import ece
+    from ece.config import load_params
+
+    run = edited("ece")
+    with inside(run.work):
+        p = load_params("params.yaml")
+        model = AutoModelForCausalLM.from_pretrained("artifacts/edited/model")
+        tok = AutoTokenizer.from_pretrained("artifacts/edited/model")
+        got = ece.evaluate(model, tok, pl.read_parquet("artifacts/prepared/edits.parquet"), params=p)["summary"]
+    post = json.loads((run.work / "reports/metrics.json").read_text())["post"]
+    for metric in ("efficacy", "generalization", "specificity"):
+        assert got[metric] == pytest.approx(post[metric], abs=1e-4), metric

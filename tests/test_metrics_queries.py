@@ -18,8 +18,10 @@ COMPACT = ROOT / "data/counterfact/counterfact_compact_0-19999.json"
 MEMIT_RECORD = {
     "case_id": 7,
     "requested_rewrite": {
-        "prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
-        "target_new": {"str": "English"}, "target_true": {"str": "French"},
+        "prompt": "The mother tongue of {} is",
+        "subject": "Danielle Darrieux",
+        "target_new": {"str": "English"},
+        "target_true": {"str": "French"},
     },
     "paraphrase_prompts": ["Danielle Darrieux spoke the language"],
     "neighborhood_prompts": ["The mother tongue of Michel Rocard is"],
@@ -28,11 +30,20 @@ MEMIT_RECORD = {
 
 
 def facts(neighborhood_target: str | None) -> pl.DataFrame:
-    return pl.DataFrame([{
-        "id": "f0", "subject": "Paris", "prompt": "{} is the capital of", "target_new": "Italy",
-        "target_true": "France", "paraphrase_prompts": ["The capital city of France is Paris, of"],
-        "neighborhood_prompts": ["Lyon is a city in"], "neighborhood_target": neighborhood_target,
-    }])
+    return pl.DataFrame(
+        [
+            {
+                "id": "f0",
+                "subject": "Paris",
+                "prompt": "{} is the capital of",
+                "target_new": "Italy",
+                "target_true": "France",
+                "paraphrase_prompts": ["The capital city of France is Paris, of"],
+                "neighborhood_prompts": ["Lyon is a city in"],
+                "neighborhood_target": neighborhood_target,
+            }
+        ]
+    )
 
 
 def pairs(df: pl.DataFrame) -> dict[str, tuple[str, str, str]]:
@@ -58,7 +69,9 @@ def test_specificity_wants_the_neighbourhood_answer_over_the_new_object() -> Non
 def test_accuracy_family_scores_target_new_and_the_neighbourhood_answer() -> None:
     qs = queries(facts("Europe"), ["accuracy"])
     assert [(q.metric, q.target) for q in qs] == [
-        ("efficacy", "Italy"), ("generalization", "Italy"), ("specificity", "Europe"),
+        ("efficacy", "Italy"),
+        ("generalization", "Italy"),
+        ("specificity", "Europe"),
     ]
 
 

@@ -33,10 +33,14 @@ def deltas(work: Path) -> list[dict[str, torch.Tensor]]:
 
 def assert_same_result(a: Path, b: Path) -> None:
     wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "weights differ from the reference run"
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), (
+        "weights differ from the reference run"
+    )
     for da, db in zip(deltas(a), deltas(b)):
         assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
-    files = [{f.relative_to(w): f.read_bytes() for f in (w / "artifacts/edited").rglob("*") if f.is_file()} for w in (a, b)]
+    files = [
+        {f.relative_to(w): f.read_bytes() for f in (w / "artifacts/edited").rglob("*") if f.is_file()} for w in (a, b)
+    ]
     assert files[0] == files[1], "the cached output (model, deltas, ledger) is byte for byte that of the reference run"
     assert not (b / CKPT).exists(), "the checkpoint is removed once the outputs are in place"
 
@@ -54,8 +58,14 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_killed_run_resumes_bit_exactly(reference: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     work = base_project(tmp_path_factory, "killed")
     state = work / CKPT / "state.json"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "stages/apply_edits.py")], cwd=work,
-                            env=stage_env({"ECE_TEST_BATCH_DELAY": "60"}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "stages/apply_edits.py")],
+        cwd=work,
+        env=stage_env({"ECE_TEST_BATCH_DELAY": "60"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not state.exists():
@@ -82,15 +92,23 @@ def test_killed_run_resumes_bit_exactly(reference: Path, tmp_path_factory: pytes
 
     ledger = pl.read_parquet(work / "artifacts/edited/ledger.parquet")
     per_batch = ledger.group_by("batch").agg(pl.len()).sort("batch")
-    assert per_batch["batch"].to_list() == list(range(N_BATCHES)) and set(per_batch["len"]) == {2}  # 2 layers, once each
+    assert per_batch["batch"].to_list() == list(range(N_BATCHES)) and set(per_batch["len"]) == {
+        2
+    }  # 2 layers, once each
     runs = json.loads((work / "reports/ledger_runs.json").read_text())
     assert [r["batch"] for r in runs] == list(range(N_BATCHES))
     sessions = [r["session"] for r in runs]
-    assert len(set(sessions[: done + 1])) == 1 and sessions[0] != sessions[-1], "restored batches keep their first session"
+    assert len(set(sessions[: done + 1])) == 1 and sessions[0] != sessions[-1], (
+        "restored batches keep their first session"
+    )
 
 
-def test_crash_inside_a_commit_redoes_only_the_unfinished_batch(reference: Path, tmp_path_factory: pytest.TempPathFactory,
-                                                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_crash_inside_a_commit_redoes_only_the_unfinished_batch(
+    reference: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
     """Killed after batch 1's delta and rows were written but before its state.json: batch 1 is not done."""
     work = base_project(tmp_path_factory, "commit_crash")
     real = ece.audit.checkpoint.write_json
@@ -112,7 +130,9 @@ def test_crash_inside_a_commit_redoes_only_the_unfinished_batch(reference: Path,
     assert_same_result(reference, work)
 
 
-def test_stale_checkpoint_is_ignored(reference: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture) -> None:
+def test_stale_checkpoint_is_ignored(
+    reference: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture
+) -> None:
     work = base_project(tmp_path_factory, "stale")
     folder = work / CKPT
     folder.mkdir(parents=True)

@@ -50,7 +50,9 @@ def test_continuation_scores_match_a_plain_loop_on_the_tiny_model() -> None:
         target = tok(" " + cont.lstrip(" "), add_special_tokens=False).input_ids  # a continuation starts with a space
         assert len(ids) == len(text.encode()) and len(target) == len(cont.lstrip(" ").encode()) + 1  # one token a byte
         total, hits = by_hand(model, start + ids, target)
-        assert float(logprob[i]) == pytest.approx(total / len(target), abs=1e-5)  # the scorer returns the per-token mean
+        assert float(logprob[i]) == pytest.approx(
+            total / len(target), abs=1e-5
+        )  # the scorer returns the per-token mean
         assert float(accuracy[i]) == pytest.approx(hits / len(target))
 
 
@@ -81,12 +83,15 @@ def bigram() -> tuple[Bigram, object]:
     return Bigram(table, len(tok), tok.eos_token_id), tok
 
 
-@pytest.mark.parametrize(("target", "expected"), [
-    ("20", 1.0),  # " 2 0": every token is the argmax
-    ("2006", 4 / 5),  # " 2 0 0 6": the last one is not ("0" follows "0")
-    ("5", 1 / 2),  # " 5": the space is, "5" is not ("2" follows " ")
-    ("99", 1 / 3),  # " 9 9": only the space
-])
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("20", 1.0),  # " 2 0": every token is the argmax
+        ("2006", 4 / 5),  # " 2 0 0 6": the last one is not ("0" follows "0")
+        ("5", 1 / 2),  # " 5": the space is, "5" is not ("2" follows " ")
+        ("99", 1 / 3),  # " 9 9": only the space
+    ],
+)
 def test_token_accuracy_is_the_share_of_argmax_target_tokens(bigram, target: str, expected: float) -> None:
     model, tok = bigram
     assert float(continuation_scores(model, tok, ["When was Ada born?"], [target])[1][0]) == pytest.approx(expected)
@@ -95,8 +100,14 @@ def test_token_accuracy_is_the_share_of_argmax_target_tokens(bigram, target: str
 def test_zsre_facts_are_scored_by_token_accuracy(bigram, tmp_path: Path) -> None:
     model, tok = bigram
     record = {
-        "subject": "Ada Lovelace", "src": "When was Ada Lovelace born?", "pred": "1815", "rephrase": "In which year was Ada Lovelace born?",
-        "alt": "1815", "answers": ["2006"], "loc": "nq question: how many legs does a spider have", "loc_ans": "8",
+        "subject": "Ada Lovelace",
+        "src": "When was Ada Lovelace born?",
+        "pred": "1815",
+        "rephrase": "In which year was Ada Lovelace born?",
+        "alt": "1815",
+        "answers": ["2006"],
+        "loc": "nq question: how many legs does a spider have",
+        "loc_ans": "8",
     }
     path = tmp_path / "zsre.json"
     path.write_text(json.dumps([record]))

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from ece.config import AlphaEditCfg, EditCfg, FtCfg, Params, RomeCfg, UpdateCfg
-from ece.edit.covariance import second_moments
-from ece.edit.editor import Editor
-from ece.edit.finetune import finetune_labels
-from ece.edit.keys import keys_and_hidden
-from ece.edit.solve import nullspace_basis, projected_update, restricted_update
-from ece.edit.zvec import target_ids
+from ece.editing.covariance import second_moments
+from ece.editing.editor import Editor
+from ece.editing.finetune import finetune_labels
+from ece.editing.keys import keys_and_hidden
+from ece.editing.solve import nullspace_basis, projected_update, restricted_update
+from ece.editing.zvec import target_ids
 from ece.errors import EceError
 from ece.methods import Method, method_of
 from ece.model.adapter import ModelAdapter
@@ -129,8 +129,14 @@ def editing(tiny_llama, facts):
 
 def method(name: str = "ece", weight: float = 1.0, use_cache: bool | None = None, **sections) -> Method:
     """The Method params.yaml would give on the tiny model (single-layer methods edit layer 2)."""
-    p = Params(method=name, edit=EditCfg(layers=LAYERS), update=UpdateCfg(mom2_update_weight=weight),
-               rome=sections.pop("rome", RomeCfg(layer=2)), ft=sections.pop("ft", FtCfg(layer=2)), **sections)
+    p = Params(
+        method=name,
+        edit=EditCfg(layers=LAYERS),
+        update=UpdateCfg(mom2_update_weight=weight),
+        rome=sections.pop("rome", RomeCfg(layer=2)),
+        ft=sections.pop("ft", FtCfg(layer=2)),
+        **sections,
+    )
     m = method_of(p)
     return m if use_cache is None else replace(m, use_cache=use_cache)
 
@@ -297,10 +303,15 @@ def test_projected_update_equals_alphaedits_formula():
     delta = projected_update(keys, residuals, cache + l2 * torch.eye(F_DIM, dtype=torch.float64), basis)
     proj = basis @ basis.T
     k = keys.double().T
-    reference = torch.linalg.solve(proj @ (cache + k @ k.T) + l2 * torch.eye(F_DIM, dtype=torch.float64),
-                                   proj @ k @ residuals.double()).T
+    reference = torch.linalg.solve(
+        proj @ (cache + k @ k.T) + l2 * torch.eye(F_DIM, dtype=torch.float64), proj @ k @ residuals.double()
+    ).T
     assert torch.allclose(delta, reference, atol=1e-10)
-    assert torch.allclose(delta @ (torch.eye(F_DIM, dtype=torch.float64) - proj), torch.zeros(D_DIM, F_DIM, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(
+        delta @ (torch.eye(F_DIM, dtype=torch.float64) - proj),
+        torch.zeros(D_DIM, F_DIM, dtype=torch.float64),
+        atol=1e-10,
+    )
 
 
 def test_nullspace_basis_empty_is_a_clear_error():

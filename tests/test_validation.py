@@ -79,8 +79,16 @@ def test_missing_id_when_the_file_has_ids(tmp_path: Path) -> None:
 
 
 def test_compact_prompt_without_its_subject_is_a_validation_error(tmp_path: Path) -> None:
-    record = {"case_id": 9, "prompt": "The capital of France is", "subject": "Italy", "target_new": "Rome", "ground_truth": "Paris",
-              "rephrase_prompt": "Italy's capital is", "locality_prompt": "France's capital is", "locality_ground_truth": "Paris"}
+    record = {
+        "case_id": 9,
+        "prompt": "The capital of France is",
+        "subject": "Italy",
+        "target_new": "Rome",
+        "ground_truth": "Paris",
+        "rephrase_prompt": "Italy's capital is",
+        "locality_prompt": "France's capital is",
+        "locality_ground_truth": "Paris",
+    }
     path = tmp_path / "compact.json"
     path.write_text(json.dumps([{**record, "case_id": 8, "prompt": "The capital of Italy is"}, record]))
     assert failures(path) == {"prompt_one_placeholder": ["#1 counterfact:9"]}
@@ -125,7 +133,9 @@ def test_prepare_publishes_only_valid_data(tmp_path: Path, monkeypatch: pytest.M
     bad = facts(tmp_path, {}, {"prompt": "{} {}"}, {"target_new": "london"}, name="bad.jsonl")
     (tmp_path / "params.yaml").write_text(f"data:\n  edit_dataset: {bad}\ncovariance:\n  corpus: unused.txt\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "stages/prepare.py")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "stages/prepare.py")], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert proc.returncode != 0
     assert "prompt_one_placeholder" in proc.stderr and "#1 f1" in proc.stderr
     assert "targets_differ" in proc.stderr and "#2 f2" in proc.stderr

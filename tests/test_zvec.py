@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from ece.config import ZCfg
 from ece.data.facts import Fact
-from ece.edit.keys import keys_and_hidden
-from ece.edit.zvec import (
+from ece.editing.keys import keys_and_hidden
+from ece.editing.zvec import (
     ZProblem,
     ZState,
     build_problem,
@@ -281,13 +281,38 @@ def test_members_start_from_anchor_delta_and_adam_state(setup, carry):
     # a member: t steps from the anchor's δ, with its Adam moments (bias correction continues at
     # step s) or with fresh ones
     shared = run(alone(problem, 1), adapter, s, c)
-    start = shared if carry else ZState(shared.delta, *(torch.zeros_like(x) for x in (shared.m, shared.v, shared.t)),
-                                        torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool))
+    start = (
+        shared
+        if carry
+        else ZState(
+            shared.delta,
+            *(torch.zeros_like(x) for x in (shared.m, shared.v, shared.t)),
+            torch.zeros(1, dtype=torch.long),
+            torch.zeros(1, dtype=torch.bool),
+        )
+    )
     expect = run(alone(problem, 0), adapter, t, c, start.rows(torch.tensor([0]))).delta
     assert torch.allclose(res.delta[0], expect[0], atol=ATOL)
-    other = run(alone(problem, 0), adapter, t, c, (start if not carry else ZState(
-        shared.delta, *(torch.zeros_like(x) for x in (shared.m, shared.v, shared.t)),
-        torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool))).rows(torch.tensor([0]))).delta if carry else None
+    other = (
+        run(
+            alone(problem, 0),
+            adapter,
+            t,
+            c,
+            (
+                start
+                if not carry
+                else ZState(
+                    shared.delta,
+                    *(torch.zeros_like(x) for x in (shared.m, shared.v, shared.t)),
+                    torch.zeros(1, dtype=torch.long),
+                    torch.zeros(1, dtype=torch.bool),
+                )
+            ).rows(torch.tensor([0])),
+        ).delta
+        if carry
+        else None
+    )
     if other is not None:
         assert not torch.allclose(res.delta[0], other[0], atol=1e-4)  # the Adam state does matter
 
@@ -305,7 +330,10 @@ def test_warm_start_groups():
     labels, anchors = torch.tensor([0, 1, 0, 1, 2]), torch.tensor([2, 1, 4])
     targets = ["Rome", "Rome", "Paris", "Paris", "Rome"]
     assert [x.tolist() for x in warm_start_groups("cluster", labels, anchors, targets)] == [[0, 1, 0, 1, 2], [2, 1, 4]]
-    assert [x.tolist() for x in warm_start_groups("none", labels, anchors, targets)] == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+    assert [x.tolist() for x in warm_start_groups("none", labels, anchors, targets)] == [
+        [0, 1, 2, 3, 4],
+        [0, 1, 2, 3, 4],
+    ]
     # object: facts with the same target, the first of each as anchor
     assert [x.tolist() for x in warm_start_groups("object", labels, anchors, targets)] == [[0, 0, 1, 1, 0], [0, 2]]
     # cluster_object: (cluster, target) pairs; cluster 0's anchor (fact 2, Paris) anchors its Paris part,
@@ -429,8 +457,16 @@ def test_facts_per_pass_equals_the_batched_descent(setup):
     n = len(facts)
     c = cfg(0, 4, stop_loss=0.0)
     batched = compute_z(adapter, tok, facts, LAYER, TEMPLATES, torch.arange(n), torch.arange(n), c)
-    one_by_one = compute_z(adapter, tok, facts, LAYER, TEMPLATES, torch.arange(n), torch.arange(n),
-                           cfg(0, 4, stop_loss=0.0, facts_per_pass=1))
+    one_by_one = compute_z(
+        adapter,
+        tok,
+        facts,
+        LAYER,
+        TEMPLATES,
+        torch.arange(n),
+        torch.arange(n),
+        cfg(0, 4, stop_loss=0.0, facts_per_pass=1),
+    )
     assert torch.allclose(batched.z, one_by_one.z, atol=ATOL)
     assert torch.allclose(batched.losses.total, one_by_one.losses.total, atol=ATOL)
     assert batched.steps.tolist() == one_by_one.steps.tolist() == [4] * n

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ece.audit.ledger import delta_name, read_delta, write_delta
 from ece.data.io import atomic_path, write_json
-from ece.edit.editor import LayerChange
+from ece.editing.editor import LayerChange
 
 STATE = "state.json"
 
@@ -66,7 +66,9 @@ class Checkpoint:
             needed.append(self.folder / state["cache"])
         missing = [p.name for p in needed if not p.exists()]
         if missing:
-            print(f"checkpoint: files missing from {self.folder} ({', '.join(missing[:3])}); starting from the first batch")
+            print(
+                f"checkpoint: files missing from {self.folder} ({', '.join(missing[:3])}); starting from the first batch"
+            )
             self.clear()
             return -1
         self._cache_file = state.get("cache")
@@ -85,7 +87,9 @@ class Checkpoint:
         tensors = load_file(str(self.folder / self._cache_file))
         return {int(name.split(".")[1]): t for name, t in tensors.items()}
 
-    def commit(self, batch: int, changes: dict[int, LayerChange], rows: dict[str, Any], cache: dict[int, Tensor] | None) -> None:
+    def commit(
+        self, batch: int, changes: dict[int, LayerChange], rows: dict[str, Any], cache: dict[int, Tensor] | None
+    ) -> None:
         """Record a finished batch; only the final rename of state.json makes it count."""
         self.folder.mkdir(parents=True, exist_ok=True)
         write_delta(self.delta_path(batch), changes)
@@ -94,7 +98,9 @@ class Checkpoint:
         if cache:
             cache_file = f"cache-{batch:04d}.safetensors"
             with atomic_path(self.folder / cache_file) as tmp:
-                save_file({f"layer.{l}": t.contiguous() for l, t in cache.items()}, str(tmp), metadata={"key": self.key})
+                save_file(
+                    {f"layer.{l}": t.contiguous() for l, t in cache.items()}, str(tmp), metadata={"key": self.key}
+                )
         write_json(self.folder / STATE, {"key": self.key, "last_batch": batch, "cache": cache_file})
         for old in self.folder.glob("cache-*.safetensors"):
             if old.name != cache_file:
@@ -104,4 +110,3 @@ class Checkpoint:
     def clear(self) -> None:
         if self.folder.exists():
             shutil.rmtree(self.folder)
-

@@ -37,7 +37,7 @@ from torch import Tensor
 from ece.artifacts import EDITED
 from ece.config import Params
 from ece.data.io import atomic_path, sha256_json, write_json
-from ece.edit.editor import LayerChange
+from ece.editing.editor import LayerChange
 from ece.errors import EceError
 from ece.model.adapter import ModelAdapter
 
@@ -73,7 +73,7 @@ LEDGER_SCHEMA: dict[str, pl.DataType] = {
 }
 # Per batch in LEDGER_RUNS: "batch", "n_facts", the seconds of each of RUN_PHASES, "session" (the
 # process that computed the batch; differs across a resume), "git_revision", "finished_at" (UTC, ISO 8601).
-RUN_PHASES = ("attribution", "clustering", "z", "update")  # "update" = keys + solve + cache (ece.edit.editor.PHASES)
+RUN_PHASES = ("attribution", "clustering", "z", "update")  # "update" = keys + solve + cache (ece.editing.editor.PHASES)
 
 
 # --- per-batch deltas ---------------------------------------------------------------------------
@@ -99,7 +99,9 @@ def read_delta(path: str | Path) -> dict[int, LayerChange]:
             names = list(f.keys())
             layers = sorted({int(n.split(".")[1]) for n in names if n.endswith(".cols")})
             return {
-                l: LayerChange(f.get_tensor(f"layer.{l}.cols"), f.get_tensor(f"layer.{l}.old"), f.get_tensor(f"layer.{l}.new"))
+                l: LayerChange(
+                    f.get_tensor(f"layer.{l}.cols"), f.get_tensor(f"layer.{l}.old"), f.get_tensor(f"layer.{l}.new")
+                )
                 for l in layers
             }
     except Exception as exc:  # safetensors raises several types for a damaged file
@@ -111,10 +113,14 @@ def delta_files(folder: str | Path = EDITED) -> list[Path]:
     folder = Path(folder)
     files = sorted(folder.glob("delta-batch-*.safetensors"))
     if not files:
-        raise EceError(f"no per-batch deltas (delta-batch-XXXX.safetensors) in {folder}", "run the apply_edits stage first")
+        raise EceError(
+            f"no per-batch deltas (delta-batch-XXXX.safetensors) in {folder}", "run the apply_edits stage first"
+        )
     expected = [delta_name(b) for b in range(len(files))]
     if [f.name for f in files] != expected:
-        raise EceError(f"the delta files in {folder} are not numbered 0..{len(files) - 1}", "rerun the apply_edits stage")
+        raise EceError(
+            f"the delta files in {folder} are not numbered 0..{len(files) - 1}", "rerun the apply_edits stage"
+        )
     return files
 
 
@@ -129,8 +135,10 @@ def put_columns(adapter: ModelAdapter, changes: dict[int, LayerChange], which: s
         w = adapter.w_out_weight(layer)
         values = c.new if which == "new" else c.old
         if values.shape != (w.shape[0], len(c.cols)):
-            raise EceError(f"delta of layer {layer} has shape {tuple(values.shape)}, the model's W_out is {tuple(w.shape)}",
-                           "the deltas belong to another model")
+            raise EceError(
+                f"delta of layer {layer} has shape {tuple(values.shape)}, the model's W_out is {tuple(w.shape)}",
+                "the deltas belong to another model",
+            )
         w[:, c.cols] = values.to(w.dtype)
 
 
@@ -153,8 +161,10 @@ def rollback(adapter: ModelAdapter, deltas: list[dict[int, LayerChange]], to_bat
     """Undo every batch after `to_batch` (-1: all of them), last first; returns the undone batches."""
     n = len(deltas)
     if not -1 <= to_batch < n:
-        raise EceError(f"--to-batch {to_batch} is out of range: there are {n} batches (0..{n - 1})",
-                       "use -1 for the original model, or a batch index")
+        raise EceError(
+            f"--to-batch {to_batch} is out of range: there are {n} batches (0..{n - 1})",
+            "use -1 for the original model, or a batch index",
+        )
     check_is_after(adapter, deltas)
     undone = list(range(n - 1, to_batch, -1))
     for b in undone:
@@ -181,7 +191,7 @@ def params_hash(p: Params) -> str:
 
 
 def layer_summary(change: LayerChange) -> dict[str, Any]:
-    diff = (change.new.double() - change.old.double())
+    diff = change.new.double() - change.old.double()
     return {
         "neurons": change.cols.tolist(),
         "n_neurons": len(change.cols),
@@ -254,8 +264,11 @@ def ledger_markdown(table: pl.DataFrame, runs: dict[int, dict[str, Any]]) -> str
     for r in batches.iter_rows(named=True):
         loss = sum(r["z_loss"]) / len(r["z_loss"]) if r["z_loss"] else float("nan")
         run = runs.get(r["batch"])
-        facts = (f"{run['update']:.2f} | {run['z']:.2f} | {run['attribution']:.2f} | {run['session']} | {run['finished_at']}"
-                 if run else "– | – | – | – | –")
+        facts = (
+            f"{run['update']:.2f} | {run['z']:.2f} | {run['attribution']:.2f} | {run['session']} | {run['finished_at']}"
+            if run
+            else "– | – | – | – | –"
+        )
         lines.append(f"| {r['batch']} | {r['n_facts']} | {len(set(r['clusters']))} | {loss:.4f} | {facts} |")
     lines += [
         "",
@@ -267,14 +280,23 @@ def ledger_markdown(table: pl.DataFrame, runs: dict[int, dict[str, Any]]) -> str
     for r in table.sort("batch", "layer").iter_rows(named=True):
         top = max(r["col_norms"]) if r["col_norms"] else 0.0
         flag = " (ill-conditioned)" if r["cond"] > COND_WARN else ""
-        lines.append(f"| {r['batch']} | {r['layer']} | {r['n_neurons']} | {r['delta_norm']:.4g} | {top:.4g} | {r['cond']:.3g}{flag} |")
-    lines += ["", "## Facts", "",
-              "| batch | fact | cluster | anchor | z loss | z NLL | z steps | z started from | content hash |",
-              "|---:|---|---:|---|---:|---:|---:|---|---|"]
+        lines.append(
+            f"| {r['batch']} | {r['layer']} | {r['n_neurons']} | {r['delta_norm']:.4g} | {top:.4g} | {r['cond']:.3g}{flag} |"
+        )
+    lines += [
+        "",
+        "## Facts",
+        "",
+        "| batch | fact | cluster | anchor | z loss | z NLL | z steps | z started from | content hash |",
+        "|---:|---|---:|---|---:|---:|---:|---|---|",
+    ]
     for r in batches.iter_rows(named=True):
         for i, fid in enumerate(r["fact_ids"]):
-            z = (f"{r['z_loss'][i]:.4f} | {r['z_nll'][i]:.4f} | {r['z_steps'][i]} | {r['z_start'][i]}"
-                 if r["z_loss"] else "– | – | – | –")  # fine-tuning has no z
+            z = (
+                f"{r['z_loss'][i]:.4f} | {r['z_nll'][i]:.4f} | {r['z_steps'][i]} | {r['z_start'][i]}"
+                if r["z_loss"]
+                else "– | – | – | –"
+            )  # fine-tuning has no z
             lines.append(
                 f"| {r['batch']} | {fid} | {r['clusters'][i]} | {r['anchor_ids'][i]} | {z} "
                 f"| `{_short(r['content_hashes'][i])}` |"

@@ -78,10 +78,12 @@ def import_closure(module_path: str | Path, root: Path = PROJECT) -> list[Path]:
 def code_hash(module_path: str | Path, root: Path = PROJECT) -> str:
     """sha256 of the code `module_path` runs (its import closure), independent of where it lies."""
     root = root.resolve()
-    return sha256_json({
-        (f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name): sha256_file(f)
-        for f in import_closure(module_path, root)
-    })
+    return sha256_json(
+        {
+            (f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name): sha256_file(f)
+            for f in import_closure(module_path, root)
+        }
+    )
 
 
 def sync_dvc_deps(dvc_yaml: Path, root: Path = PROJECT) -> list[str]:

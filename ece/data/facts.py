@@ -21,7 +21,7 @@ class Fact:
     target_new: str
 
     @classmethod
-    def from_row(cls, row: dict) -> "Fact":
+    def from_row(cls, row: dict) -> Fact:
         return cls(row["id"], row["subject"], row["prompt"], row["target_new"])
 
 
@@ -35,5 +35,3 @@ def read_facts(path: Path = PREPARED) -> tuple[pl.DataFrame, list[Fact]]:
 def batch_ranges(n: int, batch_size: int) -> list[range]:
     """Sequential batches in dataset order; the last one may be short."""
     return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-
-

@@ -38,10 +38,11 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Callable
 from functools import partial
 from io import StringIO
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 
@@ -95,7 +96,18 @@ def load_edits(cfg: DataCfg) -> pl.DataFrame:
         for row in rows:
             if not row["generation_prompts"] and row["subject"]:
                 row["generation_prompts"] = prompts_for_subject(row["subject"], index)
-    source = f"{fmt}:{path.name}:{sha256_bytes(data)[:12]}"
+    return _table(rows, f"{fmt}:{path.name}:{sha256_bytes(data)[:12]}")
+
+
+def from_records(records: list[Record]) -> pl.DataFrame:
+    """The canonical table of facts given in memory (the programmatic API): the user format's columns,
+    a record without an id gets row:<i>. Validate it with ece.data.validation like a file."""
+    has_ids = any("id" in r for r in records)
+    rows = [_from_user(i, rec, has_ids) for i, rec in enumerate(records)]
+    return _table(rows, f"records:{sha256_json(rows)[:12]}")
+
+
+def _table(rows: list[Record], source: str) -> pl.DataFrame:
     rows = [row | {"source": source, "content_hash": content_hash(row)} for row in rows]
     return pl.DataFrame({c: [row[c] for row in rows] for c in SCHEMA}, schema=SCHEMA)
 
@@ -163,13 +175,18 @@ def read_generation_prompts(path: Path) -> list[str]:
     """The `data.generation_prompts` file: a JSON list of strings."""
     prompts = _load_json(path, _decode(path, _read_bytes(path, "generation prompts file", "data.generation_prompts")))
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise EceError(f"{path}: expected a JSON list of strings", "point data.generation_prompts at such a list, or set it to null")
+        raise EceError(
+            f"{path}: expected a JSON list of strings",
+            "point data.generation_prompts at such a list, or set it to null",
+        )
     return prompts
 
 
 def _read_bytes(path: Path, what: str, key: str) -> bytes:
     if not path.is_file():
-        raise EceError(f"{what} not found: {path}", f"set {key} to an existing file (paths are relative to the project root)")
+        raise EceError(
+            f"{what} not found: {path}", f"set {key} to an existing file (paths are relative to the project root)"
+        )
     return path.read_bytes()
 
 
@@ -209,7 +226,10 @@ def _container(path: Path, declared: str) -> str:
         return "jsonl"
     if suffix in (".csv", ".json"):
         return suffix[1:]
-    raise EceError(f"{path}: cannot tell the format from the extension '{suffix}'", f"rename to .json/.jsonl/.csv or {_FORMAT_HINT}")
+    raise EceError(
+        f"{path}: cannot tell the format from the extension '{suffix}'",
+        f"rename to .json/.jsonl/.csv or {_FORMAT_HINT}",
+    )
 
 
 def _detect(path: Path, first: Record) -> str:
@@ -239,10 +259,15 @@ def _load_json(path: Path, text: str) -> Any:
 def _parse_json(path: Path, text: str) -> list[Record]:
     value = _load_json(path, text)
     if not isinstance(value, list):
-        raise EceError(f"{path}: the top-level JSON value is {_kind(value)}, expected a list of records", "wrap the records in [ ... ]")
+        raise EceError(
+            f"{path}: the top-level JSON value is {_kind(value)}, expected a list of records",
+            "wrap the records in [ ... ]",
+        )
     for i, rec in enumerate(value):
         if not isinstance(rec, dict):
-            raise EceError(f"{path}: record {i} is {_kind(rec)}, expected an object", "every list item must be a {...} record")
+            raise EceError(
+                f"{path}: record {i} is {_kind(rec)}, expected an object", "every list item must be a {...} record"
+            )
     return value
 
 
@@ -259,7 +284,9 @@ def _parse_jsonl(path: Path, text: str) -> list[Record]:
                 "each line must be one complete JSON object",
             ) from None
         if not isinstance(rec, dict):
-            raise EceError(f"{path}: line {n} is {_kind(rec)}, expected an object", "each line must be one {...} record")
+            raise EceError(
+                f"{path}: line {n} is {_kind(rec)}, expected an object", "each line must be one {...} record"
+            )
         records.append(rec)
     return records
 
@@ -277,10 +304,15 @@ def _parse_csv(path: Path, text: str) -> list[Record]:
     try:
         for row in reader:
             if None in row:
-                raise EceError(f"{path}: line {reader.line_num} has more fields than the header", "quote fields that contain commas")
+                raise EceError(
+                    f"{path}: line {reader.line_num} has more fields than the header",
+                    "quote fields that contain commas",
+                )
             records.append({k: _csv_cell(k, v) for k, v in row.items()})
     except csv.Error as exc:
-        raise EceError(f"{path}: malformed CSV at line {reader.line_num}: {exc}", "check the quoting on that line") from None
+        raise EceError(
+            f"{path}: malformed CSV at line {reader.line_num}: {exc}", "check the quoting on that line"
+        ) from None
     return records
 
 
@@ -292,7 +324,9 @@ def _csv_cell(column: str, value: str | None) -> Any:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(value), type(value).__name__)
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
 
 
 # --- normalising ----------------------------------------------------------------------------------
@@ -398,11 +432,21 @@ def _check_types(path: Path, rows: list[Record]) -> None:
     defects = []
     for i, row in enumerate(rows):
         label = row_label(i, row["id"])
-        defects += [f"{label}: {k} is {_kind(row[k])}" for k in TEXT_FIELDS if row[k] is not None and not isinstance(row[k], str)]
-        defects += [f"{label}: {k}[{j}] is {_kind(e)}" for k in LIST_FIELDS for j, e in enumerate(row[k]) if not isinstance(e, str)]
+        defects += [
+            f"{label}: {k} is {_kind(row[k])}"
+            for k in TEXT_FIELDS
+            if row[k] is not None and not isinstance(row[k], str)
+        ]
+        defects += [
+            f"{label}: {k}[{j}] is {_kind(e)}"
+            for k in LIST_FIELDS
+            for j, e in enumerate(row[k])
+            if not isinstance(e, str)
+        ]
     if defects:
         raise EceError(
             f"{path}: {len(defects)} value(s) of the wrong type (text fields must be strings, list fields lists of strings): "
-            + "; ".join(defects[:MAX_LISTED]) + (" ..." if len(defects) > MAX_LISTED else ""),
+            + "; ".join(defects[:MAX_LISTED])
+            + (" ..." if len(defects) > MAX_LISTED else ""),
             'quote them as JSON strings, e.g. "1990" instead of 1990',
         )

@@ -116,7 +116,13 @@ def _rules(max_chars: int) -> list[tuple[str, str, Any]]:
     for col in ("id", *REQUIRED_COLUMNS):
         add(f"{col}_present", f"{col} is given", gxe.ExpectColumnValuesToNotBeNull, column=col)
     for col in ("id", *REQUIRED_COLUMNS, *_OPTIONAL_TEXT):
-        add(f"{col}_not_blank", f"{col} is not empty or only spaces (when given)", gxe.ExpectColumnValuesToMatchRegex, column=col, regex=r"\S")
+        add(
+            f"{col}_not_blank",
+            f"{col} is not empty or only spaces (when given)",
+            gxe.ExpectColumnValuesToMatchRegex,
+            column=col,
+            regex=r"\S",
+        )
     add("id_unique", "ids are unique", gxe.ExpectColumnValuesToBeUnique, column="id")
     add(
         "prompt_one_placeholder",
@@ -134,10 +140,28 @@ def _rules(max_chars: int) -> list[tuple[str, str, Any]]:
     )
     for col in TEXT_FIELDS:
         add(f"{col}_is_text", f"{col} is a string", gxe.ExpectColumnValuesToBeOfType, column=col, type_="str")
-        add(f"{col}_max_chars", f"{col} has at most {max_chars} characters", gxe.ExpectColumnValueLengthsToBeBetween, column=col, max_value=max_chars)
+        add(
+            f"{col}_max_chars",
+            f"{col} has at most {max_chars} characters",
+            gxe.ExpectColumnValueLengthsToBeBetween,
+            column=col,
+            max_value=max_chars,
+        )
     for col in LIST_FIELDS:
-        add(f"{col}_elements", f"{col} holds only non-empty strings", gxe.ExpectColumnValuesToBeBetween, column=f"_{col}_bad", max_value=0)
-        add(f"{col}_max_chars", f"every {col} text has at most {max_chars} characters", gxe.ExpectColumnValuesToBeBetween, column=f"_{col}_longest", max_value=max_chars)
+        add(
+            f"{col}_elements",
+            f"{col} holds only non-empty strings",
+            gxe.ExpectColumnValuesToBeBetween,
+            column=f"_{col}_bad",
+            max_value=0,
+        )
+        add(
+            f"{col}_max_chars",
+            f"every {col} text has at most {max_chars} characters",
+            gxe.ExpectColumnValuesToBeBetween,
+            column=f"_{col}_longest",
+            max_value=max_chars,
+        )
     return rules
 
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 import inspect
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ece.config import GENERAL_TASKS
-from ece.edit.zvec import target_ids
+from ece.editing.zvec import target_ids
 from ece.errors import EceError
 from ece.eval.scoring import continuation_scores
 from ece.model.prompts import document_start, encode
@@ -66,7 +67,9 @@ def _mrpc(r: dict[str, Any]) -> tuple[str, int]:
 
 
 def _cola(r: dict[str, Any]) -> tuple[str, int]:
-    return f"Sentence: {r['sentence']}\nQuestion: Is this sentence grammatically correct?\nAnswer:", 0 if int(r["label"]) == 1 else 1
+    return f"Sentence: {r['sentence']}\nQuestion: Is this sentence grammatically correct?\nAnswer:", 0 if int(
+        r["label"]
+    ) == 1 else 1
 
 
 def _entailment(r: dict[str, Any], gold_yes: bool) -> tuple[str, int]:
@@ -84,7 +87,9 @@ def _nli(r: dict[str, Any]) -> tuple[str, int]:
 def _mmlu(r: dict[str, Any]) -> tuple[str, int]:
     subject = str(r.get("subject", "")).replace("_", " ")
     options = "".join(f"{letter}. {choice}\n" for letter, choice in zip("ABCD", r["choices"]))
-    return f"The following is a multiple choice question about {subject}.\n\n{r['question']}\n{options}Answer:", int(r["answer"])
+    return f"The following is a multiple choice question about {subject}.\n\n{r['question']}\n{options}Answer:", int(
+        r["answer"]
+    )
 
 
 TEMPLATES: dict[str, Template] = {
@@ -105,7 +110,9 @@ def load_task(data_dir: str | Path, task: str, n: int) -> list[Example]:
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise EceError(f"cannot read {path}: {exc}", "see data/README.md for the shipped general-ability sets") from None
+        raise EceError(
+            f"cannot read {path}: {exc}", "see data/README.md for the shipped general-ability sets"
+        ) from None
     template = TEMPLATES[task]
     out = []
     for r in records[: n if n > 0 else None]:
@@ -136,7 +143,9 @@ def label_scores(
                 last_pos = enc.lengths - 1
                 if keep:  # logits only at the positions read (saves the (B, T, vocab) tensor)
                     kept = torch.unique(last_pos)
-                    logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, logits_to_keep=kept).logits
+                    logits = model(
+                        input_ids=enc.input_ids, attention_mask=enc.attention_mask, logits_to_keep=kept
+                    ).logits
                     last_pos = torch.searchsorted(kept, last_pos)
                 else:
                     logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
@@ -243,7 +252,9 @@ def _start_ids(tok: PreTrainedTokenizerBase) -> list[int]:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tok: PreTrainedTokenizerBase, ids: list[int], window: int, batch_size: int = 4) -> float:
+def perplexity(
+    model: nn.Module, tok: PreTrainedTokenizerBase, ids: list[int], window: int, batch_size: int = 4
+) -> float:
     """exp(mean NLL) of `ids` read in consecutive windows of `window` tokens, each after the document start."""
     if not ids:
         raise EceError("no tokens to compute perplexity on", "check evaluate.ppl_corpus and evaluate.ppl_tokens")
@@ -262,7 +273,9 @@ def perplexity(model: nn.Module, tok: PreTrainedTokenizerBase, ids: list[int], w
         logits = model(input_ids=x, attention_mask=mask).logits.float()
         labels = x[:, 1:].clone()
         labels[mask[:, 1:] == 0] = -100
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        nll = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         total += float(nll)
         count += int((labels != -100).sum())
     return math.exp(total / count)

@@ -98,8 +98,14 @@ def generate(
             ids[j, width - len(rows[i]) :] = torch.tensor(rows[i])
             mask[j, width - len(rows[i]) :] = 1
         gen = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True, top_k=top_k,
-            top_p=1.0, temperature=1.0, pad_token_id=pad,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            top_k=top_k,
+            top_p=1.0,
+            temperature=1.0,
+            pad_token_id=pad,
         )
         for j, i in enumerate(idx):
             new = gen[j, width:].tolist()
@@ -180,10 +186,14 @@ def load_tfidf(idf_path: str | Path, vocab_path: str | Path) -> TfIdf:
         idf = np.load(idf_path, allow_pickle=False)
         vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise EceError(f"cannot read the TF-IDF files {idf_path}, {vocab_path}: {exc}",
-                       "point evaluate.idf / evaluate.tfidf_vocab at MEMIT's idf.npy and tfidf_vocab.json") from None
+        raise EceError(
+            f"cannot read the TF-IDF files {idf_path}, {vocab_path}: {exc}",
+            "point evaluate.idf / evaluate.tfidf_vocab at MEMIT's idf.npy and tfidf_vocab.json",
+        ) from None
     if not isinstance(vocab, dict) or idf.ndim != 1 or (vocab and max(vocab.values()) >= len(idf)):
-        raise EceError(f"{vocab_path} does not match {idf_path}", "use the idf.npy and tfidf_vocab.json shipped together")
+        raise EceError(
+            f"{vocab_path} does not match {idf_path}", "use the idf.npy and tfidf_vocab.json shipped together"
+        )
     return TfIdf({str(k): int(v) for k, v in vocab.items()}, idf.astype(np.float64))
 
 
@@ -216,7 +226,7 @@ class WikiReferences:
                 self._by_term.setdefault(t, set()).add(i)
 
     @classmethod
-    def load(cls, path: str | Path, n_articles: int = 5) -> "WikiReferences":
+    def load(cls, path: str | Path, n_articles: int = 5) -> WikiReferences:
         titles, texts = [], []
         try:
             with open(path, encoding="utf-8") as f:
@@ -226,8 +236,10 @@ class WikiReferences:
                         titles.append(str(rec["title"]))
                         texts.append(str(rec["text"]))
         except (OSError, ValueError, KeyError) as exc:
-            raise EceError(f"cannot read the reference corpus {path}: {exc}",
-                           "evaluate.reference_corpus must be a JSONL of {\"title\", \"text\"}") from None
+            raise EceError(
+                f"cannot read the reference corpus {path}: {exc}",
+                'evaluate.reference_corpus must be a JSONL of {"title", "text"}',
+            ) from None
         return cls(titles, texts, n_articles)
 
     def articles(self, target: str) -> list[int]:
@@ -267,8 +279,10 @@ def load_snippets(path: str | Path) -> dict[tuple[str, str], list[str]]:
                 str(s["text"]) for s in el["samples"]
             )
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EceError(f"cannot read attribute snippets {path}: {exc}",
-                       "point evaluate.attribute_snippets at MEMIT's attribute_snippets.json") from None
+        raise EceError(
+            f"cannot read attribute snippets {path}: {exc}",
+            "point evaluate.attribute_snippets at MEMIT's attribute_snippets.json",
+        ) from None
     return out
 
 

@@ -84,7 +84,9 @@ def queries(df: pl.DataFrame, fams: list[str]) -> list[Query]:
                     # CounterFact's neighbours share the true object unless the data names their own answer
                     neighbour_answer = r["neighborhood_target"] or r["target_true"]
                     wanted, unwanted = (
-                        (neighbour_answer, r["target_new"]) if metric == "specificity" else (r["target_new"], r["target_true"])
+                        (neighbour_answer, r["target_new"])
+                        if metric == "specificity"
+                        else (r["target_new"], r["target_true"])
                     )
                     out.append(Query(i, metric, text, wanted))
                     out.append(Query(i, metric, text, unwanted))
@@ -96,7 +98,9 @@ def queries(df: pl.DataFrame, fams: list[str]) -> list[Query]:
     return out
 
 
-def fact_metrics(model: nn.Module, tok: PreTrainedTokenizerBase, df: pl.DataFrame, batch_size: int = 32) -> pl.DataFrame:
+def fact_metrics(
+    model: nn.Module, tok: PreTrainedTokenizerBase, df: pl.DataFrame, batch_size: int = 32
+) -> pl.DataFrame:
     """Per-fact efficacy / generalization / specificity (null where a fact has no such prompt) and the
     family each fact was scored with."""
     fams = families(df)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from ece.edit.zvec import target_ids
+from ece.editing.zvec import target_ids
 from ece.model.prompts import encode
 
 

@@ -6,9 +6,9 @@ after block l" or "run the blocks above l from this hidden state", never for mod
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +47,9 @@ class _FrozenPrefix(DynamicCache):
         super().__init__()
         self.kv = kv
 
-    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
         keys, values = self.kv[layer_idx]
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
@@ -150,7 +152,12 @@ class ModelAdapter:
             setattr(parent, attr, self.blocks)
 
     def _run_above(
-        self, layer: int, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor | None, cache: DynamicCache | None
+        self,
+        layer: int,
+        hidden: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor | None,
+        cache: DynamicCache | None,
     ) -> Tensor:
         if position_ids is None:
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
@@ -159,8 +166,11 @@ class ModelAdapter:
             embeds = hidden - self.model.get_submodule(self.spec.position_embedding)(position_ids)
         with self._blocks_above(layer):
             return self.model.base_model(
-                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=cache is not None and not isinstance(cache, _FrozenPrefix),
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None and not isinstance(cache, _FrozenPrefix),
             ).last_hidden_state
 
     @torch.no_grad()

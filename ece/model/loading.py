@@ -65,16 +65,30 @@ def tiny_model(kind: str, seed: int = 0, n_layers: int = 4) -> tuple[nn.Module, 
     torch.manual_seed(seed)
     if kind == "tiny-llama":
         cfg = LlamaConfig(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
             tie_word_embeddings=True,
         )
         model: nn.Module = LlamaForCausalLM(cfg)
     elif kind == "tiny-gpt2":
         cfg = GPT2Config(
-            vocab_size=len(tok), n_embd=32, n_inner=64, n_layer=n_layers, n_head=4, n_positions=512,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+            vocab_size=len(tok),
+            n_embd=32,
+            n_inner=64,
+            n_layer=n_layers,
+            n_head=4,
+            n_positions=512,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
         )
         model = GPT2LMHeadModel(cfg)
     else:
@@ -143,7 +157,9 @@ def load_model(name: str, seed: int = 0) -> tuple[nn.Module, PreTrainedTokenizer
     elif Path(name).is_dir():
         folder = name
     elif Path(name).exists() or name.startswith((".", "/")):
-        raise EceError(f"model path '{name}' is not a Hugging Face model folder", "point model.name at a folder with config.json")
+        raise EceError(
+            f"model path '{name}' is not a Hugging Face model folder", "point model.name at a folder with config.json"
+        )
     else:
         folder = name  # a hub id: looked up in the local HF cache only
     try:

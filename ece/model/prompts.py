@@ -34,7 +34,7 @@ def document_start(tok: PreTrainedTokenizerBase) -> list[int]:
 
 @torch.no_grad()
 def context_templates(model: torch.nn.Module, tok: PreTrainedTokenizerBase, n: int, length: int) -> list[str]:
-    """"{}" plus `n` greedy continuations of fixed starter words, each followed by ". {}".
+    """ "{}" plus `n` greedy continuations of fixed starter words, each followed by ". {}".
 
     Greedy decoding makes the templates a pure function of the model, so every stage that needs
     them recomputes the same list without sharing state.
@@ -45,7 +45,10 @@ def context_templates(model: torch.nn.Module, tok: PreTrainedTokenizerBase, n: i
     for starter in STARTERS[:n]:
         ids = torch.tensor([document_start(tok) + tok(starter, add_special_tokens=False).input_ids])
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=length, do_sample=False,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=length,
+            do_sample=False,
             pad_token_id=tok.pad_token_id,
         )
         text = tok.decode(out[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
@@ -104,3 +107,18 @@ def at_positions(x: Tensor, pos: Tensor) -> Tensor:
     return x[torch.arange(x.shape[0]), pos]
 
 
+def greedy(model: torch.nn.Module, tok: PreTrainedTokenizerBase, texts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuation (new text only) of each text, after the tokenizer's document start."""
+    out = []
+    for text in texts:
+        ids = torch.tensor([document_start(tok) + list(tok(text).input_ids)])
+        with torch.no_grad():
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+    return out

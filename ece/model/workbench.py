@@ -24,11 +24,14 @@ class Workbench:
     fingerprint: str
 
     @classmethod
-    def open(cls, p: Params) -> "Workbench":
-        model, tok = load_model(p.model.name, p.model.seed)
+    def open(cls, p: Params) -> Workbench:
+        """Load `model.name` as params.yaml says."""
+        return cls.of(*load_model(p.model.name, p.model.seed), p)
+
+    @classmethod
+    def of(cls, model: nn.Module, tok: PreTrainedTokenizerBase, p: Params) -> Workbench:
+        """An already loaded model (the programmatic API): checked against edit.layers, with its templates."""
         adapter = ModelAdapter(model)
         adapter.check_layers(p.edit.layers)
         templates = context_templates(model, tok, p.z.n_context, p.z.context_length)
         return cls(model, tok, adapter, templates, model_fingerprint(model))
-
-

@@ -15,12 +15,14 @@ from transformers import PreTrainedTokenizerBase
 
 from ece.config import FtCfg
 from ece.data.facts import Fact
-from ece.edit.zvec import target_ids
+from ece.editing.zvec import target_ids
 from ece.model.adapter import ModelAdapter
 from ece.model.prompts import encode
 
 
-def finetune_labels(tok: PreTrainedTokenizerBase, facts: list[Fact], target_only: bool) -> tuple[Tensor, Tensor, Tensor]:
+def finetune_labels(
+    tok: PreTrainedTokenizerBase, facts: list[Fact], target_only: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """ids, mask and next-token labels (-100: no loss) of each fact's prompt followed by its target."""
     targets = [target_ids(tok, f.target_new) for f in facts]
     enc = encode(tok, [f.prompt for f in facts], [f.subject for f in facts], targets)

@@ -10,8 +10,8 @@ model fingerprint and corpus hash, so a stale file is refused.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -38,7 +38,9 @@ def corpus_texts(path: str | Path) -> Iterator[str]:
                     try:
                         yield json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError):
-                        raise EceError(f"{path}:{n}: not a JSON object with a 'text' field", "fix or remove that line") from None
+                        raise EceError(
+                            f"{path}:{n}: not a JSON object with a 'text' field", "fix or remove that line"
+                        ) from None
         else:
             for block in f.read().split("\n\n"):
                 if block.strip():
@@ -122,7 +124,9 @@ META_KEY = "ece"  # one metadata key holding sorted JSON: safetensors writes sev
 def save_covariance(path: str | Path, moments: dict[int, Tensor], metadata: dict[str, str]) -> None:
     tensors = {f"layer.{l}": m.contiguous() for l, m in moments.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps({k: str(v) for k, v in metadata.items()}, sort_keys=True)})
+        save_file(
+            tensors, str(tmp), metadata={META_KEY: json.dumps({k: str(v) for k, v in metadata.items()}, sort_keys=True)}
+        )
 
 
 def load_covariance(path: str | Path, fingerprint: str, layers: list[int]) -> dict[int, Tensor]:

@@ -12,22 +12,21 @@ shared_steps + instance_steps uninterrupted Adam steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
-import polars as pl
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ece.artifacts import Z_DIR
-from ece.config import ZCfg
+from ece.config import Params, ZCfg
 from ece.data.facts import Fact
-from ece.edit.keys import templated
-from ece.errors import EceError
+from ece.editing.keys import templated
+from ece.methods import Method
 from ece.model.adapter import KV, ModelAdapter
 from ece.model.prompts import at_positions, encode
+from ece.model.workbench import Workbench
 
 KL_TEMPLATE = "{} is a"
 BETAS = (0.9, 0.999)
@@ -65,7 +64,7 @@ class ZProblem:
     def n_facts(self) -> int:
         return self.h.shape[0]
 
-    def subset(self, facts: Tensor) -> "ZProblem":
+    def subset(self, facts: Tensor) -> ZProblem:
         """The problem restricted to `facts` (renumbered 0..len-1 in the given order)."""
         remap = torch.full((self.n_facts,), -1, dtype=torch.long)
         remap[facts] = torch.arange(len(facts))
@@ -73,10 +72,16 @@ class ZProblem:
         new_index = torch.full((self.hidden.shape[0],), -1, dtype=torch.long)
         new_index[rows] = torch.arange(len(rows))
         return replace(
-            self, hidden=self.hidden[rows], position_ids=self.position_ids[rows], attn=self.attn[rows],
+            self,
+            hidden=self.hidden[rows],
+            position_ids=self.position_ids[rows],
+            attn=self.attn[rows],
             prefix={l: (k[rows], v[rows]) for l, (k, v) in self.prefix.items()},
-            row_fact=remap[self.row_fact[rows]], labels=self.labels[rows],
-            kl_rows=new_index[self.kl_rows[facts]], kl_ref=self.kl_ref[facts], h=self.h[facts],
+            row_fact=remap[self.row_fact[rows]],
+            labels=self.labels[rows],
+            kl_rows=new_index[self.kl_rows[facts]],
+            kl_ref=self.kl_ref[facts],
+            h=self.h[facts],
         )
 
 
@@ -132,10 +137,15 @@ def build_problem(
     labels_from_subject = labels[rows, index].masked_fill(~real, -100)
     assert (labels_from_subject >= 0).sum() == (labels >= 0).sum(), "a target token lies before its subject"
     return ZProblem(
-        hidden=hidden[rows, index], position_ids=index, attn=attn,
+        hidden=hidden[rows, index],
+        position_ids=index,
+        attn=attn,
         prefix=adapter.prefix_kv(layer, hidden[:, :n_prefix], enc.attention_mask[:, :n_prefix]) if n_prefix else {},
-        row_fact=row_fact, labels=labels_from_subject,
-        kl_rows=kl_rows, kl_ref=kl_ref, h=h,
+        row_fact=row_fact,
+        labels=labels_from_subject,
+        kl_rows=kl_rows,
+        kl_ref=kl_ref,
+        h=h,
     )
 
 
@@ -178,7 +188,7 @@ class StopRule:
     nll: float = 0.0
 
     @classmethod
-    def of(cls, cfg: ZCfg) -> "StopRule":
+    def of(cls, cfg: ZCfg) -> StopRule:
         return cls(cfg.stop_loss, cfg.stop_nll)
 
     def met(self, losses: FactLosses) -> Tensor:
@@ -204,18 +214,24 @@ class ZState:
     done: Tensor  # (n,) met the stop rule
 
     @classmethod
-    def zeros(cls, n: int, d: int) -> "ZState":
+    def zeros(cls, n: int, d: int) -> ZState:
         z = torch.zeros(n, d)
-        return cls(z, z.clone(), z.clone(), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
-                   torch.zeros(n, dtype=torch.bool))
+        return cls(
+            z,
+            z.clone(),
+            z.clone(),
+            torch.zeros(n, dtype=torch.long),
+            torch.zeros(n, dtype=torch.long),
+            torch.zeros(n, dtype=torch.bool),
+        )
 
     def _tensors(self) -> list[Tensor]:
         return [getattr(self, f.name) for f in fields(self)]
 
-    def rows(self, index: Tensor) -> "ZState":
+    def rows(self, index: Tensor) -> ZState:
         return ZState(*(x[index].clone() for x in self._tensors()))
 
-    def put(self, index: Tensor, other: "ZState") -> None:
+    def put(self, index: Tensor, other: ZState) -> None:
         for mine, theirs in zip(self._tensors(), other._tensors()):
             mine[index] = theirs
 
@@ -325,8 +341,15 @@ def two_step_z(
     n, d = problem.h.shape
     state = ZState.zeros(n, d)
     everyone = torch.equal(anchors, torch.arange(n))  # MEMIT: no copy of the problem for the shared phase
-    shared = optimise(problem if everyone else problem.subset(anchors), adapter, layer, state.rows(anchors),
-                      cfg.shared_steps, cfg, "z shared")
+    shared = optimise(
+        problem if everyone else problem.subset(anchors),
+        adapter,
+        layer,
+        state.rows(anchors),
+        cfg.shared_steps,
+        cfg,
+        "z shared",
+    )
     state.put(anchors, shared)
     members = torch.nonzero(anchors[labels] != torch.arange(n)).squeeze(1)
     if len(members):
@@ -343,8 +366,14 @@ def two_step_z(
 
 
 def compute_z(
-    adapter: ModelAdapter, tok: PreTrainedTokenizerBase, facts: list[Fact], layer: int, templates: list[str],
-    labels: Tensor, anchors: Tensor, cfg: ZCfg,
+    adapter: ModelAdapter,
+    tok: PreTrainedTokenizerBase,
+    facts: list[Fact],
+    layer: int,
+    templates: list[str],
+    labels: Tensor,
+    anchors: Tensor,
+    cfg: ZCfg,
 ) -> ZResult:
     """z of a batch of facts: the problem built once and both phases batched, or, with
     `cfg.facts_per_pass` > 0, that many facts at a time (the reference compute_z runs one fact at a
@@ -364,10 +393,36 @@ def compute_z(
     return ZResult(cat("z"), cat("delta"), cat("h"), losses, cat("steps"))
 
 
-def read_z(batch: int) -> tuple[Tensor, Tensor]:
-    """z and h (n, d) of one batch, in the batch's fact order, from the precompute_z cache."""
-    index = pl.read_parquet(Z_DIR / "index.parquet").filter(pl.col("batch") == batch)
-    if index.is_empty():
-        raise EceError(f"no z for batch {batch}", "rerun the precompute_z stage: dvc repro precompute_z")
-    with safe_open(str(Z_DIR / "cache" / index["file"][0]), framework="pt") as f:
-        return f.get_tensor("z"), f.get_tensor("h")
+def z_groups(p: Params, method: Method, cluster_rows: list[dict[str, Any]], batch: list[Fact]) -> tuple[Tensor, Tensor]:
+    """(labels, anchors) of z's warm start for one batch, from its cluster rows (ece.editing.zvec.warm_start_groups)."""
+    assert [r["id"] for r in cluster_rows] == [f.id for f in batch], "clusters are out of date; rerun dvc repro"
+    position = {r["id"]: j for j, r in enumerate(cluster_rows)}
+    anchors = [
+        position[r["id"]] for r in sorted((r for r in cluster_rows if r["is_anchor"]), key=lambda r: r["cluster"])
+    ]
+    return warm_start_groups(
+        p.z.warm_start if method.clusters else "none",
+        torch.tensor([r["cluster"] for r in cluster_rows]),
+        torch.tensor(anchors),
+        [f.target_new for f in batch],
+    )
+
+
+def batch_z(wb: Workbench, p: Params, method: Method, batch: list[Fact], labels: Tensor, anchors: Tensor) -> ZResult:
+    """z of one batch at the method's last edited layer."""
+    return compute_z(wb.adapter, wb.tok, batch, method.layers[-1], wb.templates, labels, anchors, p.z)
+
+
+def z_rows(res: ZResult, batch: list[Fact], anchors_of: Tensor) -> list[dict[str, Any]]:
+    """Per fact of a batch: z's final losses, ‖δ‖, steps and the fact its descent started from."""
+    return [
+        {
+            "loss": float(res.losses.total[j]),
+            "nll": float(res.losses.nll[j]),
+            "kl": float(res.losses.kl[j]),
+            "delta_norm": float(res.delta[j].norm()),
+            "steps": int(res.steps[j]),
+            "anchor": batch[int(anchors_of[j])].id,
+        }
+        for j in range(len(batch))
+    ]

@@ -15,9 +15,9 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from ece.data.facts import Fact
-from ece.edit.finetune import finetune_delta
-from ece.edit.keys import keys_and_hidden
-from ece.edit.solve import nullspace_basis, projected_update, restricted_update
+from ece.editing.finetune import finetune_delta
+from ece.editing.keys import keys_and_hidden
+from ece.editing.solve import nullspace_basis, projected_update, restricted_update
 from ece.errors import EceError
 from ece.methods import Method
 from ece.model.adapter import ModelAdapter
@@ -137,7 +137,10 @@ class Editor:
             for g in groups:
                 for i, layer in enumerate(self.layers):
                     change, solved[layer] = self._apply_layer(
-                        [facts[j] for j in g], z[g] if z is not None else None, i, cols[layer] if cols is not None else None
+                        [facts[j] for j in g],
+                        z[g] if z is not None else None,
+                        i,
+                        cols[layer] if cols is not None else None,
                     )
                     changes.setdefault(layer, []).append(change)
         except BaseException:

@@ -40,7 +40,9 @@ def keys_and_hidden(
     at the subject on the bare prompt (template "{}", which must come first)."""
     prompts, subjects = templated(facts, templates)
     enc = encode(tok, prompts, subjects)
-    keys, outs = adapter.trace(enc.input_ids, enc.attention_mask, key_layers, [out_layer] if out_layer is not None else [])
+    keys, outs = adapter.trace(
+        enc.input_ids, enc.attention_mask, key_layers, [out_layer] if out_layer is not None else []
+    )
     n, t = len(facts), len(templates)
     w = template_weights(t).to(next(iter(keys.values())).dtype)[None, :, None] if keys else None
     mean_keys = {l: (at_positions(k, enc.subject_pos).reshape(n, t, -1) * w).sum(1) for l, k in keys.items()}

@@ -15,7 +15,7 @@ Scorers, for fact i and neuron j (W is d x f, out x in, as an `nn.Linear` weight
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

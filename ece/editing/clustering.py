@@ -16,8 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from ece.config import Params
+from ece.methods import Method
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,3 +133,38 @@ def cluster_facts(sets: Sequence[frozenset[Hashable]], k: int | str, k_max: int,
     labels = np.array([renumber[c] for c in raw.tolist()], dtype=np.int64)
     anchors = np.array([_medoid(dist, np.flatnonzero(labels == c)) for c in range(len(renumber))], dtype=np.int64)
     return Clustering(labels=labels, anchors=anchors, dist_to_anchor=dist[np.arange(n), anchors[labels]])
+
+
+NeuronSet = frozenset[tuple[int, int]]  # (layer, neuron) pairs a fact uses
+
+
+def neuron_sets(fact_rows: list[dict[str, Any]]) -> dict[str, NeuronSet]:
+    """A fact's set: the union over edited layers of its selected (layer, neuron) pairs."""
+    sets: dict[str, set[tuple[int, int]]] = {}
+    for row in fact_rows:
+        sets.setdefault(row["id"], set()).update((row["layer"], n) for n in row["selected"])
+    return {k: frozenset(v) for k, v in sets.items()}
+
+
+def cluster_batch(
+    p: Params, method: Method, b: int, ids: list[str], sets: dict[str, NeuronSet]
+) -> list[dict[str, Any]]:
+    """Clusters of batch `b` (rows of artifacts/clusters/clusters.parquet): k-medoids on the Jaccard
+    distance of the facts' neuron sets, anchor = medoid (paper eq. 10), for a method that clusters;
+    every fact its own cluster otherwise."""
+    if method.clusters:
+        c = cluster_facts([sets.get(i, frozenset()) for i in ids], p.cluster.k, p.cluster.k_max, p.cluster.seed)
+        labels, anchors, dist = c.labels.tolist(), c.anchors.tolist(), c.dist_to_anchor.tolist()
+    else:
+        labels, anchors, dist = list(range(len(ids))), list(range(len(ids))), [0.0] * len(ids)
+    return [
+        {
+            "id": fid,
+            "batch": b,
+            "cluster": labels[j],
+            "is_anchor": anchors[labels[j]] == j,
+            "anchor_id": ids[anchors[labels[j]]],
+            "dist_to_anchor": float(dist[j]),
+        }
+        for j, fid in enumerate(ids)
+    ]

@@ -1,0 +1,208 @@
+"""The programmatic API: edit facts into a loaded model, and evaluate it, in one call each.
+
+    from ece import edit, evaluate
+    from ece.model.loading import load_model
+
+    model, tok = load_model("smollm2-135m")
+    facts = [{"subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English"}]
+    result = edit(model, tok, facts, method="ece", covariance="artifacts/covariance/c0.safetensors")
+    print(result.ledger.select("batch", "layer", "n_neurons", "delta_norm"))
+    print(evaluate(model, tok, result.facts)["summary"])
+
+`edit` runs the pipeline's edit sequence (ece.sequence: plan every batch on the original model, then
+apply the batches in order) on an in-memory model; `ece edit` on the command line calls it. Both read
+params.yaml (or a Params) exactly as the stages do, so a result here is the pipeline's result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from ece.audit.ledger import LEDGER_SCHEMA, params_hash
+from ece.config import Params, load_params
+from ece.data.facts import Fact, batch_ranges
+from ece.data.loaders import dataset_hash, from_records
+from ece.data.validation import validate_edits
+from ece.editing.clustering import cluster_batch, neuron_sets
+from ece.editing.covariance import corpus_texts, load_covariance, second_moments
+from ece.editing.editor import Editor, LayerChange
+from ece.editing.selection import attribute_batch, update_columns
+from ece.editing.zvec import batch_z, z_groups, z_rows
+from ece.errors import EceError
+from ece.eval.run import evaluate_model
+from ece.methods import Method, method_of
+from ece.model.workbench import Workbench
+from ece.sequence import BatchPlan, Log, apply_plans
+
+
+@dataclass
+class EditResult:
+    """What `edit` did: the model (edited in place), per batch its plan and changed columns, the ledger."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    facts: pl.DataFrame  # the canonical table the batches were cut from (ids, content hashes, prompts)
+    plans: list[BatchPlan]
+    changes: list[dict[int, LayerChange]]  # per batch and layer: the columns before and after
+    ledger: pl.DataFrame  # one row per (batch, layer), ece.audit.ledger.LEDGER_SCHEMA
+    runs: list[dict[str, Any]]  # per batch: seconds per phase, session, finish time
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per (batch, layer): columns changed, ‖ΔW‖
+
+
+def plan(wb: Workbench, p: Params, facts: pl.DataFrame, log: Log = print) -> list[BatchPlan]:
+    """Every batch's plan, in memory, on the model as it is now (call it before any batch is written)."""
+    method = method_of(p)
+    all_facts = [Fact.from_row(r) for r in facts.iter_rows(named=True)]
+    hashes = facts["content_hash"].to_list()
+    plans = []
+    for b, rng in enumerate(batch_ranges(len(all_facts), p.edit.batch_size)):
+        batch, seconds = [all_facts[i] for i in rng], {}
+        start = time.perf_counter()
+        fact_rows, batch_rows = attribute_batch(wb, p, b, batch) if method.selects_columns else ([], [])
+        seconds["attribution"] = time.perf_counter() - start
+        start = time.perf_counter()
+        clusters = cluster_batch(p, method, b, [f.id for f in batch], neuron_sets(fact_rows))
+        seconds["clustering"] = time.perf_counter() - start
+        z = h = None
+        rows: list[dict[str, Any]] = []
+        if method.needs_z:
+            start = time.perf_counter()
+            labels, anchors = z_groups(p, method, clusters, batch)
+            res = batch_z(wb, p, method, batch, labels, anchors)
+            seconds["z"] = time.perf_counter() - start
+            z, h, rows = res.z, res.h, z_rows(res, batch, anchors[labels])
+        selected = {r["layer"]: torch.tensor(r["selected"], dtype=torch.long) for r in batch_rows}
+        columns = update_columns(wb, p, method, batch, selected, z, h)
+        plans.append(BatchPlan(batch, hashes[rng.start : rng.stop], clusters, z, rows, columns, seconds))
+        log(f"plan: batch {b}, {len(batch)} facts" + (f", {sum(r['steps'] for r in rows)} z row-steps" if rows else ""))
+    return plans
+
+
+def covariance_for(
+    wb: Workbench,
+    p: Params,
+    method: Method,
+    covariance: dict[int, Tensor] | str | Path | None,
+) -> dict[int, Tensor]:
+    """C0 per edited layer: given, read from a file made for this model, or estimated from p.covariance."""
+    layers = list(method.layers)
+    if isinstance(covariance, dict):
+        missing = [l for l in layers if l not in covariance]
+        if missing:
+            raise EceError(f"covariance lacks layer(s) {missing}", f"give C0 for every edited layer {layers}")
+        return covariance
+    if covariance is not None:
+        return load_covariance(covariance, wb.fingerprint, layers)
+    if not method.needs_covariance:
+        return {}
+    moments, _ = second_moments(
+        wb.adapter,
+        wb.tok,
+        layers,
+        corpus_texts(p.covariance.corpus),
+        p.covariance.n_tokens,
+        p.covariance.seq_len,
+        p.covariance.batch_size,
+    )
+    return moments
+
+
+def as_table(facts: pl.DataFrame | Sequence[Fact | dict[str, Any]], max_chars: int) -> pl.DataFrame:
+    """The canonical, validated fact table of whatever the caller passed (a prepared table, Facts or dicts)."""
+    df = (
+        facts
+        if isinstance(facts, pl.DataFrame)
+        else from_records(
+            [
+                f
+                if isinstance(f, dict)
+                else {"id": f.id, "subject": f.subject, "prompt": f.prompt, "target_new": f.target_new}
+                for f in facts
+            ]
+        )
+    )
+    result = validate_edits(df, max_chars)
+    if not result.ok:
+        raise EceError(f"{len(result.failures)} validation rule(s) failed:\n{result.summary()}", "fix those facts")
+    return df
+
+
+def edit(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: pl.DataFrame | Sequence[Fact | dict[str, Any]],
+    method: str | None = None,
+    params: Params | str | Path = "params.yaml",
+    overrides: Sequence[str] = (),
+    covariance: dict[int, Tensor] | str | Path | None = None,
+    log: Log = print,
+) -> EditResult:
+    """Edit `facts` into `model` in place, in sequential batches, as the pipeline would; the audit of it.
+
+    `facts`: dicts with subject, prompt (one "{}" for the subject) and target_new (id optional), Facts,
+    or a prepared table. `method` overrides params' `method`; `overrides` are `a.b=value` strings.
+    `covariance`: C0 per layer, or a c0.safetensors of this model (the covariance stage's); None
+    estimates it from `covariance.corpus` (minutes on a CPU).
+    """
+    if not isinstance(params, Params):
+        params = load_params(params, [*overrides, *([f"method={method}"] if method else [])])
+    elif method or overrides:
+        raise EceError("method/overrides go with a params file, not with a Params object", "set them on the Params")
+    p = params
+    df = as_table(facts, p.data.max_chars)
+    wb = Workbench.of(model, tokenizer, p)
+    m = method_of(p)
+    editor = Editor(
+        wb.adapter,
+        wb.tok,
+        m,
+        wb.templates,
+        covariance_for(wb, p, m, covariance),
+        max_update_norm=p.update.max_update_norm,
+    )
+    plans = plan(wb, p, df, log)
+    common = {
+        "method": p.method,
+        "model": p.model.name,
+        "model_fingerprint": wb.fingerprint,
+        "dataset_hash": dataset_hash(df),
+        "params_hash": params_hash(p),
+        "checkpoint_key": "",
+    }
+    changes, stored = apply_plans(editor, p, plans, common, log=log)
+    ledger = pl.DataFrame([row for r in stored for row in r["ledger"]], schema=LEDGER_SCHEMA)
+    return EditResult(
+        model,
+        tokenizer,
+        df,
+        plans,
+        changes,
+        ledger,
+        [r["run"] for r in stored],
+        [row for r in stored for row in r["layers"]],
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: pl.DataFrame | Sequence[Fact | dict[str, Any]],
+    params: Params | str | Path = "params.yaml",
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The evaluate stage's metrics of one model on `facts` (efficacy, generalization, specificity, score,
+    fluency where the facts have generation prompts, general ability and perplexity as params say):
+    {"summary": {metric: value}, "per_fact": table, "seconds": {part: s}}. Consistency references are
+    the stage's business (they need the dataset files); here they are left out."""
+    p = params if isinstance(params, Params) else load_params(params, list(overrides))
+    summary, per_fact, seconds = evaluate_model(model, tokenizer, as_table(facts, p.data.max_chars), p, None)
+    return {"summary": summary, "per_fact": per_fact, "seconds": seconds}

@@ -1,0 +1,123 @@
+"""The z cache of the precompute_z stage (artifacts/z): one safetensors file per batch, named by a hash
+of everything its z depends on, and a per-fact index; read back by apply_edits.
+
+A file whose key matches is reused, so appending facts to the dataset computes z only for the new
+batches, and a change of z params, model or z code computes every batch again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ece.artifacts import CLUSTERS, Z_DIR, Z_TIMINGS
+from ece.config import Params
+from ece.data.facts import Fact, batch_ranges
+from ece.data.io import atomic_path, sha256_json, write_json
+from ece.editing.zvec import FactLosses, ZResult, batch_z, z_groups, z_rows
+from ece.errors import EceError
+from ece.methods import method_of
+from ece.model.workbench import Workbench
+
+Z_SECONDS = Path(".cache/z_seconds.json")  # machine-local: seconds each cached z file took to compute
+INDEX_SCHEMA = {
+    "id": pl.Utf8,
+    "batch": pl.Int64,
+    "file": pl.Utf8,
+    "row": pl.Int64,
+    "loss": pl.Float64,
+    "nll": pl.Float64,
+    "kl": pl.Float64,
+    "delta_norm": pl.Float64,
+    "steps": pl.Int64,
+    "anchor": pl.Utf8,
+}
+
+
+def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], code: str) -> tuple[pl.DataFrame, int]:
+    """z of every batch into artifacts/z/cache (one file per batch, named by a hash of the batch's content,
+    groups, z params, model and `code`; an existing file is reused) and the per-fact index; the index and
+    the number of batches computed (the others were reused)."""
+    clusters = pl.read_parquet(CLUSTERS / "clusters.parquet")
+    method = method_of(p)
+    cache = Z_DIR / "cache"
+    rows, timings, used, computed = [], {}, set(), 0
+    # Seconds are a fact of one run, not of the result: kept outside the cached z files, so that an
+    # identical recompute writes identical bytes (and DVC reruns nothing downstream).
+    seconds_of = json.loads(Z_SECONDS.read_text()) if Z_SECONDS.exists() else {}
+    for b, rng in enumerate(batch_ranges(len(facts), p.edit.batch_size) if method.needs_z else []):
+        batch = [facts[i] for i in rng]
+        labels, anchors = z_groups(p, method, clusters.filter(pl.col("batch") == b).to_dicts(), batch)
+        key = sha256_json(
+            {
+                "facts": df["content_hash"][rng.start : rng.stop].to_list(),
+                "labels": labels.tolist(),
+                "anchors": anchors.tolist(),
+                "z": asdict(p.z),
+                "model": wb.fingerprint,
+                "layer": method.layers[-1],
+                "templates": wb.templates,
+                "code": code,
+            }
+        )
+        path = cache / f"{key[:32]}.safetensors"
+        used.add(path.name)
+        if not path.exists():
+            start = time.perf_counter()
+            res = batch_z(wb, p, method, batch, labels, anchors)
+            tensors = {
+                "z": res.z,
+                "h": res.h,
+                "delta": res.delta,
+                "loss": res.losses.total,
+                "nll": res.losses.nll,
+                "kl": res.losses.kl,
+                "steps": res.steps,
+                "anchor": anchors[labels],
+            }
+            with atomic_path(path) as tmp:
+                save_file(
+                    {k: v.contiguous() for k, v in tensors.items()},
+                    str(tmp),
+                    metadata={"ids": json.dumps([f.id for f in batch])},
+                )
+            seconds_of[path.name] = time.perf_counter() - start
+            computed += 1
+        timings[b] = seconds_of.get(path.name, float("nan"))  # NaN: reused from a cache made elsewhere
+        rows += [
+            {"id": f.id, "batch": b, "file": path.name, "row": j, **r}
+            for j, (f, r) in enumerate(zip(batch, _stored_z_rows(path, batch)))
+        ]
+    for stale in cache.glob("*.safetensors"):
+        if stale.name not in used:
+            stale.unlink()
+    table = pl.DataFrame(rows, schema=INDEX_SCHEMA)
+    with atomic_path(Z_DIR / "index.parquet") as tmp:
+        table.write_parquet(tmp)
+    write_json(Z_SECONDS, {name: seconds_of[name] for name in sorted(used) if name in seconds_of})
+    write_json(Z_TIMINGS, timings)
+    return table, computed
+
+
+def _stored_z_rows(path: Path, batch: list[Fact]) -> list[dict[str, Any]]:
+    with safe_open(str(path), framework="pt") as f:
+        t = {k: f.get_tensor(k) for k in ("z", "h", "delta", "loss", "nll", "kl", "steps", "anchor")}
+    res = ZResult(t["z"], t["delta"], t["h"], FactLosses(t["loss"], t["nll"], t["kl"]), t["steps"])
+    return z_rows(res, batch, t["anchor"])
+
+
+def read_z(batch: int) -> tuple[Tensor, Tensor]:
+    """z and h (n, d) of one batch, in the batch's fact order, from the precompute_z cache."""
+    index = pl.read_parquet(Z_DIR / "index.parquet").filter(pl.col("batch") == batch)
+    if index.is_empty():
+        raise EceError(f"no z for batch {batch}", "rerun the precompute_z stage: dvc repro precompute_z")
+    with safe_open(str(Z_DIR / "cache" / index["file"][0]), framework="pt") as f:
+        return f.get_tensor("z"), f.get_tensor("h")

@@ -1,0 +1,262 @@
+"""The evaluation run: the unedited and the edited model on ALL edited facts, after the last batch.
+
+Both models are scored in the same run with the same code, so "pre" and "post" differ only in the
+weights. Per model ("phase"):
+- rewrite metrics of every fact (ece.eval.metrics: efficacy, generalization, specificity, score);
+- fluency and consistency of sampled generations (ece.eval.generation; CounterFact-style facts with
+  generation prompts only, null otherwise). Without MEMIT's reference files consistency is
+  APPROXIMATE (Wikipedia references; `consistency_approximate` in the metrics);
+- general ability (ece.eval.general_ability: zero-shot SST-2, MRPC, CoLA, RTE, NLI, MMLU) and perplexity on
+  WikiText-2 test.
+With `evaluate.curve_every = j > 0` the rewrite metrics of all facts are also measured after every j-th
+batch (and the last), by replaying the stored per-batch column changes
+(<edited>/delta-batch-XXXX.safetensors: W[:, cols] = new, batch after batch) onto the original
+weights; the curve always holds the pre point (0 facts edited) and the post point.
+
+The unedited model's results are cached in .cache/evaluate_pre/ under a key of the model fingerprint,
+the facts, the evaluation params, the contents of the data files they name and the code this module
+runs (machine-local scratch, like the apply_edits checkpoint): comparing methods on the same facts
+measures "pre" once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from ece.audit.ledger import delta_files, load_deltas, put_columns
+from ece.config import Params
+from ece.data.codehash import code_hash
+from ece.data.io import atomic_dir, sha256_json, sha256_tree, write_json
+from ece.eval.general_ability import general_ability, perplexity, read_tokens
+from ece.eval.generation import References, fact_references, generation_metrics
+from ece.eval.metrics import REWRITE_METRICS, fact_metrics, family_of, summarise
+from ece.eval.report import APPROX, fmt_floats, render_summary, round_floats
+from ece.model.adapter import ModelAdapter
+from ece.model.loading import load_model, model_fingerprint
+
+PRE_CACHE = Path(".cache/evaluate_pre")
+# evaluate params that name data files or folders: the pre-evaluation key holds their contents
+DATA_PARAMS = ("general_dir", "ppl_corpus", "reference_corpus", "attribute_snippets", "idf", "tfidf_vocab")
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation run found; the caller decides where it goes."""
+
+    metrics: dict[str, Any]  # JSON-ready, floats rounded: reports/metrics.json
+    results: dict[str, dict[str, Any]]  # "pre"/"post" -> every summary metric at full precision
+    per_fact: pl.DataFrame  # one row per fact and phase
+    curve: list[dict[str, Any]]  # after 0 facts, every curve_every-th batch and the last; full precision
+    seconds: dict[str, dict[str, float]]  # per phase and part
+    summary: str  # the markdown report
+
+
+def evaluate_model(
+    model: nn.Module, tok: PreTrainedTokenizerBase, df: pl.DataFrame, p: Params, refs: References | None
+) -> tuple[dict[str, Any], pl.DataFrame, dict[str, float]]:
+    """Every metric of one model: (summary, per-fact table, seconds per part)."""
+    e = p.evaluate
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    per_fact = fact_metrics(model, tok, df, e.batch_size)
+    summary: dict[str, Any] = summarise(per_fact)
+    seconds["rewrite"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    prompts = [list(g or [])[: e.gen_per_fact] for g in df["generation_prompts"].to_list()]
+    if refs is not None and any(prompts):
+        flu, con, gens = generation_metrics(
+            model, tok, prompts, refs, e.gen_max_new_tokens, e.gen_top_k, e.seed, e.batch_size
+        )
+    else:
+        flu, con, gens = [None] * df.height, [None] * df.height, [[] for _ in range(df.height)]
+    per_fact = per_fact.with_columns(
+        pl.Series("fluency", flu, dtype=pl.Float64),
+        pl.Series("consistency", con, dtype=pl.Float64),
+        pl.Series("generations", gens, dtype=pl.List(pl.Utf8)),
+    )
+    summary["fluency"] = per_fact["fluency"].mean()
+    summary["consistency"] = per_fact["consistency"].mean()
+    seconds["generation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    summary["general"] = general_ability(model, tok, e.general_dir, list(e.general_tasks), e.n_general, e.batch_size)
+    seconds["general"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ids = read_tokens(tok, e.ppl_corpus, e.ppl_tokens)
+    summary["perplexity"] = perplexity(model, tok, ids, e.ppl_window, max(1, e.batch_size // 4))
+    summary["perplexity_tokens"] = len(ids)
+    seconds["perplexity"] = time.perf_counter() - t
+    return summary, per_fact, seconds
+
+
+def evaluate_pre(
+    model: nn.Module, tok: PreTrainedTokenizerBase, df: pl.DataFrame, p: Params, refs: References | None
+) -> tuple[dict[str, Any], pl.DataFrame, dict[str, float]]:
+    """`evaluate_model` of the unedited model, reused when nothing it depends on changed.
+
+    The code part of the key is the import closure of this module, so it covers every function the
+    measurement runs (and the report code beside it: a change there costs one re-measurement, never a
+    stale result)."""
+    settings = {k: v for k, v in asdict(p.evaluate).items() if k not in ("threads", "curve_every", *DATA_PARAMS)}
+    data = {k: sha256_tree(v) if v is not None else None for k, v in asdict(p.evaluate).items() if k in DATA_PARAMS}
+    key = sha256_json(
+        {
+            "model": model_fingerprint(model),
+            "facts": df.select("id", "content_hash").rows(),
+            "settings": settings,
+            "data": data,
+            "code": code_hash(__file__),
+        }
+    )
+    folder = PRE_CACHE / key[:32]
+    if (folder / "summary.json").exists():
+        print(f"evaluate pre: reusing {folder}")
+        return (
+            json.loads((folder / "summary.json").read_text()),
+            pl.read_parquet(folder / "per_fact.parquet"),
+            json.loads((folder / "seconds.json").read_text()),
+        )
+    summary, per_fact, seconds = evaluate_model(model, tok, df, p, refs)
+    with atomic_dir(folder) as tmp:
+        write_json(tmp / "summary.json", summary)
+        per_fact.write_parquet(tmp / "per_fact.parquet")
+        write_json(tmp / "seconds.json", seconds)
+    return summary, per_fact, seconds
+
+
+def facts_per_batch(edited_dir: Path, n_batches: int, n_facts: int) -> list[int]:
+    """Cumulative number of facts written after each batch (from apply_edits' batch table); equal
+    batches of the facts when the table is missing or does not match the deltas."""
+    table = edited_dir / "batches.parquet"
+    if table.exists():
+        counts = pl.read_parquet(table).sort("batch")["n_facts"].to_list()
+        if len(counts) == n_batches:
+            out, total = [], 0
+            for c in counts:
+                total += int(c)
+                out.append(total)
+            return out
+    size = -(-n_facts // max(n_batches, 1))
+    return [min((b + 1) * size, n_facts) for b in range(n_batches)]
+
+
+@torch.no_grad()
+def replay_curve(
+    model: nn.Module, tok: PreTrainedTokenizerBase, df: pl.DataFrame, p: Params, edited_dir: Path
+) -> tuple[list[dict[str, Any]], dict[int, Tensor]]:
+    """Write the stored batches into the (original) model one by one; rewrite metrics of ALL facts
+    after every `curve_every`-th batch and after the last. Returns the points and the replayed
+    weights of the touched layers (to check them against the saved edited model)."""
+    deltas = load_deltas(edited_dir)
+    adapter = ModelAdapter(model)
+    cumulative = facts_per_batch(edited_dir, len(deltas), df.height)
+    points = []
+    for b, changes in enumerate(deltas):
+        put_columns(adapter, changes, "new")
+        if (b + 1) % p.evaluate.curve_every == 0 or b == len(deltas) - 1:
+            t = time.perf_counter()
+            point = summarise(fact_metrics(model, tok, df, p.evaluate.batch_size))
+            points.append({"batch": b + 1, "facts_edited": cumulative[b], **point})
+            print(
+                f"evaluate curve: after batch {b + 1} ({cumulative[b]} facts) "
+                + fmt_floats(point)
+                + f" [{time.perf_counter() - t:.1f} s]"
+            )
+    touched = {l for changes in deltas for l in changes}
+    return points, {l: adapter.w_out_weight(l).detach().clone() for l in touched}
+
+
+def max_weight_diff(model: nn.Module, replayed: dict[int, Tensor]) -> float:
+    """Largest |ΔW| between `model`'s W_out and the replayed weights: 0 when the deltas rebuild the saved model."""
+    adapter = ModelAdapter(model)
+    return max((float((adapter.w_out_weight(l) - w).abs().max()) for l, w in replayed.items()), default=0.0)
+
+
+def run_evaluation(p: Params, df: pl.DataFrame, meta: dict[str, Any], edited_dir: Path) -> Evaluation:
+    """Pre (`p.model.name`) vs post (`edited_dir`/model) on the prepared facts `df` (`meta`: their
+    prepare metadata), with the curve and the consistency references; writes nothing but the pre cache."""
+    e = p.evaluate
+    if e.threads > 0:
+        torch.set_num_threads(e.threads)
+    torch.manual_seed(e.seed)
+    refs = None
+    has_prompts = e.gen_per_fact > 0 and any(g for g in df["generation_prompts"].to_list())
+    if has_prompts:
+        t = time.perf_counter()
+        refs = fact_references(
+            df["target_new"].to_list(),
+            df["id"].to_list(),
+            e.reference_corpus,
+            e.reference_articles,
+            e.attribute_snippets,
+            e.idf,
+            e.tfidf_vocab,
+            meta.get("source", {}).get("path"),
+        )
+        print(
+            f"evaluate: consistency references in {time.perf_counter() - t:.1f} s "
+            f"({sum(s is not None for s in refs.sources)}/{df.height} facts have one{', ' + APPROX if refs.approximate else ''})"
+        )
+    approximate = refs.approximate if refs is not None else None
+
+    results: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, dict[str, float]] = {}
+    tables = []
+    curve: list[dict[str, Any]] = []
+    replayed: dict[int, Tensor] = {}
+    replay_diff: float | None = None
+    for phase, name in (("pre", p.model.name), ("post", str(edited_dir / "model"))):
+        model, tok = load_model(name, p.model.seed)
+        measure = evaluate_pre if phase == "pre" else evaluate_model
+        results[phase], per_fact, seconds[phase] = measure(model, tok, df, p, refs)
+        tables.append(
+            per_fact.with_columns(
+                pl.lit(phase).alias("phase"),
+                pl.Series("consistency_reference", refs.sources if refs else [None] * df.height, dtype=pl.Utf8),
+            )
+        )
+        print(f"evaluate {phase}: " + fmt_floats(results[phase]) + " | seconds " + fmt_floats(seconds[phase]))
+        if phase == "pre":
+            curve.append({"batch": 0, "facts_edited": 0, **{m: results["pre"][m] for m in (*REWRITE_METRICS, "score")}})
+            if e.curve_every > 0:
+                t = time.perf_counter()
+                points, replayed = replay_curve(model, tok, df, p, edited_dir)
+                curve += points
+                seconds["pre"]["curve"] = time.perf_counter() - t
+        elif replayed:
+            replay_diff = max_weight_diff(model, replayed)
+            print(f"evaluate curve: replayed weights vs saved edited model, max |ΔW| = {replay_diff:.3g}")
+        del model
+    if e.curve_every == 0:
+        n_batches = len(delta_files(edited_dir))
+        curve.append(
+            {
+                "batch": n_batches,
+                "facts_edited": df.height,
+                **{m: results["post"][m] for m in (*REWRITE_METRICS, "score")},
+            }
+        )
+
+    metrics = {
+        "method": p.method,
+        "n_facts": df.height,
+        "family": family_of(df),
+        "dataset_hash": meta["dataset_hash"],
+        "consistency_approximate": approximate,
+        **{phase: round_floats(r) for phase, r in results.items()},
+        "seconds": round_floats(seconds, 1),
+        **({"curve_replay_max_abs_diff": replay_diff} if replay_diff is not None else {}),
+    }
+    summary = render_summary(p, df, meta, edited_dir, results, approximate, seconds, curve, replay_diff)
+    return Evaluation(metrics, results, pl.concat(tables), curve, seconds, summary)

@@ -1,0 +1,178 @@
+"""The DVC stages' side of the edit sequence: the plan's parts written to and read back from artifacts.
+
+The stages compute a plan (ece.api) one part per stage, so that each part is cached by DVC and a
+change reruns only the parts it touches: attribute → artifacts/attribution, cluster →
+artifacts/clusters, precompute_z → artifacts/z (cached per batch by content, so appended facts
+compute z only for the new batches). apply_edits reads them back into `BatchPlan`s, runs
+`ece.sequence.apply_plans` with a checkpoint, and writes artifacts/edited in one atomic rename.
+Everything here is about those files; the computations are ece.editing's. (precompute_z's z cache
+is ece.editing.zcache, so that the z stage does not depend on the update code.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from ece.artifacts import (
+    ATTRIBUTION,
+    ATTRIBUTION_TIMINGS,
+    CLUSTER_TIMINGS,
+    CLUSTERS,
+    COVARIANCE,
+    EDITED,
+    PREPARED,
+    Z_DIR,
+    Z_TIMINGS,
+)
+from ece.audit.checkpoint import Checkpoint
+from ece.audit.ledger import (
+    LEDGER,
+    LEDGER_MD,
+    LEDGER_RUNS,
+    LEDGER_SCHEMA,
+    RUN_PHASES,
+    delta_name,
+    ledger_markdown,
+    write_provenance,
+)
+from ece.config import Params
+from ece.data.facts import Fact, batch_ranges
+from ece.data.io import atomic_dir, read_timings, sha256_file, sha256_json, write_json, write_text
+from ece.data.loaders import dataset_hash
+from ece.editing.selection import update_columns
+from ece.editing.zcache import read_z
+from ece.methods import Method, method_of
+from ece.model.loading import save_model
+from ece.model.workbench import Workbench
+from ece.sequence import BatchPlan
+
+# Outside DVC on purpose: a checkpoint is machine-local scratch state of one interrupted run, not a
+# reproducible artifact (it is deleted on success and ignored when its key does not match).
+CHECKPOINT = Path(".cache/checkpoint/apply_edits")
+
+
+def cluster_rows(table: pl.DataFrame, b: int) -> list[dict[str, Any]]:
+    return table.filter(pl.col("batch") == b).to_dicts()
+
+
+def read_plans(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact]) -> list[BatchPlan]:
+    """Every batch's plan from the upstream artifacts (attribution, clusters, z), checked against the facts."""
+    method = method_of(p)
+    clusters = pl.read_parquet(CLUSTERS / "clusters.parquet")
+    z_index = pl.read_parquet(Z_DIR / "index.parquet")
+    selections = pl.read_parquet(ATTRIBUTION / "batches.parquet")
+    timings = {
+        "attribution": read_timings(ATTRIBUTION_TIMINGS),
+        "clustering": read_timings(CLUSTER_TIMINGS),
+        "z": read_timings(Z_TIMINGS),
+    }
+    plans = []
+    for b, rng in enumerate(batch_ranges(len(facts), p.edit.batch_size)):
+        batch = [facts[i] for i in rng]
+        info = cluster_rows(clusters, b)
+        zrows = z_index.filter(pl.col("batch") == b).sort("row")
+        assert [r["id"] for r in info] == [f.id for f in batch], "stale upstream artifacts; rerun dvc repro"
+        assert not method.needs_z or zrows["id"].to_list() == [f.id for f in batch], "stale z; rerun dvc repro"
+        z, h = read_z(b) if method.needs_z else (None, None)
+        selected = {
+            r["layer"]: torch.tensor(r["selected"], dtype=torch.long)
+            for r in selections.filter(pl.col("batch") == b).iter_rows(named=True)
+        }
+        seconds = {k: (t.get(b, 0.0) if method.selects_columns or k == "z" else 0.0) for k, t in timings.items()}
+        plans.append(
+            BatchPlan(
+                batch,
+                df["content_hash"][rng.start : rng.stop].to_list(),
+                info,
+                z,
+                zrows.select("loss", "nll", "kl", "delta_norm", "steps", "anchor").to_dicts(),
+                update_columns(wb, p, method, batch, selected, z, h),
+                seconds,
+            )
+        )
+    return plans
+
+
+def run_key(p: Params, method: Method, df: pl.DataFrame, fingerprint: str, code: str) -> str:
+    """Hash of everything an apply_edits run depends on: params, facts, upstream artifacts, model and code."""
+    z_files = sorted(set(pl.read_parquet(Z_DIR / "index.parquet")["file"].to_list()))
+    upstream = [ATTRIBUTION / "batches.parquet", CLUSTERS / "clusters.parquet"]
+    return sha256_json(
+        {
+            "params": {
+                "method": asdict(method),
+                "model": asdict(p.model),
+                "edit": asdict(p.edit),
+                "ece": asdict(p.ece),
+                "z": [p.z.n_context, p.z.context_length],
+                "update": asdict(p.update),
+            },
+            "facts": [list(r) for r in zip(df["id"].to_list(), df["content_hash"].to_list())],
+            "covariance": sha256_file(COVARIANCE),
+            "upstream": {str(f): sha256_file(f) if f.exists() else None for f in upstream},
+            "z": {name: sha256_file(Z_DIR / "cache" / name) for name in z_files},
+            "model": fingerprint,
+            "code": code,
+            "torch": torch.__version__,
+        }
+    )
+
+
+def read_dataset_hash(df: pl.DataFrame) -> str:
+    meta = PREPARED.parent / "meta.json"
+    return json.loads(meta.read_text())["dataset_hash"] if meta.exists() else dataset_hash(df)
+
+
+def write_edited(
+    wb: Workbench, p: Params, checkpoint: Checkpoint, stored: list[dict[str, Any]], n_facts: int
+) -> dict[str, float]:
+    """artifacts/edited (model, per-batch deltas, ledger, tables) in one atomic rename, then the
+    uncached reports (ledger runs, ledger.md, timings.json); total seconds per phase."""
+    runs = [r["run"] for r in stored]
+    ledger = pl.DataFrame([row for r in stored for row in r["ledger"]], schema=LEDGER_SCHEMA)
+    with atomic_dir(EDITED) as tmp:
+        for b in range(len(stored)):
+            _link_or_copy(checkpoint.delta_path(b), tmp / delta_name(b))
+        save_model(wb.model, wb.tok, tmp / "model")
+        write_provenance(
+            tmp / "model",
+            {
+                "base_model": p.model.name,
+                "base_fingerprint": wb.fingerprint,
+                "batches": len(stored),
+                "checkpoint_key": checkpoint.key,
+            },
+        )
+        pl.DataFrame([row for r in stored for row in r["layers"]]).write_parquet(tmp / "layers.parquet")
+        pl.DataFrame([r["batch"] for r in stored]).write_parquet(tmp / "batches.parquet")
+        ledger.write_parquet(tmp / LEDGER.name)
+    write_json(LEDGER_RUNS, runs)
+    write_text(LEDGER_MD, ledger_markdown(ledger, {r["batch"]: r for r in runs}))
+    totals = {name: round(sum(r[name] for r in runs), 2) for name in RUN_PHASES}
+    write_json(
+        "reports/timings.json",
+        {
+            "method": p.method,
+            "n_facts": n_facts,
+            "n_batches": len(stored),
+            "batch_size": p.edit.batch_size,
+            "seconds_total": totals,
+            "seconds_per_batch": {k: round(v / len(stored), 2) for k, v in totals.items()},
+        },
+    )
+    return totals
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
