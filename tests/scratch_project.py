@@ -114,7 +114,8 @@ def run_stage_subprocess(
 
 
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra or {})}
+    base = {k: v for k, v in os.environ.items() if k != "ECE_CACHE"}  # each scratch project its own .cache
+    return {**base, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra or {})}
 
 
 def base_project(factory: pytest.TempPathFactory, name: str) -> Path:
