@@ -24,7 +24,7 @@ DVC = str(Path(sys.executable).with_name("dvc"))
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    # dvc runs the stages as `python stages/...`: this interpreter's venv must come first on PATH
+    # dvc runs the stages as `python -m stages.<name>`: this interpreter's venv must come first on PATH
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT), "PATH": path}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
@@ -168,3 +168,37 @@ def test_identical_recompute_keeps_the_covariance_hash(repo: Path) -> None:
     """Last in this module: were it to fail, the rerun would leave everything downstream of covariance stale."""
     before, after = recompute(repo, "covariance")
     assert after == before
+
+
+def test_queued_experiment_runs_from_a_clean_commit(repo: Path, tmp_path: Path) -> None:
+    """The documented way to queue work (bench/experiments.py): `dvc exp run --queue` + `dvc queue start`,
+    run by DVC in a temporary copy of the repository, finds this environment's interpreter and the
+    copy's own ece/, and its metrics come back from the experiment's commit."""
+    work = tmp_path / "queued"
+    shutil.copytree(repo, work, ignore=shutil.ignore_patterns(".cache"))
+    (work / "bench").mkdir()
+    shutil.copy(ROOT / "bench/experiments.py", work / "bench/experiments.py")
+    identity = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env = {**os.environ, **identity, "DVC_NO_ANALYTICS": "1"}
+    env.pop("PYTHONPATH", None)  # the queued stages must find ece/ in their own copy, not through this test
+    env.pop("ECE_CACHE", None)
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(args, cwd=work, env=env, capture_output=True, text=True)
+
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "base"]):
+        assert call(*cmd).returncode == 0
+    script = str(work / "bench/experiments.py")
+    for args in (["add", "t-memit", "-S", "method=memit"], ["start"], ["wait"]):
+        done = call(sys.executable, script, *args)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = json.loads(call(sys.executable, script, "results", "t-").stdout)
+    assert set(found) == {"t-memit"}
+    metrics = found["t-memit"]["metrics"]
+    assert metrics["method"] == "memit" and 0 <= metrics["post"]["efficacy"] <= 1
+    assert (work / ".cache").is_dir(), "queued runs share the repository's .cache as their scratch (ECE_CACHE)"
