@@ -1,0 +1,136 @@
+"""Experiments on DVC's own queue: every benchmark row is a `dvc exp run` with `-S` overrides.
+
+    python bench/experiments.py add scale-cf-ece -S method=ece -S data.n_facts=2000   # queue one experiment
+    python bench/experiments.py start [-j 1]        # run the queue in the background (DVC's workers)
+    python bench/experiments.py wait                # block until the queue is empty; exit 1 if a run failed
+    python bench/experiments.py results scale-      # metrics.json + curve.json of finished experiments, as JSON
+
+Queued experiments run in a temporary copy of the repository (.dvc/tmp/exps/), where dvc.yaml's
+`python stages/...` must find this environment's interpreter: `start` puts the directory of the
+Python that runs this script first on PATH (by absolute path) before DVC spawns its workers, so a
+fresh clone's `.venv/bin/python bench/experiments.py start` works without activating anything, and
+sets ECE_CACHE to this repository's .cache, so the queued runs share one machine-local scratch (a run
+killed with its session resumes when queued again). Results stay
+in the experiments (`dvc exp show`, `dvc exp apply NAME`); `results` reads them back from their git refs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DVC = str(Path(sys.executable).with_name("dvc"))
+
+
+def env() -> dict[str, str]:
+    """What queued runs need, by absolute path, since they run in another folder: this interpreter's bin
+    directory first on PATH, and this repository's .cache as the machine-local scratch (ECE_CACHE), so
+    every experiment shares the z batches, the unedited model's evaluation and the apply_edits checkpoints."""
+    path = f"{Path(sys.executable).parent.resolve()}{os.pathsep}{os.environ.get('PATH', '')}"
+    scratch = os.environ.get("ECE_CACHE") or str(Path.cwd().resolve() / ".cache")
+    return {**os.environ, "PATH": path, "ECE_CACHE": scratch, "DVC_NO_ANALYTICS": "1"}
+
+
+def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([DVC, *args], env=env(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise SystemExit(f"dvc {' '.join(args)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    return result
+
+
+def add(name: str, overrides: list[str]) -> None:
+    """Queue one experiment; an existing one of the same name is replaced (its results dropped)."""
+    dvc("exp", "remove", name, check=False)
+    dvc("exp", "run", "--queue", "-n", name, *[a for o in overrides for a in ("-S", o)])
+
+
+def start(jobs: int = 1) -> None:
+    """Start DVC's queue workers (they run detached and outlive this process)."""
+    dvc("queue", "start", "-j", str(jobs))
+
+
+def queue_state() -> dict[str, list[str]]:
+    """Experiment names by queue state (Queued, Running, Success, Failed), from `dvc queue status`."""
+    states: dict[str, list[str]] = {}
+    for line in dvc("queue", "status").stdout.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 4 and parts[-1] in {"Queued", "Running", "Success", "Failed"}:
+            states.setdefault(parts[-1], []).append(parts[1])
+    return states
+
+
+def wait(poll_s: float = 10.0) -> dict[str, list[str]]:
+    while True:
+        states = queue_state()
+        if not states.get("Queued") and not states.get("Running"):
+            return states
+        time.sleep(poll_s)
+
+
+def experiments() -> dict[str, str]:
+    """name → git revision of every finished experiment of the current baseline commit."""
+    shown = json.loads(dvc("exp", "show", "--json").stdout or "[]")
+    found = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name"):
+                    found[rev["name"]] = rev["rev"]
+    return found
+
+
+def read_at(rev: str, path: str) -> Any:
+    """A JSON or YAML file as the experiment's commit holds it (None if it has none)."""
+    shown = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+    return yaml.safe_load(shown.stdout) if shown.returncode == 0 else None
+
+
+def results(prefix: str = "") -> dict[str, dict[str, Any]]:
+    """metrics.json, curve.json and timings.json of every finished experiment whose name starts with `prefix`."""
+    return {
+        name: {
+            "rev": rev,
+            "metrics": read_at(rev, "reports/metrics.json"),
+            "curve": read_at(rev, "reports/curve.json"),
+            "timings": read_at(rev, "reports/timings.json"),
+            "params": read_at(rev, "params.yaml"),
+        }
+        for name, rev in sorted(experiments().items())
+        if name.startswith(prefix)
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("add", help="queue one experiment")
+    a.add_argument("name")
+    a.add_argument("-S", "--set-param", action="append", default=[], dest="overrides", help="a.b=value")
+    s = sub.add_parser("start", help="run the queue in the background")
+    s.add_argument("-j", "--jobs", type=int, default=1, help="parallel runs (1 on a 2-core machine)")
+    sub.add_parser("wait", help="wait until the queue is empty")
+    r = sub.add_parser("results", help="finished experiments' metrics as JSON")
+    r.add_argument("prefix", nargs="?", default="")
+    args = ap.parse_args()
+    if args.cmd == "add":
+        add(args.name, args.overrides)
+    elif args.cmd == "start":
+        start(args.jobs)
+    elif args.cmd == "wait":
+        states = wait()
+        print(json.dumps(states))
+        sys.exit(1 if states.get("Failed") else 0)
+    else:
+        print(json.dumps(results(args.prefix), indent=2))
+
+
+if __name__ == "__main__":
+    main()
