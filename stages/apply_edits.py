@@ -12,7 +12,7 @@ for bit and computes only the rest (incremental apply). The outputs appear only 
 (artifacts/edited/: the HF model folder, the per-batch deltas, the ledger), then the uncached reports
 (reports/ledger_runs.json, ledger.md, timings.json). A NaN/Inf or exploding update, or normal
 equations that are not positive definite, stop the stage before anything is saved. Test hook:
-ECE_TEST_BATCH_DELAY=<seconds> sleeps after each batch's commit (tests/test_resume.py).
+ECE_TEST_BATCH_DELAY=<seconds> sleeps after each batch's commit (tests/audit/test_resume.py).
 """
 
 from __future__ import annotations

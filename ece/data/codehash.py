@@ -91,7 +91,7 @@ def sync_dvc_deps(dvc_yaml: Path, root: Path = PROJECT) -> list[str]:
     closure, leaving every other line (comments, data deps) as it is; the names of the stages changed.
 
     A new import then costs one command (`python -m ece.data.codehash`) instead of a hand edit that
-    tests/test_dvc_deps.py would otherwise have to catch.
+    tests/pipeline/test_dvc_deps.py would otherwise have to catch.
     """
     lines = dvc_yaml.read_text(encoding="utf-8").splitlines(keepends=True)
     out: list[str] = []

@@ -13,7 +13,7 @@ import yaml
 
 from ece.data.codehash import code_hash, import_closure
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
