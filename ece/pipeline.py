@@ -12,10 +12,7 @@ is ece.editing.zcache, so that the z stage does not depend on the update code.)
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -29,6 +26,7 @@ from ece.artifacts import (
     COVARIANCE,
     EDITED,
     PREPARED,
+    SCRATCH,
     Z_DIR,
     Z_TIMINGS,
 )
@@ -45,7 +43,7 @@ from ece.audit.ledger import (
 )
 from ece.config import Params
 from ece.data.facts import Fact, batch_ranges
-from ece.data.io import atomic_dir, read_timings, sha256_file, sha256_json, write_json, write_text
+from ece.data.io import atomic_dir, link_or_copy, read_timings, sha256_file, sha256_json, write_json, write_text
 from ece.data.loaders import dataset_hash
 from ece.editing.selection import update_columns
 from ece.editing.zcache import read_z
@@ -56,7 +54,7 @@ from ece.sequence import BatchPlan
 
 # Outside DVC on purpose: a checkpoint is machine-local scratch state of one interrupted run, not a
 # reproducible artifact (it is deleted on success and ignored when its key does not match).
-CHECKPOINT = Path(".cache/checkpoint/apply_edits")
+CHECKPOINT = SCRATCH / "checkpoint" / "apply_edits"
 
 
 def cluster_rows(table: pl.DataFrame, b: int) -> list[dict[str, Any]]:
@@ -101,10 +99,9 @@ def read_plans(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact]) ->
     return plans
 
 
-def run_key(p: Params, method: Method, df: pl.DataFrame, fingerprint: str, code: str) -> str:
-    """Hash of everything an apply_edits run depends on: params, facts, upstream artifacts, model and code."""
-    z_files = sorted(set(pl.read_parquet(Z_DIR / "index.parquet")["file"].to_list()))
-    upstream = [ATTRIBUTION / "batches.parquet", CLUSTERS / "clusters.parquet"]
+def lineage_key(p: Params, method: Method, fingerprint: str, code: str) -> str:
+    """Hash of everything an apply_edits run depends on except its facts and their plans: params,
+    covariance, model and code. Runs of one lineage share a checkpoint folder (ece.sequence.prefix_keys)."""
     return sha256_json(
         {
             "params": {
@@ -115,10 +112,7 @@ def run_key(p: Params, method: Method, df: pl.DataFrame, fingerprint: str, code:
                 "z": [p.z.n_context, p.z.context_length],
                 "update": asdict(p.update),
             },
-            "facts": [list(r) for r in zip(df["id"].to_list(), df["content_hash"].to_list())],
             "covariance": sha256_file(COVARIANCE),
-            "upstream": {str(f): sha256_file(f) if f.exists() else None for f in upstream},
-            "z": {name: sha256_file(Z_DIR / "cache" / name) for name in z_files},
             "model": fingerprint,
             "code": code,
             "torch": torch.__version__,
@@ -140,7 +134,7 @@ def write_edited(
     ledger = pl.DataFrame([row for r in stored for row in r["ledger"]], schema=LEDGER_SCHEMA)
     with atomic_dir(EDITED) as tmp:
         for b in range(len(stored)):
-            _link_or_copy(checkpoint.delta_path(b), tmp / delta_name(b))
+            link_or_copy(checkpoint.delta_path(b), tmp / delta_name(b))
         save_model(wb.model, wb.tok, tmp / "model")
         write_provenance(
             tmp / "model",
@@ -148,7 +142,7 @@ def write_edited(
                 "base_model": p.model.name,
                 "base_fingerprint": wb.fingerprint,
                 "batches": len(stored),
-                "checkpoint_key": checkpoint.key,
+                "checkpoint_key": checkpoint.prefix_keys[-1],
             },
         )
         pl.DataFrame([row for r in stored for row in r["layers"]]).write_parquet(tmp / "layers.parquet")
@@ -169,10 +163,3 @@ def write_edited(
         },
     )
     return totals
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)

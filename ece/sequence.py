@@ -24,9 +24,9 @@ from ece.audit.checkpoint import Checkpoint
 from ece.audit.ledger import COND_WARN, git_revision, layer_summary, put_columns
 from ece.config import Params
 from ece.data.facts import Fact
+from ece.data.io import sha256_bytes, sha256_json
 from ece.editing.editor import Editor, LayerChange
 from ece.errors import EceError
-from ece.methods import Method
 
 Log = Callable[[str], None]
 
@@ -42,6 +42,25 @@ class BatchPlan:
     z_rows: list[dict[str, Any]]  # per fact: loss, nll, steps, anchor (the fact its z started from)
     columns: dict[int, Tensor] | None  # per layer, the columns the update may change; None: all
     seconds: dict[str, float] = field(default_factory=dict)  # attribution, clustering, z
+
+
+def prefix_keys(lineage: str, plans: Sequence[BatchPlan]) -> list[str]:
+    """Per batch b, a hash of the lineage and of everything batches 0..b write from (facts, clusters, z,
+    columns): equal for two runs exactly when their first b+1 batches would write the same changes."""
+    keys, previous = [], lineage
+    for bp in plans:
+        previous = sha256_json(
+            {
+                "previous": previous,
+                "facts": [[f.id for f in bp.facts], bp.content_hashes],
+                "clusters": bp.clusters,
+                "z": None if bp.z is None else sha256_bytes(bp.z.contiguous().numpy().tobytes()),
+                "z_rows": bp.z_rows,
+                "columns": None if bp.columns is None else {str(l): c.tolist() for l, c in sorted(bp.columns.items())},
+            }
+        )
+        keys.append(previous)
+    return keys
 
 
 def _hint_for(exc: EceError, p: Params) -> str | None:
@@ -63,12 +82,12 @@ def apply_plans(
 ) -> tuple[list[dict[int, LayerChange]], list[dict[str, Any]]]:
     """Write the batches in order; per batch its changed columns and its rows (ledger, layers, run).
 
-    With a checkpoint (the apply_edits stage), the batches it already holds are restored onto the
-    weights instead of recomputed, and every finished batch is committed to it before the next one
-    starts, so a killed run resumes where it stopped. `common` = the ledger columns that are the same for
-    every row (method, model, hashes of the inputs).
+    With a checkpoint (the apply_edits stage), the leading batches it holds with matching prefix keys
+    are restored onto the weights (and P) instead of recomputed, and every finished batch is committed
+    to it before the next one starts: a killed run resumes where it stopped, and a run whose facts
+    changed only after batch b starts after batch b−1. `common` = the ledger columns every row shares
+    (method, model, hashes of the inputs); each row's `checkpoint_key` is its batch's prefix key.
     """
-    method = editor.method
     done = checkpoint.resume() if checkpoint is not None else -1
     changes: list[dict[int, LayerChange]] = []
     stored: list[dict[str, Any]] = []
@@ -77,8 +96,7 @@ def apply_plans(
             changes.append(checkpoint.delta(b))
             put_columns(editor.adapter, changes[-1], "new")
             stored.append(checkpoint.rows(b))
-        if method.use_cache:
-            editor.cache = checkpoint.cache()
+            editor.grow_cache(checkpoint.keys(b))
         log(f"apply_edits: resuming from the checkpoint: batches 0..{done} restored, {len(plans) - done - 1} to go")
     delay = float(os.environ.get("ECE_TEST_BATCH_DELAY", "0") or 0)  # test hook: time to kill between batches
     session, revision = uuid.uuid4().hex[:12], git_revision()
@@ -90,7 +108,7 @@ def apply_plans(
         except EceError as exc:
             raise EceError(f"batch {b}: {exc.args[0]}", _hint_for(exc, p)) from None
         seconds = time.perf_counter() - start
-        rows = _batch_rows(b, bp, batch_changes, common, method, log)
+        rows = _batch_rows(b, bp, batch_changes, log)
         rows["run"] = {
             "batch": b,
             "n_facts": len(bp.facts),
@@ -103,7 +121,7 @@ def apply_plans(
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if checkpoint is not None:
-            checkpoint.commit(b, batch_changes, rows, editor.cache if method.use_cache else None)
+            checkpoint.commit(b, batch_changes, rows, editor.solved_keys)
         changes.append(batch_changes)
         stored.append(rows)
         log(f"batch {b}: {len(bp.facts)} facts, update {seconds:.1f} s")
@@ -111,12 +129,13 @@ def apply_plans(
             time.sleep(delay)
     if checkpoint is not None:  # every batch's rows as committed, restored or not: one form for all
         stored = [checkpoint.rows(b) for b in range(len(plans))]
+    keys = checkpoint.prefix_keys if checkpoint is not None else [""] * len(plans)
+    for b, r in enumerate(stored):
+        r["ledger"] = [{**row, **common, "checkpoint_key": keys[b]} for row in r["ledger"]]
     return changes, stored
 
 
-def _batch_rows(
-    b: int, bp: BatchPlan, changes: dict[int, LayerChange], common: dict[str, Any], method: Method, log: Log
-) -> dict[str, Any]:
+def _batch_rows(b: int, bp: BatchPlan, changes: dict[int, LayerChange], log: Log) -> dict[str, Any]:
     fact_info = {
         "n_facts": len(bp.facts),
         "fact_ids": [f.id for f in bp.facts],
@@ -134,5 +153,5 @@ def _batch_rows(
             log(f"warning: batch {b}, layer {l}: ill-conditioned solve (condition number {c.cond:.3g})")
         summary = layer_summary(c)
         layer_rows.append({"batch": b, "layer": l, "n_cols": summary["n_neurons"], "delta_norm": summary["delta_norm"]})
-        ledger_rows.append({"batch": b, "layer": l, **fact_info, **summary, "cond": c.cond, **common})
+        ledger_rows.append({"batch": b, "layer": l, **fact_info, **summary, "cond": c.cond})
     return {"batch": {"batch": b, "n_facts": len(bp.facts)}, "layers": layer_rows, "ledger": ledger_rows}

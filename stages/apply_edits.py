@@ -5,13 +5,14 @@ the method's update (as its ece.methods registry entry says), and for ECE and Al
 P += K Kᵀ: ece.sequence.apply_plans, fed with the plans the upstream stages stored
 (ece.pipeline.read_plans), computed on the original weights.
 
-Crash safety: after every batch a checkpoint (ece.audit.checkpoint, `.cache/checkpoint/apply_edits/`,
-keyed by a hash of everything the run depends on) is committed; a rerun after a kill restores the
-finished batches bit for bit and goes on. The outputs appear only at the end, in one atomic rename
+After every batch its changes are committed to the checkpoint of the run's lineage (ece.audit.checkpoint,
+under $ECE_CACHE/checkpoint/apply_edits/), kept after the run: a rerun after a kill, or after facts
+were appended or changed after batch b, restores the stored batches before the first changed one bit
+for bit and computes only the rest (incremental apply). The outputs appear only at the end, in one atomic rename
 (artifacts/edited/: the HF model folder, the per-batch deltas, the ledger), then the uncached reports
 (reports/ledger_runs.json, ledger.md, timings.json). A NaN/Inf or exploding update, or normal
 equations that are not positive definite, stop the stage before anything is saved. Test hook:
-ECE_TEST_BATCH_DELAY=<seconds> sleeps after each batch's commit (tests/test_resume.py).
+ECE_TEST_BATCH_DELAY=<seconds> sleeps after each batch's commit (tests/audit/test_resume.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from ece.editing.covariance import load_covariance
 from ece.editing.editor import Editor
 from ece.methods import method_of
 from ece.model.workbench import Workbench
-from ece.pipeline import CHECKPOINT, read_dataset_hash, read_plans, run_key, write_edited
-from ece.sequence import apply_plans
+from ece.pipeline import CHECKPOINT, lineage_key, read_dataset_hash, read_plans, write_edited
+from ece.sequence import apply_plans, prefix_keys
 from ece.stage import run_stage
 
 
@@ -38,19 +39,17 @@ def main(p: Params) -> None:
     c0 = load_covariance(COVARIANCE, wb.fingerprint, list(method.layers))
     editor = Editor(wb.adapter, wb.tok, method, wb.templates, c0, max_update_norm=p.update.max_update_norm)
     plans = read_plans(wb, p, df, facts)  # on the original weights, before any batch is written
-    key = run_key(p, method, df, wb.fingerprint, code_hash(__file__))
+    lineage = lineage_key(p, method, wb.fingerprint, code_hash(__file__))
     common = {
         "method": p.method,
         "model": p.model.name,
         "model_fingerprint": wb.fingerprint,
         "dataset_hash": read_dataset_hash(df),
         "params_hash": params_hash(p),
-        "checkpoint_key": key,
     }
-    checkpoint = Checkpoint(CHECKPOINT, key)
+    checkpoint = Checkpoint(CHECKPOINT / lineage[:24], prefix_keys(lineage, plans))
     _, stored = apply_plans(editor, p, plans, common, checkpoint)
     totals = write_edited(wb, p, checkpoint, stored, len(facts))
-    checkpoint.clear()
     print(f"apply_edits: {len(facts)} facts in {len(plans)} batches; seconds {totals}; ledger in {LEDGER_MD}")
 
 

@@ -2,7 +2,8 @@
 edited facts, after the last batch; the measuring, the curve and the pre cache live in ece.eval.run, the
 summary and plots in ece.eval.report.
 
-Outputs: reports/per_fact.parquet (one row per fact and phase), reports/metrics.json,
+Outputs: reports/per_fact.parquet (one row per fact and phase), reports/edit_metrics.json (the headline
+metrics, first in `dvc exp show`), reports/metrics.json,
 reports/summary.md, reports/curve.json, reports/plots/{metrics,curve}.png.
 """
 
@@ -15,12 +16,13 @@ from ece.artifacts import EDITED, PREPARED
 from ece.config import Params
 from ece.data.facts import read_facts
 from ece.data.io import atomic_path, write_json, write_text
-from ece.eval.report import plot_curve, plot_metrics, round_floats
+from ece.eval.report import headline, plot_curve, plot_metrics, round_floats
 from ece.eval.run import run_evaluation
 from ece.stage import run_stage
 
 PER_FACT = "reports/per_fact.parquet"
 METRICS = "reports/metrics.json"
+EDIT_METRICS = "reports/edit_metrics.json"
 SUMMARY = "reports/summary.md"
 CURVE = "reports/curve.json"
 PLOTS = Path("reports/plots")
@@ -33,6 +35,7 @@ def main(p: Params) -> None:
     with atomic_path(PER_FACT) as tmp:
         evaluation.per_fact.write_parquet(tmp)
     write_json(METRICS, evaluation.metrics)
+    write_text(EDIT_METRICS, headline(evaluation.metrics))
     write_json(CURVE, round_floats(evaluation.curve))
     write_text(SUMMARY, evaluation.summary)
     plot_metrics(evaluation.results, PLOTS / "metrics.png")

@@ -24,6 +24,7 @@ import yaml
 from ece.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
+DVC = str(Path(sys.executable).with_name("dvc"))
 UPSTREAM = ["prepare", "covariance", "attribute", "cluster", "precompute_z"]
 FACTS = [
     {"id": f"f{i}", "subject": s, "prompt": p, "target_new": n, "target_true": t}
@@ -114,7 +115,31 @@ def run_stage_subprocess(
 
 
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra or {})}
+    base = {k: v for k, v in os.environ.items() if k != "ECE_CACHE"}  # each scratch project its own .cache
+    return {**base, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra or {})}
+
+
+def run_dvc(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """A command in a scratch DVC repo; dvc runs the stages as `python -m stages.<name>`, so this
+    interpreter's venv comes first on PATH."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**stage_env(), "DVC_NO_ANALYTICS": "1", "PATH": path}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def dvc_repo(work: Path, n_facts: int) -> Path:
+    """A scratch git + DVC repository with the project's code, dvc.yaml and tiny-llama params, after a
+    full `dvc repro`: the one way the DVC tests build a pipeline to change."""
+    for name in ("ece", "stages"):
+        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    write_data(work, n_facts=n_facts)
+    write_params(work)
+    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"]):
+        assert run_dvc(cmd, work).returncode == 0
+    result = run_dvc([DVC, "repro"], work)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return work
 
 
 def base_project(factory: pytest.TempPathFactory, name: str) -> Path:

@@ -1,24 +1,27 @@
-"""Crash-safe sequential editing: what apply_edits keeps after every finished batch.
+"""The stored state of sequential editing: what apply_edits keeps after every finished batch, kept after
+the run so that a later run with the same first batches starts where they end.
 
-The folder holds, for the run identified by `key` (a hash of everything the run depends on):
+One folder per lineage (same method, params, model, covariance and code; `Checkpoint.folder`) holds:
 
 - delta-batch-XXXX.safetensors: the columns batch XXXX changed, before and after (ece.audit.ledger format);
-- rows-XXXX.json: the batch's ledger/timing rows;
-- cache-XXXX.safetensors: the reference-knowledge cache P of every edited layer after batch XXXX
-  (only the newest is kept; absent for methods without a cache);
-- state.json: {"key", "last_batch", "cache"}, written LAST with an atomic rename: it is the commit
-  point. A batch whose state.json was not written is not finished; its leftovers are overwritten.
+- rows-XXXX.json: the batch's ledger/layer/timing rows (without the columns every row shares);
+- keys-XXXX.safetensors: the keys each layer's solve used (methods with a cache P only): P after batch
+  b is rebuilt as the sum of Kᵀ K over batches 0..b, in batch order, so exactly as the run grew it;
+- state.json: {"prefix_keys": [...]}, written LAST with an atomic rename: it is the commit point.
+  prefix_keys[b] hashes everything batches 0..b depend on (their facts, z, selections, clusters) on top
+  of the lineage, so it stays valid when only LATER batches change.
 
-Every file is written to a temporary sibling and renamed into place, so a process killed at any
-moment leaves either the previous or the new state, never a half-written file. (Renames are not
-fsynced: this protects against a killed process, not against a power cut.) A state with another key
-(other inputs, params or code) is stale: it is ignored and the folder is emptied.
+Resuming finds the longest run of batches whose prefix keys match the current ones: after a kill that
+is every finished batch; after facts were appended, or a fact of a later batch changed or was removed,
+it is every batch before the first changed one (incremental apply: appending 100 facts to a 2000-fact
+run costs one batch). Every file is written to a temporary sibling and renamed into place, so a
+process killed at any moment leaves either the previous or the new state, never a half-written file.
+(Renames are not fsynced: this protects against a killed process, not against a power cut.)
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,46 +36,47 @@ STATE = "state.json"
 
 
 class Checkpoint:
-    def __init__(self, folder: str | Path, key: str) -> None:
+    def __init__(self, folder: str | Path, prefix_keys: list[str]) -> None:
         self.folder = Path(folder)
-        self.key = key
-        self._cache_file: str | None = None
+        self.prefix_keys = prefix_keys  # of the current run, one per batch
+        self.committed: list[str] = []  # prefix keys of the batches stored in the folder
 
     def _rows_path(self, batch: int) -> Path:
         return self.folder / f"rows-{batch:04d}.json"
+
+    def _keys_path(self, batch: int) -> Path:
+        return self.folder / f"keys-{batch:04d}.safetensors"
 
     def delta_path(self, batch: int) -> Path:
         return self.folder / delta_name(batch)
 
     def resume(self) -> int:
-        """Index of the last finished batch of this run (-1: start from scratch, folder emptied)."""
+        """Index of the last stored batch that this run would compute identically (-1: none)."""
         state_path = self.folder / STATE
-        if not state_path.exists():
-            self.clear()
-            return -1
         try:
-            state = json.loads(state_path.read_text())
-            last = int(state["last_batch"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            stored = [str(k) for k in json.loads(state_path.read_text())["prefix_keys"]] if state_path.exists() else []
+        except (json.JSONDecodeError, KeyError, TypeError):
             print(f"checkpoint: {state_path} is unreadable; starting from the first batch")
-            self.clear()
-            return -1
-        if state.get("key") != self.key:
-            print(f"checkpoint: ignoring a stale checkpoint in {self.folder} (made from other inputs, params or code)")
-            self.clear()
-            return -1
-        needed = [self.delta_path(b) for b in range(last + 1)] + [self._rows_path(b) for b in range(last + 1)]
-        if state.get("cache"):
-            needed.append(self.folder / state["cache"])
-        missing = [p.name for p in needed if not p.exists()]
+            stored = []
+        same = 0
+        while same < min(len(stored), len(self.prefix_keys)) and stored[same] == self.prefix_keys[same]:
+            same += 1
+        missing = [p.name for b in range(same) for p in (self.delta_path(b), self._rows_path(b)) if not p.exists()]
         if missing:
             print(
                 f"checkpoint: files missing from {self.folder} ({', '.join(missing[:3])}); starting from the first batch"
             )
-            self.clear()
-            return -1
-        self._cache_file = state.get("cache")
-        return last
+            same = 0
+        if stored and not same:
+            print(
+                f"checkpoint: none of the {len(stored)} stored batches in {self.folder} match this run's inputs; "
+                "starting from the first batch"
+            )
+        if same < len(stored):  # later stored batches belong to other facts: no longer part of the state
+            self.committed = stored[:same]
+            self._write_state()
+        self.committed = stored[:same]
+        return same - 1
 
     def delta(self, batch: int) -> dict[int, LayerChange]:
         return read_delta(self.delta_path(batch))
@@ -80,33 +84,27 @@ class Checkpoint:
     def rows(self, batch: int) -> dict[str, Any]:
         return json.loads(self._rows_path(batch).read_text())
 
-    def cache(self) -> dict[int, Tensor]:
-        """P per layer as committed with the last finished batch (empty when none was stored)."""
-        if not self._cache_file:
+    def keys(self, batch: int) -> dict[int, Tensor]:
+        """The keys per layer batch `batch` added to the cache P (empty for methods without one)."""
+        path = self._keys_path(batch)
+        if not path.exists():
             return {}
-        tensors = load_file(str(self.folder / self._cache_file))
-        return {int(name.split(".")[1]): t for name, t in tensors.items()}
+        return {int(name.split(".")[1]): t for name, t in load_file(str(path)).items()}
 
     def commit(
-        self, batch: int, changes: dict[int, LayerChange], rows: dict[str, Any], cache: dict[int, Tensor] | None
+        self, batch: int, changes: dict[int, LayerChange], rows: dict[str, Any], keys: dict[int, Tensor] | None
     ) -> None:
         """Record a finished batch; only the final rename of state.json makes it count."""
+        assert batch == len(self.committed), "batches are committed in order"
         self.folder.mkdir(parents=True, exist_ok=True)
         write_delta(self.delta_path(batch), changes)
         write_json(self._rows_path(batch), rows)
-        cache_file = None
-        if cache:
-            cache_file = f"cache-{batch:04d}.safetensors"
-            with atomic_path(self.folder / cache_file) as tmp:
-                save_file(
-                    {f"layer.{l}": t.contiguous() for l, t in cache.items()}, str(tmp), metadata={"key": self.key}
-                )
-        write_json(self.folder / STATE, {"key": self.key, "last_batch": batch, "cache": cache_file})
-        for old in self.folder.glob("cache-*.safetensors"):
-            if old.name != cache_file:
-                old.unlink()
-        self._cache_file = cache_file
+        self._keys_path(batch).unlink(missing_ok=True)
+        if keys:
+            with atomic_path(self._keys_path(batch)) as tmp:
+                save_file({f"layer.{l}": t.contiguous() for l, t in keys.items()}, str(tmp))
+        self.committed = [*self.committed, self.prefix_keys[batch]]
+        self._write_state()
 
-    def clear(self) -> None:
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
+    def _write_state(self) -> None:
+        write_json(self.folder / STATE, {"prefix_keys": self.committed})

@@ -87,11 +87,11 @@ def code_hash(module_path: str | Path, root: Path = PROJECT) -> str:
 
 
 def sync_dvc_deps(dvc_yaml: Path, root: Path = PROJECT) -> list[str]:
-    """Rewrite the ece/ deps of every `python stages/<name>.py` stage in dvc.yaml to its script's import
+    """Rewrite the ece/ deps of every `python -m stages.<name>` stage in dvc.yaml to its script's import
     closure, leaving every other line (comments, data deps) as it is; the names of the stages changed.
 
     A new import then costs one command (`python -m ece.data.codehash`) instead of a hand edit that
-    tests/test_dvc_deps.py would otherwise have to catch.
+    tests/pipeline/test_dvc_deps.py would otherwise have to catch.
     """
     lines = dvc_yaml.read_text(encoding="utf-8").splitlines(keepends=True)
     out: list[str] = []
@@ -99,11 +99,11 @@ def sync_dvc_deps(dvc_yaml: Path, root: Path = PROJECT) -> list[str]:
     script: str | None = None
     for line in lines:
         head = re.match(r"^  \w+:\s*$", line)
-        cmd = re.match(r"^    cmd: python (stages/\w+\.py)\s*$", line)
+        cmd = re.match(r"^    cmd: python -m stages\.(\w+)\s*$", line)
         if head:
             script = None
         elif cmd:
-            script = cmd.group(1)
+            script = f"stages/{cmd.group(1)}.py"
         if script and re.match(rf"^      - {re.escape(script)}\s*$", line):
             out.append(line)
             closure = [p.relative_to(root).as_posix() for p in import_closure(root / script, root)]

@@ -100,3 +100,11 @@ def sha256_json(obj: Any) -> str:
 def read_timings(path: Path) -> dict[int, float]:
     """Per-batch seconds recorded by a stage (batch index → seconds)."""
     return {int(k): float(v) for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """A hard link where the file system allows one (no second copy of a large file), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -47,6 +47,7 @@ class Editor:
     cache: dict[int, Tensor] = field(default_factory=dict)
     nullspace: dict[int, Tensor] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # of the last batch
+    solved_keys: dict[int, Tensor] = field(default_factory=dict)  # keys the last batch added to P (cache methods)
 
     def __post_init__(self) -> None:
         assert not (self.method.use_cache and self.method.per_fact), "the cache reuses one solve's keys per layer"
@@ -111,6 +112,13 @@ class Editor:
             weight[:, sel] += delta.to(weight.dtype)
         return LayerChange(sel, old, weight[:, sel].clone(), max(conditions, default=float("nan"))), keys
 
+    def grow_cache(self, keys: dict[int, Tensor]) -> None:
+        """P += Kᵀ K per layer with the keys a batch's solve used. A resumed run rebuilds P by calling this
+        with every stored batch's keys in batch order, so it adds exactly what the uninterrupted run added."""
+        for layer, k in keys.items():
+            k64 = k.double()
+            self.cache[layer] += k64.T @ k64
+
     def revert(self, changes: dict[int, LayerChange]) -> None:
         """Put back the columns a (partial) batch changed."""
         with torch.no_grad():
@@ -146,10 +154,8 @@ class Editor:
         except BaseException:
             self.revert({l: c[0] for l, c in changes.items()})  # the values before the batch's first change
             raise
+        self.solved_keys = {l: k for l, k in solved.items() if k is not None} if self.method.use_cache else {}
         if self.method.use_cache:
             with self._timed("cache"):
-                for layer, keys in solved.items():
-                    assert keys is not None
-                    k = keys.double()
-                    self.cache[layer] += k.T @ k
+                self.grow_cache(self.solved_keys)
         return {l: LayerChange(c[0].cols, c[0].old, c[-1].new, max(x.cond for x in c)) for l, c in changes.items()}

@@ -18,16 +18,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ece.artifacts import CLUSTERS, Z_DIR, Z_TIMINGS
+from ece.artifacts import CLUSTERS, SCRATCH, Z_DIR, Z_TIMINGS
 from ece.config import Params
 from ece.data.facts import Fact, batch_ranges
-from ece.data.io import atomic_path, sha256_json, write_json
+from ece.data.io import atomic_path, link_or_copy, sha256_json, write_json
 from ece.editing.zvec import FactLosses, ZResult, batch_z, z_groups, z_rows
 from ece.errors import EceError
 from ece.methods import method_of
 from ece.model.workbench import Workbench
 
-Z_SECONDS = Path(".cache/z_seconds.json")  # machine-local: seconds each cached z file took to compute
+Z_SECONDS = SCRATCH / "z_seconds.json"  # machine-local: seconds each cached z file took to compute
+Z_STORE = SCRATCH / "z"  # machine-local copies of every z file, shared by workspaces (ECE_CACHE)
 INDEX_SCHEMA = {
     "id": pl.Utf8,
     "batch": pl.Int64,
@@ -70,6 +71,8 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
         )
         path = cache / f"{key[:32]}.safetensors"
         used.add(path.name)
+        if not path.exists() and (Z_STORE / path.name).exists():
+            link_or_copy(Z_STORE / path.name, path)  # computed by another workspace on this machine
         if not path.exists():
             start = time.perf_counter()
             res = batch_z(wb, p, method, batch, labels, anchors)
@@ -91,6 +94,8 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
                 )
             seconds_of[path.name] = time.perf_counter() - start
             computed += 1
+            Z_STORE.mkdir(parents=True, exist_ok=True)
+            link_or_copy(path, Z_STORE / path.name)
         timings[b] = seconds_of.get(path.name, float("nan"))  # NaN: reused from a cache made elsewhere
         rows += [
             {"id": f.id, "batch": b, "file": path.name, "row": j, **r}
@@ -102,7 +107,7 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
     table = pl.DataFrame(rows, schema=INDEX_SCHEMA)
     with atomic_path(Z_DIR / "index.parquet") as tmp:
         table.write_parquet(tmp)
-    write_json(Z_SECONDS, {name: seconds_of[name] for name in sorted(used) if name in seconds_of})
+    write_json(Z_SECONDS, seconds_of)
     write_json(Z_TIMINGS, timings)
     return table, computed
 

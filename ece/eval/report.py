@@ -3,6 +3,7 @@ formatting they (and the console lines of ece.eval.run) share. Nothing here meas
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,12 @@ def plot_curve(curve: list[dict[str, Any]], curve_every: int, path: Path) -> Non
     ax.set_title(f"Rewrite metrics while editing ({note})")
     fig.tight_layout()
     _save_png(fig, path)
+
+
+HEADLINE = ("efficacy", "generalization", "specificity", "perplexity", "score")
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    """reports/edit_metrics.json: the edited model's headline metrics, in this order (not sorted), so that
+    `dvc exp show` and `dvc metrics show` lead with them; everything else stays in metrics.json."""
+    return json.dumps({m: metrics["post"].get(m) for m in HEADLINE}, indent=2) + "\n"

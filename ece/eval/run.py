@@ -13,7 +13,7 @@ batch (and the last), by replaying the stored per-batch column changes
 (<edited>/delta-batch-XXXX.safetensors: W[:, cols] = new, batch after batch) onto the original
 weights; the curve always holds the pre point (0 facts edited) and the post point.
 
-The unedited model's results are cached in .cache/evaluate_pre/ under a key of the model fingerprint,
+The unedited model's results are cached in $ECE_CACHE/evaluate_pre/ (default .cache/) under a key of the model fingerprint,
 the facts, the evaluation params, the contents of the data files they name and the code this module
 runs (machine-local scratch, like the apply_edits checkpoint): comparing methods on the same facts
 measures "pre" once.
@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from ece.artifacts import SCRATCH
 from ece.audit.ledger import delta_files, load_deltas, put_columns
 from ece.config import Params
 from ece.data.codehash import code_hash
@@ -43,7 +44,7 @@ from ece.eval.report import APPROX, fmt_floats, render_summary, round_floats
 from ece.model.adapter import ModelAdapter
 from ece.model.loading import load_model, model_fingerprint
 
-PRE_CACHE = Path(".cache/evaluate_pre")
+PRE_CACHE = SCRATCH / "evaluate_pre"
 # evaluate params that name data files or folders: the pre-evaluation key holds their contents
 DATA_PARAMS = ("general_dir", "ppl_corpus", "reference_corpus", "attribute_snippets", "idf", "tfidf_vocab")
 

@@ -20,7 +20,7 @@ from ece.eval.metrics import fact_metrics, summarise
 from ece.model.adapter import ModelAdapter
 from ece.model.loading import save_model, tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def facts_table(n: int = 4) -> pl.DataFrame:

@@ -17,38 +17,20 @@ import polars as pl
 import pytest
 import yaml
 from polars.testing import assert_frame_equal
-from scratch_project import set_params, write_data, write_facts, write_params
+from scratch_project import DVC, dvc_repo, run_dvc, set_params, write_facts
 
-ROOT = Path(__file__).resolve().parents[1]
-DVC = str(Path(sys.executable).with_name("dvc"))
-
-
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    # dvc runs the stages as `python stages/...`: this interpreter's venv must come first on PATH
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT), "PATH": path}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("repo")
-    for name in ("ece", "stages"):
-        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
-    write_data(work, n_facts=4)
-    write_params(work)
-    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"]):
-        assert run(cmd, work).returncode == 0
-    result = run([DVC, "repro"], work)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return work
+    return dvc_repo(tmp_path_factory.mktemp("repo"), n_facts=4)
 
 
 def stale_stages(work: Path) -> set[str]:
     """The stages whose own deps or params changed: what `dvc repro --dry` lists. (A stage after them
     reruns only if their outputs then change.)"""
-    out = run([DVC, "repro", "--dry"], work)
+    out = run_dvc([DVC, "repro", "--dry"], work)
     assert out.returncode == 0, out.stderr
     return set(re.findall(r"Running stage '([\w-]+)'", out.stdout))
 
@@ -79,7 +61,7 @@ def test_repro_builds_every_artifact(repo: Path) -> None:
 def recompute(work: Path, stage: str) -> tuple[dict[str, str], dict[str, str]]:
     """The stage's cached outputs' md5s before and after `dvc repro -f -s stage` (same inputs)."""
     before = locked_outs(work, stage)
-    result = run([DVC, "repro", "-f", "-s", stage], work)
+    result = run_dvc([DVC, "repro", "-f", "-s", stage], work)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"Running stage '{stage}'" in result.stdout
     return before, locked_outs(work, stage)
@@ -120,19 +102,19 @@ def test_library_change_that_keeps_the_results_stops_at_its_stage(repo: Path) ->
     original = path.read_text()
     path.write_text(original + "\n# a comment\n")
     try:
-        result = run([DVC, "repro"], repo)
+        result = run_dvc([DVC, "repro"], repo)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert set(re.findall(r"Running stage '([\w-]+)'", result.stdout)) == {"cluster"}
     finally:
         path.write_text(original)
-    assert run([DVC, "repro"], repo).returncode == 0
+    assert run_dvc([DVC, "repro"], repo).returncode == 0
     assert stale_stages(repo) == set()
 
 
 def test_edit_param_change_reruns_attribution_onwards_but_not_covariance(repo: Path) -> None:
     set_params(repo, {"ece.neuron_threshold": 0.7})
     assert {"attribute", "apply_edits"} <= stale_stages(repo)
-    result = run([DVC, "repro"], repo)
+    result = run_dvc([DVC, "repro"], repo)
     assert result.returncode == 0, result.stderr[-3000:]
     ran = set(re.findall(r"Running stage '([\w-]+)'", result.stdout))
     assert {"attribute", "cluster", "apply_edits", "evaluate"} <= ran  # cluster: its input table changed
@@ -151,7 +133,7 @@ def test_appending_facts_computes_z_only_for_new_batches(repo: Path) -> None:
     old_clusters = pl.read_parquet(repo / "artifacts/clusters/clusters.parquet")
     assert len(old_files) == 2 and set(old_clusters["batch"]) == {0, 1}
     write_facts(repo, 6)
-    result = run([DVC, "repro", "precompute_z"], repo)
+    result = run_dvc([DVC, "repro", "precompute_z"], repo)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 batches computed, 2 reused" in result.stdout
     new_files = z_files(repo)
@@ -168,3 +150,37 @@ def test_identical_recompute_keeps_the_covariance_hash(repo: Path) -> None:
     """Last in this module: were it to fail, the rerun would leave everything downstream of covariance stale."""
     before, after = recompute(repo, "covariance")
     assert after == before
+
+
+def test_queued_experiment_runs_from_a_clean_commit(repo: Path, tmp_path: Path) -> None:
+    """The documented way to queue work (bench/experiments.py): `dvc exp run --queue` + `dvc queue start`,
+    run by DVC in a temporary copy of the repository, finds this environment's interpreter and the
+    copy's own ece/, and its metrics come back from the experiment's commit."""
+    work = tmp_path / "queued"
+    shutil.copytree(repo, work, ignore=shutil.ignore_patterns(".cache"))
+    (work / "bench").mkdir()
+    shutil.copy(ROOT / "bench/experiments.py", work / "bench/experiments.py")
+    identity = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env = {**os.environ, **identity, "DVC_NO_ANALYTICS": "1"}
+    env.pop("PYTHONPATH", None)  # the queued stages must find ece/ in their own copy, not through this test
+    env.pop("ECE_CACHE", None)
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(args, cwd=work, env=env, capture_output=True, text=True)
+
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "base"]):
+        assert call(*cmd).returncode == 0
+    script = str(work / "bench/experiments.py")
+    for args in (["add", "t-memit", "-S", "method=memit"], ["start"], ["wait"]):
+        done = call(sys.executable, script, *args)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = json.loads(call(sys.executable, script, "results", "t-").stdout)
+    assert set(found) == {"t-memit"}
+    metrics = found["t-memit"]["metrics"]
+    assert metrics["method"] == "memit" and 0 <= metrics["post"]["efficacy"] <= 1
+    assert (work / ".cache").is_dir(), "queued runs share the repository's .cache as their scratch (ECE_CACHE)"

@@ -1,6 +1,8 @@
-"""Crash-safe sequential editing: apply_edits killed (SIGKILL) between batches and rerun resumes from
-its checkpoint and ends with exactly the weights of an uninterrupted run, no batch applied twice;
-a crash in the middle of a checkpoint commit and a stale checkpoint are handled too."""
+"""Crash-safe and incremental sequential editing: apply_edits killed (SIGKILL) between batches and rerun
+resumes from its checkpoint and ends with exactly the weights of an uninterrupted run, no batch applied
+twice; a crash in the middle of a checkpoint commit and a checkpoint of other inputs are handled too.
+Facts appended to a finished run cost only the new batches, and the result equals a from-scratch run
+bit for bit; a changed early fact redoes every batch after it."""
 
 from __future__ import annotations
 
@@ -16,11 +18,30 @@ import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
-from scratch_project import N_BATCHES, ROOT, base_project, run_stage_inprocess, run_stage_subprocess, stage_env
+from scratch_project import (
+    FACTS,
+    N_BATCHES,
+    ROOT,
+    UPSTREAM,
+    base_project,
+    run_stage_inprocess,
+    run_stage_subprocess,
+    stage_env,
+    write_facts,
+)
 
 import ece.audit.checkpoint
 
-CKPT = Path(".cache/checkpoint/apply_edits")
+CKPT = Path(".cache/checkpoint/apply_edits")  # one folder per lineage below it
+
+
+def state_files(work: Path) -> list[Path]:
+    return list((work / CKPT).glob("*/state.json"))
+
+
+def stored_batches(work: Path) -> int:
+    (state,) = state_files(work)
+    return len(json.loads(state.read_text())["prefix_keys"])
 
 
 def weights(work: Path) -> dict[str, torch.Tensor]:
@@ -42,7 +63,7 @@ def assert_same_result(a: Path, b: Path) -> None:
         {f.relative_to(w): f.read_bytes() for f in (w / "artifacts/edited").rglob("*") if f.is_file()} for w in (a, b)
     ]
     assert files[0] == files[1], "the cached output (model, deltas, ledger) is byte for byte that of the reference run"
-    assert not (b / CKPT).exists(), "the checkpoint is removed once the outputs are in place"
+    assert stored_batches(b) == len(deltas(b)), "the checkpoint keeps every batch for later runs"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +78,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_killed_run_resumes_bit_exactly(reference: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     work = base_project(tmp_path_factory, "killed")
-    state = work / CKPT / "state.json"
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "stages/apply_edits.py")],
         cwd=work,
@@ -68,7 +88,7 @@ def test_killed_run_resumes_bit_exactly(reference: Path, tmp_path_factory: pytes
     )
     try:
         deadline = time.monotonic() + 120
-        while not state.exists():
+        while not state_files(work):
             assert proc.poll() is None, f"apply_edits ended early: {proc.communicate()[1][-2000:]}"
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.1)
@@ -78,7 +98,7 @@ def test_killed_run_resumes_bit_exactly(reference: Path, tmp_path_factory: pytes
         proc.kill()
         out, _ = proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    done = json.loads(state.read_text())["last_batch"]
+    done = stored_batches(work) - 1
     assert 0 <= done < N_BATCHES - 1
     assert not any(f"batch {b}:" in out for b in range(done + 1, N_BATCHES))
     assert not (work / "artifacts/edited").exists()
@@ -114,14 +134,15 @@ def test_crash_inside_a_commit_redoes_only_the_unfinished_batch(
     real = ece.audit.checkpoint.write_json
 
     def crash(path, obj):
-        if Path(path).name == "state.json" and obj["last_batch"] == 1:
+        if Path(path).name == "state.json" and len(obj["prefix_keys"]) == 2:
             raise KeyboardInterrupt("simulated kill")
         real(path, obj)
 
     monkeypatch.setattr(ece.audit.checkpoint, "write_json", crash)
     with pytest.raises(KeyboardInterrupt):
         run_stage_inprocess(work, "apply_edits")
-    assert (work / CKPT / "delta-batch-0001.safetensors").exists() and not (work / "artifacts/edited").exists()
+    (state,) = state_files(work)
+    assert (state.parent / "delta-batch-0001.safetensors").exists() and not (work / "artifacts/edited").exists()
     monkeypatch.setattr(ece.audit.checkpoint, "write_json", real)
     capsys.readouterr()
     run_stage_inprocess(work, "apply_edits")
@@ -130,16 +151,58 @@ def test_crash_inside_a_commit_redoes_only_the_unfinished_batch(
     assert_same_result(reference, work)
 
 
-def test_stale_checkpoint_is_ignored(
+def test_checkpoint_of_other_inputs_is_not_used(
     reference: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture
 ) -> None:
+    """A stored state whose prefix keys are not this run's (other facts, z, selections) restores nothing."""
     work = base_project(tmp_path_factory, "stale")
-    folder = work / CKPT
-    folder.mkdir(parents=True)
-    shutil.copy(reference / "artifacts/edited/delta-batch-0001.safetensors", folder / "delta-batch-0000.safetensors")
-    (folder / "rows-0000.json").write_text("{}")
-    (folder / "state.json").write_text(json.dumps({"key": "made-from-other-inputs", "last_batch": 0, "cache": None}))
+    (stored,) = state_files(reference)
+    folder = work / CKPT / stored.parent.name
+    shutil.copytree(stored.parent, folder)
+    (folder / "state.json").write_text(json.dumps({"prefix_keys": ["made-from-other-inputs"] * N_BATCHES}))
     run_stage_inprocess(work, "apply_edits")
     out = capsys.readouterr().out
-    assert "ignoring a stale checkpoint" in out and "resuming" not in out
+    assert "none of the 3 stored batches" in out and "resuming" not in out
     assert_same_result(reference, work)
+
+
+def project_with(tmp_path_factory: pytest.TempPathFactory, name: str, n_facts: int) -> Path:
+    """The scratch project with its first `n_facts` facts, prepared through precompute_z."""
+    work = base_project(tmp_path_factory, name)
+    write_facts(work, n_facts)
+    for stage in UPSTREAM:
+        run_stage_inprocess(work, stage)
+    return work
+
+
+def test_appended_facts_cost_only_the_new_batches(
+    reference: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture
+) -> None:
+    work = project_with(tmp_path_factory, "append", 4)  # batches 0 and 1
+    run_stage_inprocess(work, "apply_edits")
+    write_facts(work, len(FACTS))  # batch 2 appended
+    for stage in UPSTREAM:
+        run_stage_inprocess(work, stage)
+    capsys.readouterr()
+    run_stage_inprocess(work, "apply_edits")
+    out = capsys.readouterr().out
+    assert "batches 0..1 restored, 1 to go" in out and "batch 0:" not in out and "batch 2:" in out
+    assert_same_result(reference, work)  # equals the run that had all facts from the start, bit for bit
+
+
+def test_a_changed_early_fact_redoes_every_batch_after_it(
+    reference: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture
+) -> None:
+    work = base_project(tmp_path_factory, "changed")
+    shutil.copytree(reference / CKPT, work / CKPT)  # the stored state of the unchanged facts
+    facts = work / "data/facts.jsonl"
+    rows = [json.loads(line) for line in facts.read_text().splitlines()]
+    rows[1]["target_new"] = "Spanish"  # batch 0
+    facts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for stage in UPSTREAM:
+        run_stage_inprocess(work, stage)
+    capsys.readouterr()
+    run_stage_inprocess(work, "apply_edits")
+    out = capsys.readouterr().out
+    assert "resuming" not in out and all(f"batch {b}:" in out for b in range(N_BATCHES))
+    assert stored_batches(work) == N_BATCHES

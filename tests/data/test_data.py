@@ -13,7 +13,7 @@ from ece.config import DataCfg
 from ece.data.loaders import SCHEMA, dataset_hash, generation_index, load_edits, prompts_for_subject, source_format
 from ece.errors import EceError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPACT = ROOT / "data/counterfact/counterfact_compact_0-19999.json"
 GENERATION = ROOT / "data/counterfact/generation_prompts.json"
 ZSRE = ROOT / "data/zsre/zsre_mem_eval_837.json"

@@ -12,7 +12,7 @@ from ece.config import DataCfg
 from ece.data.loaders import load_edits
 from ece.eval.metrics import families, family_of, queries
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ZSRE = ROOT / "data/zsre/zsre_mem_eval_837.json"
 COMPACT = ROOT / "data/counterfact/counterfact_compact_0-19999.json"
 MEMIT_RECORD = {

@@ -13,7 +13,7 @@ import yaml
 
 from ece.data.codehash import code_hash, import_closure
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
@@ -68,9 +68,9 @@ def test_code_hash_sees_exactly_the_imported_code(tmp_path: Path) -> None:
 
 
 def script_of(stage: dict) -> Path:
-    match = re.fullmatch(r"python (stages/\w+\.py)", stage["cmd"])
-    assert match, f"unexpected cmd {stage['cmd']!r}: this test knows `python stages/<name>.py`"
-    return ROOT / match.group(1)
+    match = re.fullmatch(r"python -m stages\.(\w+)", stage["cmd"])
+    assert match, f"unexpected cmd {stage['cmd']!r}: this test knows `python -m stages.<name>`"
+    return ROOT / "stages" / f"{match.group(1)}.py"
 
 
 def test_every_stage_runs_a_stage_script() -> None:

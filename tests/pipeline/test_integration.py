@@ -4,9 +4,6 @@ reload to exactly the weights the stored per-batch deltas describe."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
@@ -14,12 +11,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from scratch_project import run_stage_subprocess
 
 from ece.eval.metrics import fact_metrics
 from ece.model.adapter import ModelAdapter
 from ece.model.loading import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["prepare", "covariance", "attribute", "cluster", "precompute_z", "apply_edits"]
 N_FACTS = 10
 
@@ -37,11 +35,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["edit"]["batch_size"] = N_FACTS
     params["covariance"]["n_tokens"] = 20_000
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for stage in STAGES:
-        run = subprocess.run(
-            [sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=work, env=env, capture_output=True, text=True
-        )
+        run = run_stage_subprocess(work, stage)
         assert run.returncode == 0, f"{stage} failed:\n{run.stderr[-3000:]}"
     return work
 

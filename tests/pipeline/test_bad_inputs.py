@@ -4,16 +4,16 @@
 Covered elsewhere, not repeated here:
 - dataset files: malformed JSON/JSONL (line named), CSV with a missing required column or too many
   fields, wrong JSON shapes, non-UTF-8 bytes (byte offset named), non-string values, unknown format:
-  tests/test_data.py (test_malformed_json_names_the_line, test_csv_missing_required_columns,
+  tests/data/test_data.py (test_malformed_json_names_the_line, test_csv_missing_required_columns,
   test_non_utf8_names_the_byte_offset, ...);
 - dataset content: prompt without "{}" or with two, empty subject/target, target_new == target_true
   (ignoring case and spacing), duplicate or missing ids, over-long strings, and the prepare stage
-  leaving artifacts/prepared and reports/validation.md untouched on all of them: tests/test_validation.py
+  leaving artifacts/prepared and reports/validation.md untouched on all of them: tests/data/test_validation.py
   (test_each_defect_names_its_rule_and_row, test_duplicate_ids_list_every_copy,
   test_prepare_publishes_only_valid_data);
 - covariance files missing, corrupted, truncated, non-finite, without metadata or for another model, at
-  load level: tests/test_covariance.py; layers out of range and unloadable model names at library level:
-  tests/test_models_adapter.py; non-PD, NaN and exploding updates inside the Editor: tests/test_update.py.
+  load level: tests/editing/test_covariance.py; layers out of range and unloadable model names at library level:
+  tests/model/test_models_adapter.py; non-PD, NaN and exploding updates inside the Editor: tests/editing/test_update.py.
 
 Added here: the same failures through the stages' real entry point (`run_stage`: params → main →
 exit 2) on a finished tiny-llama project, checking that artifacts/ and reports/ are byte-for-byte

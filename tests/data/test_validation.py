@@ -18,7 +18,7 @@ from ece.data.loaders import dataset_hash, load_edits
 from ece.data.validation import validate_edits
 from ece.errors import EceError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPACT = ROOT / "data/counterfact/counterfact_compact_0-19999.json"
 FACT = {"subject": "Ada Lovelace", "prompt": "{} was born in", "target_new": "Paris", "target_true": "London"}
 
