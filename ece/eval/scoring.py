@@ -43,6 +43,22 @@ def covering_inputs(inputs: set[Ids]) -> dict[Ids, Ids]:
     return owner
 
 
+def distinct_inputs(
+    tok: PreTrainedTokenizerBase, texts: list[str], continuations: list[str]
+) -> tuple[list[tuple[list[int], list[int]]], dict[Ids, list[int]]]:
+    """The token ids (text after the document start, continuation) of every row, and the inputs to run,
+    each with the rows read from it."""
+    start = document_start(tok)
+    text_ids = {t: start + list(tok(t).input_ids) for t in dict.fromkeys(texts)}
+    cont_ids = {c: target_ids(tok, c) for c in dict.fromkeys(continuations)}
+    rows = [(text_ids[t], cont_ids[c]) for t, c in zip(texts, continuations)]
+    owner = covering_inputs({tuple(t + c[:-1]) for t, c in rows})
+    readers: dict[Ids, list[int]] = {}
+    for i, (t, c) in enumerate(rows):
+        readers.setdefault(owner[tuple(t + c[:-1])], []).append(i)
+    return rows, readers
+
+
 @torch.no_grad()
 def continuation_scores(
     model: nn.Module, tok: PreTrainedTokenizerBase, texts: list[str], continuations: list[str], batch_size: int = 32
@@ -51,14 +67,7 @@ def continuation_scores(
     that are the greedy (top-1) prediction under teacher forcing (MEMIT's zsRE accuracy). Both (n,).
 
     `batch_size` counts distinct model inputs per forward pass."""
-    start = document_start(tok)
-    text_ids = {t: start + list(tok(t).input_ids) for t in dict.fromkeys(texts)}
-    cont_ids = {c: target_ids(tok, c) for c in dict.fromkeys(continuations)}
-    rows = [(text_ids[t], cont_ids[c]) for t, c in zip(texts, continuations)]
-    owner = covering_inputs({tuple(t + c[:-1]) for t, c in rows})
-    readers: dict[Ids, list[int]] = {}  # run input → the rows read from it
-    for i, (t, c) in enumerate(rows):
-        readers.setdefault(owner[tuple(t + c[:-1])], []).append(i)
+    rows, readers = distinct_inputs(tok, texts, continuations)
     keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     logprob, accuracy = torch.empty(len(rows)), torch.empty(len(rows))
     run = sorted(readers, key=lambda x: (len(x), x))  # similar lengths share a batch: little padding
