@@ -122,7 +122,7 @@ class EvaluateCfg:
     ppl_tokens: int = 4096
     ppl_window: int = 512
     gen_per_fact: int = 1  # first N generation prompts of each fact (0 = no fluency/consistency)
-    gen_facts: int = 500  # fluency/consistency on this many facts spread evenly over the facts (0 = all)
+    gen_facts: int = 300  # fluency/consistency on this many facts spread evenly over the facts (0 = all)
     gen_max_new_tokens: int = 40
     gen_top_k: int = 5
     seed: int = 0
