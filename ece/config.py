@@ -122,6 +122,7 @@ class EvaluateCfg:
     ppl_tokens: int = 4096
     ppl_window: int = 512
     gen_per_fact: int = 1  # first N generation prompts of each fact (0 = no fluency/consistency)
+    gen_facts: int = 300  # fluency/consistency on this many facts spread evenly over the facts (0 = all)
     gen_max_new_tokens: int = 40
     gen_top_k: int = 5
     seed: int = 0
@@ -193,6 +194,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("evaluate.ppl_tokens", 1, True, "e.g. 4096"),
     ("evaluate.ppl_window", 1, True, "e.g. 512"),
     ("evaluate.gen_per_fact", 0, True, "0 skips fluency and consistency"),
+    ("evaluate.gen_facts", 0, True, "0 means every fact; MEMIT samples for all"),
     ("evaluate.gen_max_new_tokens", 1, True, "e.g. 40"),
     ("evaluate.gen_top_k", 1, True, "MEMIT: 5"),
     ("evaluate.seed", 0, True, "any integer >= 0, e.g. 0"),

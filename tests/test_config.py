@@ -53,6 +53,7 @@ INVALID = {
     "evaluate.ppl_tokens": 0,
     "evaluate.ppl_window": 0,
     "evaluate.gen_per_fact": -1,
+    "evaluate.gen_facts": -1,
     "evaluate.gen_max_new_tokens": 0,
     "evaluate.gen_top_k": 0,
     "evaluate.seed": -1,

@@ -3,8 +3,8 @@
 Zero-shot label-likelihood classification on the shipped GLUE / NLI / MMLU subsets (data/general):
 each example becomes one prompt (templates in `TEMPLATES`), every label word is scored as a
 continuation of it with `ece.eval.scoring.continuation_scores` (mean per-token log-probability, so
-multi-token label words are not penalised for their length; single-token labels from one forward pass
-of the prompt, see `label_scores`), and the prediction is the label with the highest score (ties: the
+multi-token label words are not penalised for their length; single-token labels share one forward
+pass of the prompt), and the prediction is the label with the highest score (ties: the
 first label). The subset is deterministic: the first `n` records of each file
 (the shipped files interleave the classes; the first 100 are balanced 50/50, MMLU 25 per letter).
 
@@ -21,7 +21,6 @@ own), so every one of the `n_tokens` tokens is predicted, and ppl = exp(mean NLL
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Callable
@@ -35,10 +34,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ece.config import GENERAL_TASKS
-from ece.editing.zvec import target_ids
 from ece.errors import EceError
 from ece.eval.scoring import continuation_scores
-from ece.model.prompts import document_start, encode
+from ece.model.prompts import document_start, right_padded
 
 TASKS = GENERAL_TASKS
 
@@ -122,43 +120,15 @@ def load_task(data_dir: str | Path, task: str, n: int) -> list[Example]:
 
 
 def label_scores(
-    model: nn.Module, tok: PreTrainedTokenizerBase, examples: list[Example], batch_size: int = 16, shortcut: bool = True
+    model: nn.Module, tok: PreTrainedTokenizerBase, examples: list[Example], batch_size: int = 16
 ) -> list[list[float]]:
     """Mean per-token log-probability of every label of every example, as a continuation of its prompt.
 
-    The general path scores each (prompt, label) pair with `continuation_scores`. When every label is
-    ONE token (all six templates with the SmolLM2 and GPT-2 tokenizers) the same numbers come from one
-    forward pass of each prompt, read at its last position: the prompt is encoded exactly as
-    `continuation_scores` encodes it (`ece.model.prompts.encode`), so only the cost changes (1/len(labels)).
-    """
-    label_ids = {label: target_ids(tok, label) for e in examples for label in e.labels}
-    if shortcut and all(len(ids) == 1 for ids in label_ids.values()):
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))  # similar lengths share a batch
-        out: list[list[float]] = [[] for _ in examples]
-        keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        with torch.no_grad():
-            for s in range(0, len(order), batch_size):
-                idx = order[s : s + batch_size]
-                enc = encode(tok, ["{}"] * len(idx), [examples[i].prompt for i in idx])
-                last_pos = enc.lengths - 1
-                if keep:  # logits only at the positions read (saves the (B, T, vocab) tensor)
-                    kept = torch.unique(last_pos)
-                    logits = model(
-                        input_ids=enc.input_ids, attention_mask=enc.attention_mask, logits_to_keep=kept
-                    ).logits
-                    last_pos = torch.searchsorted(kept, last_pos)
-                else:
-                    logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
-                last = F.log_softmax(logits[torch.arange(len(idx)), last_pos].float(), dim=-1)
-                for row, i in enumerate(idx):
-                    out[i] = [float(last[row, label_ids[label][0]]) for label in examples[i].labels]
-        return out
+    Every (prompt, label) pair goes to `continuation_scores`, which runs a prompt whose labels are all
+    one token (all six templates with the SmolLM2 and GPT-2 tokenizers) once for all its labels."""
     pairs = [(e.prompt, label) for e in examples for label in e.labels]
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))  # similar lengths share a batch
-    logprob, _ = continuation_scores(model, tok, [pairs[i][0] for i in order], [pairs[i][1] for i in order], batch_size)
-    flat = [0.0] * len(pairs)
-    for k, i in enumerate(order):
-        flat[i] = float(logprob[k])
+    logprob, _ = continuation_scores(model, tok, [p for p, _ in pairs], [label for _, label in pairs], batch_size)
+    flat = logprob.tolist()
     out, s = [], 0
     for e in examples:
         out.append(flat[s : s + len(e.labels)])
@@ -260,16 +230,10 @@ def perplexity(
         raise EceError("no tokens to compute perplexity on", "check evaluate.ppl_corpus and evaluate.ppl_tokens")
     start = _start_ids(tok)
     rows = [start + ids[s : s + window] for s in range(0, len(ids), window)]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     total, count = 0.0, 0
     for b in range(0, len(rows), batch_size):
         chunk = rows[b : b + batch_size]
-        width = max(len(r) for r in chunk)
-        x = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, r in enumerate(chunk):
-            x[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        x, mask = right_padded(tok, chunk)
         logits = model(input_ids=x, attention_mask=mask).logits.float()
         labels = x[:, 1:].clone()
         labels[mask[:, 1:] == 0] = -100

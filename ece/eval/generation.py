@@ -361,6 +361,16 @@ def fact_references(
     return References(tfidf, texts, sources)
 
 
+def spread(n: int, k: int) -> list[int]:
+    """`k` of the indices 0..n-1 spread evenly (every (n/k)-th, from 0); all of them when k is 0 or >= n.
+
+    Sampling is the costliest metric per fact (a forward pass per new token), so a large run samples
+    for an evenly spread, deterministic subset, the same for the pre and the post model."""
+    if k <= 0 or k >= n:
+        return list(range(n))
+    return [i * n // k for i in range(k)]
+
+
 def generation_metrics(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,

@@ -11,6 +11,7 @@ import polars as pl
 
 from ece.config import Params
 from ece.data.io import atomic_path
+from ece.eval.generation import spread
 from ece.eval.metrics import REWRITE_METRICS, family_of
 from ece.methods import describe, edited_layers
 
@@ -85,9 +86,11 @@ def render_summary(
         )
     lines.append(f"- update: {describe(p)}")
     e = p.evaluate
+    sampled = len(spread(df.height, e.gen_facts))
+    subset = f" of {sampled} facts spread evenly over the {df.height}" if sampled < df.height else ""
     lines.append(
         f"- evaluation: general ability on the first {e.n_general or 'all'} examples of {', '.join(e.general_tasks)}; "
-        f"perplexity {e.ppl_tokens} tokens in windows of {e.ppl_window}; {e.gen_per_fact} generation prompt(s) per fact, "
+        f"perplexity {e.ppl_tokens} tokens in windows of {e.ppl_window}; {e.gen_per_fact} generation prompt(s) per fact{subset}, "
         f"{e.gen_max_new_tokens} new tokens, top-k {e.gen_top_k}, seed {e.seed}"
     )
     if approximate:

@@ -4,7 +4,8 @@ Both models are scored in the same run with the same code, so "pre" and "post" d
 weights. Per model ("phase"):
 - rewrite metrics of every fact (ece.eval.metrics: efficacy, generalization, specificity, score);
 - fluency and consistency of sampled generations (ece.eval.generation; CounterFact-style facts with
-  generation prompts only, null otherwise). Without MEMIT's reference files consistency is
+  generation prompts only, null otherwise; at most `evaluate.gen_facts` facts spread evenly over them,
+  null for the others). Without MEMIT's reference files consistency is
   APPROXIMATE (Wikipedia references; `consistency_approximate` in the metrics);
 - general ability (ece.eval.general_ability: zero-shot SST-2, MRPC, CoLA, RTE, NLI, MMLU) and perplexity on
   WikiText-2 test.
@@ -38,7 +39,7 @@ from ece.config import Params
 from ece.data.codehash import code_hash
 from ece.data.io import atomic_dir, sha256_json, sha256_tree, write_json
 from ece.eval.general_ability import general_ability, perplexity, read_tokens
-from ece.eval.generation import References, fact_references, generation_metrics
+from ece.eval.generation import References, fact_references, generation_metrics, spread
 from ece.eval.metrics import REWRITE_METRICS, fact_metrics, family_of, summarise
 from ece.eval.report import APPROX, fmt_floats, render_summary, round_floats
 from ece.model.adapter import ModelAdapter
@@ -73,7 +74,11 @@ def evaluate_model(
     seconds["rewrite"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    prompts = [list(g or [])[: e.gen_per_fact] for g in df["generation_prompts"].to_list()]
+    sampled = set(spread(df.height, e.gen_facts))
+    prompts = [
+        list(g or [])[: e.gen_per_fact] if i in sampled else []
+        for i, g in enumerate(df["generation_prompts"].to_list())
+    ]
     if refs is not None and any(prompts):
         flu, con, gens = generation_metrics(
             model, tok, prompts, refs, e.gen_max_new_tokens, e.gen_top_k, e.seed, e.batch_size

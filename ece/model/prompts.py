@@ -92,6 +92,13 @@ def encode(
             raise EceError(f"subject {subject!r} is not visible in {text!r} after tokenization", "check the prompt")
         rows.append(ids + (suffixes[i] if suffixes else []))
         positions.append(last[-1] + len(start_ids))
+    ids, mask = right_padded(tok, rows)
+    return Encoded(ids, mask, torch.tensor(positions), mask.sum(1))
+
+
+def right_padded(tok: PreTrainedTokenizerBase, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask), both (len(rows), longest row): rows padded on the right, so that a
+    row's positions (and the position ids the model gives them) do not depend on its batch."""
     width = max(len(r) for r in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -99,7 +106,7 @@ def encode(
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
-    return Encoded(ids, mask, torch.tensor(positions), mask.sum(1))
+    return ids, mask
 
 
 def at_positions(x: Tensor, pos: Tensor) -> Tensor:

@@ -247,3 +247,18 @@ def test_stage_reuses_the_unedited_evaluation_only_when_nothing_it_depends_on_ch
     assert "reusing" not in capsys.readouterr().out
     assert json.loads((root / "reports/metrics.json").read_text())["pre"]["general"]["sst2"]["n"] == 3
     assert len(list((root / ".cache/evaluate_pre").iterdir())) == 2
+
+
+def test_stage_samples_generations_for_gen_facts_facts_spread_evenly(project):
+    root, *_ = project
+    overrides = ["model.name=tiny-llama", "edit.layers=[1,2]", "evaluate.n_general=1", "evaluate.general_tasks=[sst2]"]
+    overrides += ["evaluate.ppl_tokens=32", "evaluate.ppl_window=32", "evaluate.gen_max_new_tokens=4"]
+    _load_stage().main(load_params(ROOT / "params.yaml", [*overrides, "evaluate.gen_facts=2"]))
+    per_fact = pl.read_parquet(root / "reports/per_fact.parquet").sort("phase", "id")
+    sampled = per_fact.filter(pl.col("fluency").is_not_null())
+    assert sampled["id"].to_list() == ["t:0", "t:2"] * 2  # facts 0 and 2 of 4, pre and post
+    assert per_fact["generations"].list.len().to_list() == [1, 0, 1, 0] * 2
+    assert (
+        "1 generation prompt(s) per fact of 2 facts spread evenly over the 4"
+        in (root / "reports/summary.md").read_text()
+    )

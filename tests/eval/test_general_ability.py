@@ -24,6 +24,7 @@ from ece.eval.general_ability import (
     read_tokens,
     task_metrics,
 )
+from ece.eval.scoring import continuation_scores
 from ece.model.prompts import document_start
 
 DATA = "data/general"
@@ -83,23 +84,27 @@ def test_predict_picks_the_most_likely_label(monkeypatch, tiny_llama):
     assert predict(model, tok, examples) == [1, 2]
 
 
-def test_single_token_shortcut_equals_continuation_scores(monkeypatch, tiny_llama):
+@pytest.mark.parametrize("one_token_labels", [True, False])
+def test_label_scores_are_each_pair_scored_alone(monkeypatch, tiny_llama, one_token_labels: bool):
+    """Labels of one token share their prompt's forward pass; the scores are those of each pair alone."""
     model, tok = tiny_llama
+    if one_token_labels:  # the byte tokenizer splits " yes"; make every label one token
 
-    def one_token(tok, label):  # the byte tokenizer splits " yes"; make every label one token
-        return tok(label[:1], add_special_tokens=False).input_ids
+        def one_token(tok, label):
+            return tok(label[:1], add_special_tokens=False).input_ids
 
-    monkeypatch.setattr(ga, "target_ids", one_token)
-    monkeypatch.setattr(ece.eval.scoring, "target_ids", one_token)
+        monkeypatch.setattr(ece.eval.scoring, "target_ids", one_token)
     examples = [
         Example("Is it raining? Answer:", ("yes", "no"), 0),
         Example("Pick one:", ("A", "B", "C"), 1),
         Example("x", ("yes", "no"), 1),
     ]
-    fast = label_scores(model, tok, examples, batch_size=2, shortcut=True)
-    slow = label_scores(model, tok, examples, batch_size=2, shortcut=False)
-    assert [len(r) for r in fast] == [2, 3, 2]
-    assert [x for r in fast for x in r] == pytest.approx([x for r in slow for x in r], abs=1e-5)
+    shared = label_scores(model, tok, examples, batch_size=2)
+    alone = [
+        [float(continuation_scores(model, tok, [e.prompt], [label])[0][0]) for label in e.labels] for e in examples
+    ]
+    assert [len(r) for r in shared] == [2, 3, 2]
+    assert [x for r in shared for x in r] == pytest.approx([x for r in alone for x in r], abs=1e-5)
 
 
 def test_general_ability_runs_on_a_tiny_model(tiny_gpt2):

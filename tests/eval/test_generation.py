@@ -19,6 +19,7 @@ from ece.eval.generation import (
     generate,
     load_tfidf,
     ngram_entropy,
+    spread,
     terms,
     text_fluency,
 )
@@ -161,3 +162,8 @@ def test_generate_is_seeded(tiny_gpt2):
     b = generate(model, tok, prompts, max_new_tokens=8, seed=3, batch_size=2)
     assert a == b and len(a) == 2
     assert generate(model, tok, [], max_new_tokens=8) == []
+
+
+def test_spread_picks_evenly_spaced_facts_or_all():
+    assert spread(10, 3) == [0, 3, 6] and spread(2000, 500)[:3] == [0, 4, 8] and len(spread(2000, 500)) == 500
+    assert spread(5, 0) == spread(5, 5) == spread(5, 7) == [0, 1, 2, 3, 4]

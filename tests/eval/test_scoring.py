@@ -56,6 +56,59 @@ def test_continuation_scores_match_a_plain_loop_on_the_tiny_model() -> None:
         assert float(accuracy[i]) == pytest.approx(hits / len(target))
 
 
+# Rows whose inputs (text + continuation minus its last token; the byte tokenizer has one token a
+# byte) coincide or extend one another: the scorer runs 3 inputs for these 7 rows (<s>: the document start).
+SHARED = [
+    ("Paris is the capital of", "Italy"),  # runs "<s>Paris is the capital of Ital"
+    ("Paris is the capital of", "Iceland"),  # runs "<s>Paris is the capital of Icelan"
+    ("Paris is the capital of", "I"),  # "... of " is a prefix of both: read from one of them
+    ("Paris is the capital of", "Italy"),  # the same row twice
+    ("Paris is", "the capital"),  # another text: "Paris is the capita" is a prefix of the first
+    ("Toko Yasuda plays the", "piano"),  # a prefix of the next one's input
+    ("Toko Yasuda plays the", "piano forte"),  # runs "<s>Toko Yasuda plays the piano fort"
+]
+
+
+class Counting(nn.Module):
+    """The wrapped model, recording the rows it is asked to run and whether it was asked for all logits."""
+
+    def __init__(self, model: nn.Module, takes_keep: bool) -> None:
+        super().__init__()
+        self.model, self.rows, self.full_logits = model, [], []
+        if not takes_keep:  # a forward without the `logits_to_keep` parameter: the scorer must slice itself
+            self.forward = self.forward_without_keep  # type: ignore[method-assign]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: Tensor | int = 0) -> SimpleNamespace:
+        self.rows += [tuple(r[m.bool()].tolist()) for r, m in zip(input_ids, attention_mask)]
+        self.full_logits.append(isinstance(logits_to_keep, int))
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep)
+
+    def forward_without_keep(self, input_ids: Tensor, attention_mask: Tensor) -> SimpleNamespace:
+        return self.__class__.forward(self, input_ids, attention_mask)
+
+
+@pytest.mark.parametrize("takes_keep", [True, False])
+@pytest.mark.parametrize("batch_size", [1, 2, 64])
+def test_each_distinct_input_runs_once_and_scores_match_a_plain_loop(takes_keep: bool, batch_size: int) -> None:
+    model, tok = tiny_model("tiny-llama", 0)
+    start = [tok.convert_tokens_to_ids(DOC_START)]
+    counting = Counting(model, takes_keep)
+    logprob, accuracy = continuation_scores(counting, tok, *map(list, zip(*SHARED)), batch_size=batch_size)
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False).input_ids
+
+    paris, toko = start + ids("Paris is the capital of"), start + ids("Toko Yasuda plays the")
+    runs = [paris + ids(" Ital"), paris + ids(" Icelan"), toko + ids(" piano fort")]
+    assert sorted(counting.rows) == sorted(map(tuple, runs))
+    assert counting.full_logits == [not takes_keep] * len(counting.full_logits)  # else only the positions read
+    for i, (text, cont) in enumerate(SHARED):
+        target = ids(" " + cont)
+        total, hits = by_hand(model, start + ids(text), target)
+        assert float(logprob[i]) == pytest.approx(total / len(target), abs=1e-5)
+        assert float(accuracy[i]) == pytest.approx(hits / len(target))
+
+
 class Bigram(nn.Module):
     """A hand-made model: at every position the argmax is `table[current token]` (else `default`)."""
 
