@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sweep import ROOT, run_stages  # noqa: E402
 
 from ece.config import METHODS  # noqa: E402
+from ece.eval.report import save_png  # noqa: E402
 
 DATASETS = {
     "counterfact": ["data.edit_dataset=data/counterfact/counterfact_compact_0-19999.json"],
@@ -138,9 +139,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_title(f"seconds per batch ({datasets[0]})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ Queued experiments run in a temporary copy of the repository (.dvc/tmp/exps/), w
 `python stages/...` must find this environment's interpreter: `start` puts the directory of the
 Python that runs this script first on PATH (by absolute path) before DVC spawns its workers, so a
 fresh clone's `.venv/bin/python bench/experiments.py start` works without activating anything, and
-sets ECE_CACHE to this repository's .cache, so the queued runs share one machine-local scratch (a run
+sets ECE_SCRATCH to this repository's .cache, so the queued runs share one machine-local scratch (a run
 killed with its session resumes when queued again). Results stay
 in the experiments (`dvc exp show`, `dvc exp apply NAME`); `results` reads them back from their git refs.
 """
@@ -32,11 +32,11 @@ DVC = str(Path(sys.executable).with_name("dvc"))
 
 def env() -> dict[str, str]:
     """What queued runs need, by absolute path, since they run in another folder: this interpreter's bin
-    directory first on PATH, and this repository's .cache as the machine-local scratch (ECE_CACHE), so
+    directory first on PATH, and this repository's .cache as the machine-local scratch (ECE_SCRATCH), so
     every experiment shares the z batches, the unedited model's evaluation and the apply_edits checkpoints."""
     path = f"{Path(sys.executable).parent.resolve()}{os.pathsep}{os.environ.get('PATH', '')}"
-    scratch = os.environ.get("ECE_CACHE") or str(Path.cwd().resolve() / ".cache")
-    return {**os.environ, "PATH": path, "ECE_CACHE": scratch, "DVC_NO_ANALYTICS": "1"}
+    scratch = os.environ.get("ECE_SCRATCH") or str(Path.cwd().resolve() / ".cache")
+    return {**os.environ, "PATH": path, "ECE_SCRATCH": scratch, "DVC_NO_ANALYTICS": "1"}
 
 
 def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ batches (reusing the stored per-batch deltas) and general ability on 200 example
 unedited model's row is every run's `pre` column (the same for the rows of one dataset).
 
 A run killed with its session loses nothing computed: z batches, the pre-edit evaluation and the
-apply_edits checkpoint live in the machine-local scratch folder (ECE_CACHE, set by bench/experiments.py to
+apply_edits checkpoint live in the machine-local scratch folder (ECE_SCRATCH, set by bench/experiments.py to
 this repository's .cache), keyed by content; queue the row again and it resumes.
 """
 
@@ -28,6 +28,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from experiments import add, results, start  # noqa: E402
+
+from ece.eval.report import save_png  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "scale-"
@@ -130,9 +132,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.set_xlabel("facts edited")
             ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main() -> None:

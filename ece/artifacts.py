@@ -19,7 +19,7 @@ CLUSTER_TIMINGS = Path("reports/cluster_timings.json")
 Z_TIMINGS = Path("reports/z_timings.json")
 
 # Machine-local scratch, outside DVC: caches keyed by content (z batches, the unedited model's
-# evaluation) and the apply_edits checkpoints. ECE_CACHE (an absolute path) points several workspaces at
+# evaluation) and the apply_edits checkpoints. ECE_SCRATCH (an absolute path) points several workspaces at
 # one folder: DVC's queued experiments run in temporary copies of the repository, and with it what one
 # run computed the next one reuses, and a run killed with its session resumes (bench/experiments.py sets it).
-SCRATCH = Path(os.environ.get("ECE_CACHE") or ".cache")
+SCRATCH = Path(os.environ.get("ECE_SCRATCH") or ".cache")

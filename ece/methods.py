@@ -43,6 +43,10 @@ def _ridge(p: Params) -> dict[str, Any]:
     return {"mom2_weight": p.update.mom2_update_weight}
 
 
+def _ridge_text(p: Params) -> str:
+    return f"mom2_update_weight {p.update.mom2_update_weight}"
+
+
 def _ft(target_only: bool) -> Callable[[Params], dict[str, Any]]:
     return lambda p: {"mom2_weight": 0.0, "ft": p.ft, "target_only": target_only}
 
@@ -73,7 +77,7 @@ REGISTRY: dict[str, MethodSpec] = {
             clusters=True,
             use_cache=True,
             settings=_ridge,
-            describe=lambda p: f"mom2_update_weight {p.update.mom2_update_weight}",
+            describe=_ridge_text,
             **_CLOSED_FORM,
         ),
         MethodSpec(
@@ -83,7 +87,7 @@ REGISTRY: dict[str, MethodSpec] = {
             clusters=False,
             use_cache=False,
             settings=_ridge,
-            describe=lambda p: f"mom2_update_weight {p.update.mom2_update_weight}",
+            describe=_ridge_text,
             **_CLOSED_FORM,
         ),
         MethodSpec(

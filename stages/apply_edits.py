@@ -6,7 +6,7 @@ P += K Kᵀ: ece.sequence.apply_plans, fed with the plans the upstream stages st
 (ece.pipeline.read_plans), computed on the original weights.
 
 After every batch its changes are committed to the checkpoint of the run's lineage (ece.audit.checkpoint,
-under $ECE_CACHE/checkpoint/apply_edits/), kept after the run: a rerun after a kill, or after facts
+under $ECE_SCRATCH/checkpoint/apply_edits/), kept after the run: a rerun after a kill, or after facts
 were appended or changed after batch b, restores the stored batches before the first changed one bit
 for bit and computes only the rest (incremental apply). The outputs appear only at the end, in one atomic rename
 (artifacts/edited/: the HF model folder, the per-batch deltas, the ledger), then the uncached reports

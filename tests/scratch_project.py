@@ -115,7 +115,7 @@ def run_stage_subprocess(
 
 
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k != "ECE_CACHE"}  # each scratch project its own .cache
+    base = {k: v for k, v in os.environ.items() if k != "ECE_SCRATCH"}  # each scratch project its own .cache
     return {**base, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra or {})}
 
 

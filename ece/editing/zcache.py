@@ -28,7 +28,7 @@ from ece.methods import method_of
 from ece.model.workbench import Workbench
 
 Z_SECONDS = SCRATCH / "z_seconds.json"  # machine-local: seconds each cached z file took to compute
-Z_STORE = SCRATCH / "z"  # machine-local copies of every z file, shared by workspaces (ECE_CACHE)
+Z_STORE = SCRATCH / "z"  # machine-local copies of every z file, shared by workspaces (ECE_SCRATCH)
 INDEX_SCHEMA = {
     "id": pl.Utf8,
     "batch": pl.Int64,

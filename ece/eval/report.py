@@ -136,7 +136,8 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save_png(fig: Any, path: Path) -> None:
+def save_png(fig: Any, path: Path) -> None:
+    """Write a figure atomically (folders made) and free it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -176,7 +177,7 @@ def plot_metrics(results: dict[str, dict[str, Any]], path: Path) -> None:
     axes[0].legend(loc="upper left", ncol=2)
     fig.suptitle("Pre vs post editing")
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def plot_curve(curve: list[dict[str, Any]], curve_every: int, path: Path) -> None:
@@ -207,7 +208,7 @@ def plot_curve(curve: list[dict[str, Any]], curve_every: int, path: Path) -> Non
     note = f"after every {curve_every} batch(es)" if curve_every else "curve_every = 0: pre and post only"
     ax.set_title(f"Rewrite metrics while editing ({note})")
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 HEADLINE = ("efficacy", "generalization", "specificity", "perplexity", "score")

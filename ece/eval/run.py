@@ -14,7 +14,7 @@ batch (and the last), by replaying the stored per-batch column changes
 (<edited>/delta-batch-XXXX.safetensors: W[:, cols] = new, batch after batch) onto the original
 weights; the curve always holds the pre point (0 facts edited) and the post point.
 
-The unedited model's results are cached in $ECE_CACHE/evaluate_pre/ (default .cache/) under a key of the model fingerprint,
+The unedited model's results are cached in $ECE_SCRATCH/evaluate_pre/ (default .cache/) under a key of the model fingerprint,
 the facts, the evaluation params, the contents of the data files they name and the code this module
 runs (machine-local scratch, like the apply_edits checkpoint): comparing methods on the same facts
 measures "pre" once.

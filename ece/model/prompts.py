@@ -43,15 +43,8 @@ def context_templates(model: torch.nn.Module, tok: PreTrainedTokenizerBase, n: i
         raise EceError(f"z.n_context must be <= {len(STARTERS)}, got {n}", "use 5 (MEMIT's value)")
     templates = ["{}"]
     for starter in STARTERS[:n]:
-        ids = torch.tensor([document_start(tok) + tok(starter, add_special_tokens=False).input_ids])
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=length,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-        )
-        text = tok.decode(out[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
+        out = greedy_ids(model, tok, document_start(tok) + tok(starter, add_special_tokens=False).input_ids, length)
+        text = tok.decode(out, skip_special_tokens=True).replace("{", " ").replace("}", " ")
         templates.append(" ".join(text.split()) + ". {}")
     return templates
 
@@ -118,14 +111,20 @@ def greedy(model: torch.nn.Module, tok: PreTrainedTokenizerBase, texts: list[str
     """Greedy continuation (new text only) of each text, after the tokenizer's document start."""
     out = []
     for text in texts:
-        ids = torch.tensor([document_start(tok) + list(tok(text).input_ids)])
-        with torch.no_grad():
-            gen = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-            )
-        out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+        ids = document_start(tok) + list(tok(text).input_ids)
+        out.append(tok.decode(greedy_ids(model, tok, ids, max_new_tokens)[len(ids) :], skip_special_tokens=True))
     return out
+
+
+@torch.no_grad()
+def greedy_ids(model: torch.nn.Module, tok: PreTrainedTokenizerBase, ids: list[int], max_new_tokens: int) -> Tensor:
+    """Greedy continuation of one token sequence: the whole sequence, prompt included, (T,)."""
+    x = torch.tensor([ids])
+    out = model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    return out[0]

@@ -168,7 +168,7 @@ def test_queued_experiment_runs_from_a_clean_commit(repo: Path, tmp_path: Path) 
     }
     env = {**os.environ, **identity, "DVC_NO_ANALYTICS": "1"}
     env.pop("PYTHONPATH", None)  # the queued stages must find ece/ in their own copy, not through this test
-    env.pop("ECE_CACHE", None)
+    env.pop("ECE_SCRATCH", None)
 
     def call(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(args, cwd=work, env=env, capture_output=True, text=True)
@@ -183,4 +183,4 @@ def test_queued_experiment_runs_from_a_clean_commit(repo: Path, tmp_path: Path) 
     assert set(found) == {"t-memit"}
     metrics = found["t-memit"]["metrics"]
     assert metrics["method"] == "memit" and 0 <= metrics["post"]["efficacy"] <= 1
-    assert (work / ".cache").is_dir(), "queued runs share the repository's .cache as their scratch (ECE_CACHE)"
+    assert (work / ".cache").is_dir(), "queued runs share the repository's .cache as their scratch (ECE_SCRATCH)"
