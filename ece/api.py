@@ -23,17 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from ece.audit.ledger import LEDGER_SCHEMA, params_hash
+from ece.audit.ledger import LEDGER_SCHEMA
 from ece.config import Params, load_params
 from ece.data.facts import Fact, batch_ranges
 from ece.data.loaders import dataset_hash, from_records
 from ece.data.validation import validate_edits
 from ece.editing.clustering import cluster_batch, neuron_sets
-from ece.editing.covariance import corpus_texts, load_covariance, second_moments
+from ece.editing.covariance import estimate_covariance, load_covariance
 from ece.editing.editor import Editor, LayerChange
 from ece.editing.selection import attribute_batch, update_columns
 from ece.editing.zvec import batch_z, z_groups, z_rows
@@ -80,8 +79,7 @@ def plan(wb: Workbench, p: Params, facts: pl.DataFrame, log: Log = print) -> lis
             res = batch_z(wb, p, method, batch, labels, anchors)
             seconds["z"] = time.perf_counter() - start
             z, h, rows = res.z, res.h, z_rows(res, batch, anchors[labels])
-        selected = {r["layer"]: torch.tensor(r["selected"], dtype=torch.long) for r in batch_rows}
-        columns = update_columns(wb, p, method, batch, selected, z, h)
+        columns = update_columns(wb, p, method, batch, batch_rows, z, h)
         plans.append(BatchPlan(batch, hashes[rng.start : rng.stop], clusters, z, rows, columns, seconds))
         log(f"plan: batch {b}, {len(batch)} facts" + (f", {sum(r['steps'] for r in rows)} z row-steps" if rows else ""))
     return plans
@@ -104,16 +102,7 @@ def covariance_for(
         return load_covariance(covariance, wb.fingerprint, layers)
     if not method.needs_covariance:
         return {}
-    moments, _ = second_moments(
-        wb.adapter,
-        wb.tok,
-        layers,
-        corpus_texts(p.covariance.corpus),
-        p.covariance.n_tokens,
-        p.covariance.seq_len,
-        p.covariance.batch_size,
-    )
-    return moments
+    return estimate_covariance(wb.adapter, wb.tok, layers, p.covariance)[0]
 
 
 def as_table(facts: pl.DataFrame | Sequence[Fact | dict[str, Any]], max_chars: int) -> pl.DataFrame:
@@ -170,15 +159,7 @@ def edit(
         max_update_norm=p.update.max_update_norm,
     )
     plans = plan(wb, p, df, log)
-    common = {
-        "method": p.method,
-        "model": p.model.name,
-        "model_fingerprint": wb.fingerprint,
-        "dataset_hash": dataset_hash(df),
-        "params_hash": params_hash(p),
-        "checkpoint_key": "",
-    }
-    changes, stored = apply_plans(editor, p, plans, common, log=log)
+    changes, stored = apply_plans(editor, p, plans, wb.fingerprint, dataset_hash(df), log=log)
     ledger = pl.DataFrame([row for r in stored for row in r["ledger"]], schema=LEDGER_SCHEMA)
     return EditResult(
         model,

@@ -42,7 +42,7 @@ from ece.audit.ledger import (
     write_provenance,
 )
 from ece.config import Params
-from ece.data.facts import Fact, batch_ranges
+from ece.data.facts import Fact, batch_ranges, batch_rows
 from ece.data.io import atomic_dir, link_or_copy, read_timings, sha256_file, sha256_json, write_json, write_text
 from ece.data.loaders import dataset_hash
 from ece.editing.selection import update_columns
@@ -52,13 +52,9 @@ from ece.model.loading import save_model
 from ece.model.workbench import Workbench
 from ece.sequence import BatchPlan
 
-# Outside DVC on purpose: a checkpoint is machine-local scratch state of one interrupted run, not a
-# reproducible artifact (it is deleted on success and ignored when its key does not match).
+# Outside DVC on purpose: checkpoints are machine-local state (one folder per lineage, kept after a run for
+# incremental apply, restored only where the prefix keys match), not reproducible artifacts.
 CHECKPOINT = SCRATCH / "checkpoint" / "apply_edits"
-
-
-def cluster_rows(table: pl.DataFrame, b: int) -> list[dict[str, Any]]:
-    return table.filter(pl.col("batch") == b).to_dicts()
 
 
 def read_plans(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact]) -> list[BatchPlan]:
@@ -75,15 +71,11 @@ def read_plans(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact]) ->
     plans = []
     for b, rng in enumerate(batch_ranges(len(facts), p.edit.batch_size)):
         batch = [facts[i] for i in rng]
-        info = cluster_rows(clusters, b)
+        info = batch_rows(clusters, b)
         zrows = z_index.filter(pl.col("batch") == b).sort("row")
         assert [r["id"] for r in info] == [f.id for f in batch], "stale upstream artifacts; rerun dvc repro"
         assert not method.needs_z or zrows["id"].to_list() == [f.id for f in batch], "stale z; rerun dvc repro"
-        z, h = read_z(b) if method.needs_z else (None, None)
-        selected = {
-            r["layer"]: torch.tensor(r["selected"], dtype=torch.long)
-            for r in selections.filter(pl.col("batch") == b).iter_rows(named=True)
-        }
+        z, h = read_z(z_index, b) if method.needs_z else (None, None)
         seconds = {k: (t.get(b, 0.0) if method.selects_columns or k == "z" else 0.0) for k, t in timings.items()}
         plans.append(
             BatchPlan(
@@ -92,7 +84,7 @@ def read_plans(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact]) ->
                 info,
                 z,
                 zrows.select("loss", "nll", "kl", "delta_norm", "steps", "anchor").to_dicts(),
-                update_columns(wb, p, method, batch, selected, z, h),
+                update_columns(wb, p, method, batch, batch_rows(selections, b), z, h),
                 seconds,
             )
         )

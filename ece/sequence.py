@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from ece.audit.checkpoint import Checkpoint
-from ece.audit.ledger import COND_WARN, git_revision, layer_summary, put_columns
+from ece.audit.ledger import COND_WARN, git_revision, layer_summary, params_hash, put_columns
 from ece.config import Params
 from ece.data.facts import Fact
 from ece.data.io import sha256_bytes, sha256_json
@@ -76,7 +76,8 @@ def apply_plans(
     editor: Editor,
     p: Params,
     plans: Sequence[BatchPlan],
-    common: dict[str, Any],
+    fingerprint: str,
+    dataset_hash: str,
     checkpoint: Checkpoint | None = None,
     log: Log = print,
 ) -> tuple[list[dict[int, LayerChange]], list[dict[str, Any]]]:
@@ -85,8 +86,9 @@ def apply_plans(
     With a checkpoint (the apply_edits stage), the leading batches it holds with matching prefix keys
     are restored onto the weights (and P) instead of recomputed, and every finished batch is committed
     to it before the next one starts: a killed run resumes where it stopped, and a run whose facts
-    changed only after batch b starts after batch b−1. `common` = the ledger columns every row shares
-    (method, model, hashes of the inputs); each row's `checkpoint_key` is its batch's prefix key.
+    changed only after batch b starts after batch b−1. Every ledger row also names the method, the
+    model (`fingerprint` of the original weights), `dataset_hash` and the params hash; its
+    `checkpoint_key` is its batch's prefix key.
     """
     done = checkpoint.resume() if checkpoint is not None else -1
     changes: list[dict[int, LayerChange]] = []
@@ -129,6 +131,13 @@ def apply_plans(
             time.sleep(delay)
     if checkpoint is not None:  # every batch's rows as committed, restored or not: one form for all
         stored = [checkpoint.rows(b) for b in range(len(plans))]
+    common = {
+        "method": p.method,
+        "model": p.model.name,
+        "model_fingerprint": fingerprint,
+        "dataset_hash": dataset_hash,
+        "params_hash": params_hash(p),
+    }
     keys = checkpoint.prefix_keys if checkpoint is not None else [""] * len(plans)
     for b, r in enumerate(stored):
         r["ledger"] = [{**row, **common, "checkpoint_key": keys[b]} for row in r["ledger"]]

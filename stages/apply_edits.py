@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ece.artifacts import COVARIANCE
 from ece.audit.checkpoint import Checkpoint
-from ece.audit.ledger import LEDGER_MD, params_hash
+from ece.audit.ledger import LEDGER_MD
 from ece.config import Params
 from ece.data.codehash import code_hash
 from ece.data.facts import read_facts
@@ -40,15 +40,8 @@ def main(p: Params) -> None:
     editor = Editor(wb.adapter, wb.tok, method, wb.templates, c0, max_update_norm=p.update.max_update_norm)
     plans = read_plans(wb, p, df, facts)  # on the original weights, before any batch is written
     lineage = lineage_key(p, method, wb.fingerprint, code_hash(__file__))
-    common = {
-        "method": p.method,
-        "model": p.model.name,
-        "model_fingerprint": wb.fingerprint,
-        "dataset_hash": read_dataset_hash(df),
-        "params_hash": params_hash(p),
-    }
     checkpoint = Checkpoint(CHECKPOINT / lineage[:24], prefix_keys(lineage, plans))
-    _, stored = apply_plans(editor, p, plans, common, checkpoint)
+    _, stored = apply_plans(editor, p, plans, wb.fingerprint, read_dataset_hash(df), checkpoint)
     totals = write_edited(wb, p, checkpoint, stored, len(facts))
     print(f"apply_edits: {len(facts)} facts in {len(plans)} batches; seconds {totals}; ledger in {LEDGER_MD}")
 

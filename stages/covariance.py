@@ -11,7 +11,7 @@ import time
 
 from ece.config import Params
 from ece.data.io import sha256_file, write_json
-from ece.editing.covariance import corpus_texts, save_covariance, second_moments
+from ece.editing.covariance import estimate_covariance, save_covariance
 from ece.model.adapter import ModelAdapter
 from ece.model.loading import load_model, model_fingerprint
 from ece.stage import run_stage
@@ -24,15 +24,7 @@ def main(p: Params) -> None:
     adapter = ModelAdapter(model)
     adapter.check_layers(p.edit.layers)
     start = time.perf_counter()
-    moments, n = second_moments(
-        adapter,
-        tok,
-        p.edit.layers,
-        corpus_texts(p.covariance.corpus),
-        p.covariance.n_tokens,
-        p.covariance.seq_len,
-        p.covariance.batch_size,
-    )
+    moments, n = estimate_covariance(adapter, tok, p.edit.layers, p.covariance)
     meta = {
         "model": p.model.name,
         "model_fingerprint": model_fingerprint(model),

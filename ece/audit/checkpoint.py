@@ -67,15 +67,14 @@ class Checkpoint:
                 f"checkpoint: files missing from {self.folder} ({', '.join(missing[:3])}); starting from the first batch"
             )
             same = 0
-        if stored and not same:
+        elif stored and not same:
             print(
                 f"checkpoint: none of the {len(stored)} stored batches in {self.folder} match this run's inputs; "
                 "starting from the first batch"
             )
-        if same < len(stored):  # later stored batches belong to other facts: no longer part of the state
-            self.committed = stored[:same]
-            self._write_state()
         self.committed = stored[:same]
+        if same < len(stored):  # later stored batches belong to other facts: no longer part of the state
+            self._write_state()
         return same - 1
 
     def delta(self, batch: int) -> dict[int, LayerChange]:

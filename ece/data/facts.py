@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -35,3 +36,8 @@ def read_facts(path: Path = PREPARED) -> tuple[pl.DataFrame, list[Fact]]:
 def batch_ranges(n: int, batch_size: int) -> list[range]:
     """Sequential batches in dataset order; the last one may be short."""
     return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+def batch_rows(table: pl.DataFrame, b: int) -> list[dict[str, Any]]:
+    """Batch `b`'s rows of a per-batch artifact table (clusters, attribution selections), in stored order."""
+    return table.filter(pl.col("batch") == b).to_dicts()

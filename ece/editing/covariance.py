@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ece.config import CovarianceCfg
 from ece.data.io import atomic_path
 from ece.errors import EceError
 from ece.model.adapter import ModelAdapter
@@ -102,6 +103,14 @@ def second_moments(
 
 
 _GRAM_BLOCK = 384  # columns per block of `_add_upper_gram`; fastest of 1536/768/512/384/256 for SmolLM2
+
+
+def estimate_covariance(
+    adapter: ModelAdapter, tok: PreTrainedTokenizerBase, layers: list[int], cfg: CovarianceCfg
+) -> tuple[dict[int, Tensor], int]:
+    """`second_moments` over the corpus, token budget, chunk length and batch size that params.yaml's
+    `covariance` section names (the covariance stage's C0, and ece.edit's when none is given)."""
+    return second_moments(adapter, tok, layers, corpus_texts(cfg.corpus), cfg.n_tokens, cfg.seq_len, cfg.batch_size)
 
 
 def _add_upper_gram(total: Tensor, k: Tensor) -> None:

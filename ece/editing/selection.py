@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ece.config import Params
@@ -54,17 +55,18 @@ def update_columns(
     p: Params,
     method: Method,
     batch: list[Fact],
-    selected: dict[int, Tensor] | None,
+    batch_rows: list[dict[str, Any]],
     z: Tensor | None,
     h: Tensor | None,
 ) -> dict[int, Tensor] | None:
     """The columns the update may change per layer: None (all) unless the method selects columns;
-    then the attributed selection, or for `rs` a re-scoring against r = z − h on the original model."""
+    then the attributed selection (`batch_rows`: the batch's rows of attribute_batch), or for `rs` a
+    re-scoring against r = z − h on the original model."""
     if not method.selects_columns:
         return None
     if p.ece.scorer != "rs":
-        assert selected is not None, "attribution missing"
-        return {l: selected[l] for l in method.layers}
+        selected = {r["layer"]: r["selected"] for r in batch_rows}
+        return {l: torch.tensor(selected[l], dtype=torch.long) for l in method.layers}
     assert z is not None and h is not None
     keys, _ = keys_and_hidden(wb.adapter, wb.tok, batch, wb.templates, p.edit.layers)
     return {

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ece.artifacts import CLUSTERS, SCRATCH, Z_DIR, Z_TIMINGS
 from ece.config import Params
-from ece.data.facts import Fact, batch_ranges
+from ece.data.facts import Fact, batch_ranges, batch_rows
 from ece.data.io import atomic_path, link_or_copy, sha256_json, write_json
 from ece.editing.zvec import FactLosses, ZResult, batch_z, z_groups, z_rows
 from ece.errors import EceError
@@ -56,7 +56,7 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
     seconds_of = json.loads(Z_SECONDS.read_text()) if Z_SECONDS.exists() else {}
     for b, rng in enumerate(batch_ranges(len(facts), p.edit.batch_size) if method.needs_z else []):
         batch = [facts[i] for i in rng]
-        labels, anchors = z_groups(p, method, clusters.filter(pl.col("batch") == b).to_dicts(), batch)
+        labels, anchors = z_groups(p, method, batch_rows(clusters, b), batch)
         key = sha256_json(
             {
                 "facts": df["content_hash"][rng.start : rng.stop].to_list(),
@@ -119,9 +119,10 @@ def _stored_z_rows(path: Path, batch: list[Fact]) -> list[dict[str, Any]]:
     return z_rows(res, batch, t["anchor"])
 
 
-def read_z(batch: int) -> tuple[Tensor, Tensor]:
-    """z and h (n, d) of one batch, in the batch's fact order, from the precompute_z cache."""
-    index = pl.read_parquet(Z_DIR / "index.parquet").filter(pl.col("batch") == batch)
+def read_z(index: pl.DataFrame, batch: int) -> tuple[Tensor, Tensor]:
+    """z and h (n, d) of one batch, in the batch's fact order, from the precompute_z cache (`index`: its
+    index.parquet, read once by the caller for every batch)."""
+    index = index.filter(pl.col("batch") == batch)
     if index.is_empty():
         raise EceError(f"no z for batch {batch}", "rerun the precompute_z stage: dvc repro precompute_z")
     with safe_open(str(Z_DIR / "cache" / index["file"][0]), framework="pt") as f:

@@ -179,21 +179,21 @@ def project(tmp_path, monkeypatch):
     return tmp_path, df, model, tok
 
 
+# the evaluate stage on the tiny project: small enough for seconds, every part of the evaluation on
+STAGE_OVERRIDES = [
+    "model.name=tiny-llama",
+    "edit.layers=[1,2]",
+    "evaluate.n_general=2",
+    "evaluate.general_tasks=[sst2]",
+    "evaluate.ppl_tokens=64",
+    "evaluate.ppl_window=32",
+    "evaluate.gen_max_new_tokens=8",
+]
+
+
 def test_stage_pre_is_unedited_post_is_edited_and_curve_replays(project):
     root, df, edited, tok = project
-    p = load_params(
-        ROOT / "params.yaml",
-        [
-            "model.name=tiny-llama",
-            "edit.layers=[1,2]",
-            "evaluate.n_general=2",
-            "evaluate.general_tasks=[sst2]",
-            "evaluate.ppl_tokens=64",
-            "evaluate.ppl_window=32",
-            "evaluate.gen_max_new_tokens=8",
-            "evaluate.curve_every=2",
-        ],
-    )
+    p = load_params(ROOT / "params.yaml", [*STAGE_OVERRIDES, "evaluate.curve_every=2"])
     _load_stage().main(p)
 
     metrics = json.loads((root / "reports/metrics.json").read_text())
@@ -226,24 +226,17 @@ def test_stage_pre_is_unedited_post_is_edited_and_curve_replays(project):
 
 def test_stage_reuses_the_unedited_evaluation_only_when_nothing_it_depends_on_changed(project, capsys):
     root, *_ = project
-    base = [
-        "model.name=tiny-llama",
-        "edit.layers=[1,2]",
-        "evaluate.n_general=2",
-        "evaluate.general_tasks=[sst2]",
-        "evaluate.ppl_tokens=64",
-        "evaluate.ppl_window=32",
-        "evaluate.gen_max_new_tokens=8",
-    ]
     stage = _load_stage()
-    stage.main(load_params(ROOT / "params.yaml", base))
+    stage.main(load_params(ROOT / "params.yaml", STAGE_OVERRIDES))
     first = json.loads((root / "reports/metrics.json").read_text())
     assert "reusing" not in capsys.readouterr().out
-    stage.main(load_params(ROOT / "params.yaml", base))
+    stage.main(load_params(ROOT / "params.yaml", STAGE_OVERRIDES))
     assert "evaluate pre: reusing" in capsys.readouterr().out
     again = json.loads((root / "reports/metrics.json").read_text())
     assert again["pre"] == first["pre"] and again["post"] == first["post"]
-    stage.main(load_params(ROOT / "params.yaml", [*base, "evaluate.n_general=3"]))  # another setting: measured anew
+    stage.main(
+        load_params(ROOT / "params.yaml", [*STAGE_OVERRIDES, "evaluate.n_general=3"])
+    )  # another setting: measured anew
     assert "reusing" not in capsys.readouterr().out
     assert json.loads((root / "reports/metrics.json").read_text())["pre"]["general"]["sst2"]["n"] == 3
     assert len(list((root / ".cache/evaluate_pre").iterdir())) == 2
