@@ -1,7 +1,7 @@
 """The standard benchmark: 2000 sequential CounterFact edits and all of zsRE, batches of 100, as DVC experiments.
 
     python bench/scale.py queue [--rows cf-ece cf-memit ...]   # one `dvc exp run --queue` per row
-    python bench/scale.py start                                 # DVC's queue runs them, one at a time
+    python bench/scale.py start [--jobs 2]                      # DVC's queue runs them (one at a time by default)
     python bench/scale.py report                                # reports/scale.md, scale.json, plots/scale.png
 
 Each row is an experiment named `scale-<row>` with `-S` overrides of params.yaml (bench/experiments.py), so
@@ -141,7 +141,8 @@ def main() -> None:
     q = sub.add_parser("queue", help="queue the rows as DVC experiments")
     q.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=sorted(ROWS))
     q.add_argument("--set", action="append", default=[], help="extra a.b=value for every row")
-    sub.add_parser("start", help="run the queue (one experiment at a time)")
+    st = sub.add_parser("start", help="run the queue")
+    st.add_argument("--jobs", type=int, default=1, help="experiments run at once (set OMP_NUM_THREADS=1 when > 1)")
     sub.add_parser("report", help="collect finished rows into reports/scale.*")
     args = ap.parse_args()
     if args.cmd == "queue":
@@ -149,7 +150,7 @@ def main() -> None:
             add(PREFIX + row, [*ROWS[row], *args.set])
             print(f"queued {PREFIX + row}")
     elif args.cmd == "start":
-        start(1)
+        start(args.jobs)
         print("started; `dvc queue status` shows progress, `dvc queue logs <name>` a run's output")
     else:
         rows = collect()
