@@ -43,7 +43,7 @@ from ece.config import Params, load_params
 from ece.editing.covariance import load_covariance
 from ece.errors import EceError
 from ece.methods import edited_layers
-from ece.model.loading import load_model, model_fingerprint, save_model
+from ece.model.loading import load_for, model_fingerprint, save_model
 from ece.model.prompts import greedy
 
 ROLLBACK_MODEL = Path("artifacts/rollback/model")
@@ -87,7 +87,7 @@ def do_edit(
     if not subject.strip() or not new.strip():
         raise EceError("--subject and --new must not be empty", 'e.g. --subject "Eiffel Tower" --new Rome')
     name = model_name or (str(EDITED_MODEL) if EDITED_MODEL.exists() else p.model.name)
-    model, tok = load_model(name, p.model.seed)
+    model, tok = load_for(p, name)
     prov = read_provenance(name) if Path(name).is_dir() else None
     # C0 belongs to the original model: an edited folder names the fingerprint it was computed for
     fingerprint = prov["base_fingerprint"] if prov and prov.get("base_fingerprint") else model_fingerprint(model)
@@ -151,7 +151,7 @@ def do_generate(
     names = [a] + ([b] if b and b.lower() != "none" else [])
     columns = {}
     for name in names:
-        model, tok = load_model(name, p.model.seed)
+        model, tok = load_for(p, name)
         columns[name] = greedy(model, tok, prompts, max_new_tokens)
         del model
     return {

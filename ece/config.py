@@ -6,6 +6,7 @@ type; the checks that types cannot express (choices, ranges) live in `validate`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ SCORERS = ("as", "wi", "wi_static", "rs")  # ece.scorer; ece.editing.attribution
 AGGREGATIONS = ("sum", "union")  # ece.aggregation
 METHODS = tuple(REGISTRY)
 GENERAL_TASKS = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
+DTYPES = ("float32", "bfloat16", "float16")  # model.dtype
+DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"  # runtime.device
 FORMATS = ("auto", "counterfact", "counterfact_compact", "zsre", "jsonl", "csv")
 
 
@@ -28,6 +31,15 @@ FORMATS = ("auto", "counterfact", "counterfact_compact", "zsre", "jsonl", "csv")
 class ModelCfg:
     name: str = "smollm2-135m"
     seed: int = 0
+    dtype: str = "float32"  # the model's weights and activations; keys, z, C0 and solves stay float32/float64
+
+
+@dataclass
+class RuntimeCfg:
+    """Where the work runs. Not a DVC param of any stage: the same computation on other hardware gives the
+    same results up to float summation order, so changing it reruns nothing."""
+
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
 
 
 @dataclass
@@ -139,6 +151,7 @@ class EvaluateCfg:
 class Params:
     method: str = "ece"
     model: ModelCfg = field(default_factory=ModelCfg)
+    runtime: RuntimeCfg = field(default_factory=RuntimeCfg)
     edit: EditCfg = field(default_factory=EditCfg)
     data: DataCfg = field(default_factory=DataCfg)
     covariance: CovarianceCfg = field(default_factory=CovarianceCfg)
@@ -228,6 +241,12 @@ def validate(p: Params) -> None:
     _choice("ece.scorer", p.ece.scorer, SCORERS)
     _choice("ece.aggregation", p.ece.aggregation, AGGREGATIONS)
     _choice("data.format", p.data.format, FORMATS)
+    _choice("model.dtype", p.model.dtype, DTYPES)
+    _check(
+        re.fullmatch(DEVICE_PATTERN, p.runtime.device) is not None,
+        f"unknown runtime.device '{p.runtime.device}'",
+        "use auto, cpu, cuda or cuda:N",
+    )
     _choice("z.lr_scale", p.z.lr_scale, LR_SCALES)
     _choice("z.warm_start", p.z.warm_start, WARM_STARTS)
     for name, bound, inclusive, hint in _LOWER_BOUNDS:

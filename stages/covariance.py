@@ -13,14 +13,14 @@ from ece.config import Params
 from ece.data.io import sha256_file, write_json
 from ece.editing.covariance import estimate_covariance, save_covariance
 from ece.model.adapter import ModelAdapter
-from ece.model.loading import load_model, model_fingerprint
+from ece.model.loading import load_for, model_fingerprint
 from ece.stage import run_stage
 
 OUT = "artifacts/covariance/c0.safetensors"
 
 
 def main(p: Params) -> None:
-    model, tok = load_model(p.model.name, p.model.seed)
+    model, tok = load_for(p)
     adapter = ModelAdapter(model)
     adapter.check_layers(p.edit.layers)
     start = time.perf_counter()

@@ -139,7 +139,7 @@ def put_columns(adapter: ModelAdapter, changes: dict[int, LayerChange], which: s
                 f"delta of layer {layer} has shape {tuple(values.shape)}, the model's W_out is {tuple(w.shape)}",
                 "the deltas belong to another model",
             )
-        w[:, c.cols] = values.to(w.dtype)
+        w[:, c.cols.to(w.device)] = values.to(w)
 
 
 def check_is_after(adapter: ModelAdapter, deltas: list[dict[int, LayerChange]]) -> None:
@@ -150,7 +150,8 @@ def check_is_after(adapter: ModelAdapter, deltas: list[dict[int, LayerChange]]) 
             for j, col in enumerate(c.cols.tolist()):
                 last[(layer, col)] = (b, c.new[:, j])
     for (layer, col), (b, value) in last.items():
-        if not torch.equal(adapter.w_out_weight(layer)[:, col], value.to(adapter.w_out_weight(layer).dtype)):
+        w = adapter.w_out_weight(layer)
+        if not torch.equal(w[:, col], value.to(w)):
             raise EceError(
                 f"layer {layer} column {col} of the model is not what batch {b} wrote",
                 "the model folder was changed after apply_edits; rerun the apply_edits stage",

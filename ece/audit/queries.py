@@ -26,7 +26,7 @@ from ece.audit.ledger import (
 from ece.config import Params
 from ece.errors import EceError
 from ece.model.adapter import ModelAdapter
-from ece.model.loading import load_model, model_fingerprint, save_model
+from ece.model.loading import load_for, load_model, model_fingerprint, save_model
 
 EDITED_MODEL = EDITED / "model"
 
@@ -159,8 +159,8 @@ def audit_neuron(layer: int, neuron: int) -> dict[str, Any]:
 def audit_diff(p: Params) -> dict[str, Any]:
     if not EDITED_MODEL.exists():
         raise EceError(f"{EDITED_MODEL} not found", "run the apply_edits stage first")
-    original, _ = load_model(p.model.name, p.model.seed)
-    edited, _ = load_model(str(EDITED_MODEL))
+    original, _ = load_for(p)
+    edited, _ = load_for(p, str(EDITED_MODEL))
     prov = read_provenance(EDITED_MODEL)
     if prov and prov.get("base_fingerprint") not in (None, model_fingerprint(original)):
         raise EceError(
@@ -193,7 +193,7 @@ def audit_diff(p: Params) -> dict[str, Any]:
             ok = False
             if bs:
                 c = deltas[bs[-1]][l]
-                ok = torch.equal(w_e[:, col], c.new[:, c.cols.tolist().index(col)])
+                ok = torch.equal(w_e[:, col], c.new[:, c.cols.tolist().index(col)].to(w_e))
             if ok:
                 by_batch[bs[-1]] = by_batch.get(bs[-1], 0) + 1
                 mapping[col] = bs
@@ -239,7 +239,7 @@ def do_rollback(batches: int | None, to_batch: int | None, out: Path) -> dict[st
             raise EceError(f"--batches {batches} is out of range: there are {n} batches", f"use 1..{n}")
         to_batch = n - 1 - batches
     assert to_batch is not None
-    model, tok = load_model(str(EDITED_MODEL))
+    model, tok = load_model(str(EDITED_MODEL), dtype=None)  # kept in the dtype it was saved in
     undone = rollback(ModelAdapter(model), deltas, to_batch)
     save_model(model, tok, out)
     prov = read_provenance(EDITED_MODEL) or {}

@@ -80,7 +80,7 @@ def second_moments(
     `n_tokens`; its keys go into the sums by `_add_upper_gram`.
     """
     f = adapter.inner_size
-    sums = {l: torch.zeros(f, f, dtype=torch.float64) for l in layers}
+    sums = {l: torch.zeros(f, f, dtype=torch.float64, device=adapter.layer_device(l)) for l in layers}
     seen = 0
     chunks = token_chunks(texts, tok, seq_len)
     bar = tqdm(total=n_tokens, desc="covariance", unit="tok", disable=not progress)
@@ -99,7 +99,7 @@ def second_moments(
     bar.close()
     if seen == 0:
         raise EceError("the corpus produced no tokens", f"use a corpus with at least {seq_len} tokens")
-    return {l: (s.triu() + s.triu(1).T) / seen for l, s in sums.items()}, seen
+    return {l: ((s.triu() + s.triu(1).T) / seen).cpu() for l, s in sums.items()}, seen
 
 
 _GRAM_BLOCK = 384  # columns per block of `_add_upper_gram`; fastest of 1536/768/512/384/256 for SmolLM2

@@ -28,8 +28,8 @@ PHASES = ("keys", "solve", "cache")  # where an update's seconds go: keys on the
 
 @dataclass
 class LayerChange:
-    cols: Tensor  # changed column indices (ascending)
-    old: Tensor  # (d, |cols|) before
+    cols: Tensor  # changed column indices (ascending), on the CPU
+    old: Tensor  # (d, |cols|) before, on the CPU in the model's dtype
     new: Tensor  # (d, |cols|) after
     cond: float = float("nan")  # largest condition number of the systems solved (NaN: no solve)
 
@@ -52,8 +52,10 @@ class Editor:
     def __post_init__(self) -> None:
         assert not (self.method.use_cache and self.method.per_fact), "the cache reuses one solve's keys per layer"
         f = self.adapter.inner_size
+        # C0, P and the solves live where the layer's W_out does (float64 whatever the model's dtype)
+        self.c0 = {l: c.to(self.adapter.layer_device(l)) for l, c in self.c0.items()}
         for l in self.layers:
-            self.cache.setdefault(l, torch.zeros(f, f, dtype=torch.float64))
+            self.cache.setdefault(l, torch.zeros(f, f, dtype=torch.float64, device=self.adapter.layer_device(l)))
             if self.method.nullspace_threshold is not None and l not in self.nullspace:
                 self.nullspace[l] = nullspace_basis(self.c0[l], self.method.nullspace_threshold)
 
@@ -74,10 +76,12 @@ class Editor:
         with self._timed("keys"):
             keys, hidden = keys_and_hidden(self.adapter, self.tok, facts, self.templates, [layer], self.layers[-1])
         assert hidden is not None
-        residuals = (z.double() - hidden.double()) / (len(self.layers) - i)
+        residuals = (z.to(hidden.device).double() - hidden.double()) / (len(self.layers) - i)
         with self._timed("solve"):
             if m.nullspace_threshold is not None:
-                penalty = self.cache[layer] + m.l2 * torch.eye(self.adapter.inner_size, dtype=torch.float64)
+                penalty = self.cache[layer] + m.l2 * torch.eye(
+                    self.adapter.inner_size, dtype=torch.float64, device=self.cache[layer].device
+                )
                 return projected_update(keys[layer], residuals, penalty, self.nullspace[layer], conditions), keys[layer]
             penalty = m.mom2_weight * self.c0[layer] + self.cache[layer]
             return restricted_update(keys[layer], residuals, penalty, sel, conditions), keys[layer]
@@ -107,10 +111,11 @@ class Editor:
                 "check the covariance statistics and z; raise update.mom2_update_weight",
             )
         weight = self.adapter.w_out_weight(layer)
-        old = weight[:, sel].clone()
+        on_device = sel.to(weight.device)
+        old = weight[:, on_device].cpu()
         with torch.no_grad():
-            weight[:, sel] += delta.to(weight.dtype)
-        return LayerChange(sel, old, weight[:, sel].clone(), max(conditions, default=float("nan"))), keys
+            weight[:, on_device] += delta.to(weight)
+        return LayerChange(sel, old, weight[:, on_device].cpu(), max(conditions, default=float("nan"))), keys
 
     def grow_cache(self, keys: dict[int, Tensor]) -> None:
         """P += Kᵀ K per layer with the keys a batch's solve used. A resumed run rebuilds P by calling this
@@ -123,7 +128,8 @@ class Editor:
         """Put back the columns a (partial) batch changed."""
         with torch.no_grad():
             for layer, change in changes.items():
-                self.adapter.w_out_weight(layer)[:, change.cols] = change.old
+                weight = self.adapter.w_out_weight(layer)
+                weight[:, change.cols.to(weight.device)] = change.old.to(weight)
 
     def apply_batch(
         self, facts: list[Fact], z: Tensor | None, cols: dict[int, Tensor] | None

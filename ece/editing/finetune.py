@@ -37,24 +37,30 @@ def finetune_labels(
 def finetune_delta(
     adapter: ModelAdapter, tok: PreTrainedTokenizerBase, facts: list[Fact], layer: int, cfg: FtCfg, target_only: bool
 ) -> Tensor:
-    """Δ (d, f) that `cfg.steps` Adam steps give W_out of `layer`; the model is left unchanged."""
-    ids, mask, labels = finetune_labels(tok, facts, target_only)
+    """Δ (d, f), float32, that `cfg.steps` Adam steps give W_out of `layer`; the model is left unchanged.
+
+    Adam updates a float32 copy (steps of ~lr = 5e-4 vanish in a bfloat16 weight); the forward reads
+    it in the model's dtype.
+    """
+    ids, mask, labels = (t.to(adapter.device) for t in finetune_labels(tok, facts, target_only))
     param = adapter.w_out_module(layer).weight
     original = param.detach().clone()
-    trained = original.clone().requires_grad_(True)
+    start = original.float()
+    trained = start.clone().requires_grad_(True)
     opt = torch.optim.Adam([trained], lr=cfg.lr)
     param.requires_grad_(True)  # only this parameter: the rest of the model stays frozen
     try:
         for _ in tqdm(range(cfg.steps), desc=f"fine-tune layer {layer}", leave=False):
-            param.data = trained.data  # the forward reads the parameter; gradients flow to it
+            param.data = trained.data.to(original.dtype)  # the forward reads the parameter; gradients flow to it
             logits = adapter.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-            (trained.grad,) = torch.autograd.grad(loss, param)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            (grad,) = torch.autograd.grad(loss, param)
+            trained.grad = grad.float()
             opt.step()
             with torch.no_grad():
-                trained.copy_(original + (trained - original).clamp(-cfg.norm_constraint, cfg.norm_constraint))
+                trained.copy_(start + (trained - start).clamp(-cfg.norm_constraint, cfg.norm_constraint))
     finally:
         param.data = original
         param.requires_grad_(False)
-    delta = trained.detach() - original
+    delta = trained.detach() - start
     return delta.T if adapter.spec.conv1d else delta

@@ -44,8 +44,10 @@ def keys_and_hidden(
         enc.input_ids, enc.attention_mask, key_layers, [out_layer] if out_layer is not None else []
     )
     n, t = len(facts), len(templates)
-    w = template_weights(t).to(next(iter(keys.values())).dtype)[None, :, None] if keys else None
-    mean_keys = {l: (at_positions(k, enc.subject_pos).reshape(n, t, -1) * w).sum(1) for l, k in keys.items()}
+    w = template_weights(t)[None, :, None]
+    mean_keys = {
+        l: (at_positions(k, enc.subject_pos).reshape(n, t, -1) * w.to(k.device)).sum(1) for l, k in keys.items()
+    }
     hidden = None
     if out_layer is not None:
         hidden = at_positions(outs[out_layer], enc.subject_pos).reshape(n, t, -1)[:, 0]

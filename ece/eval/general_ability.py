@@ -234,7 +234,7 @@ def perplexity(
     for b in range(0, len(rows), batch_size):
         chunk = rows[b : b + batch_size]
         x, mask = right_padded(tok, chunk)
-        logits = model(input_ids=x, attention_mask=mask).logits.float()
+        logits = model(input_ids=x.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
         labels = x[:, 1:].clone()
         labels[mask[:, 1:] == 0] = -100
         nll = F.cross_entropy(

@@ -98,8 +98,8 @@ def generate(
             ids[j, width - len(rows[i]) :] = torch.tensor(rows[i])
             mask[j, width - len(rows[i]) :] = 1
         gen = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
             max_new_tokens=max_new_tokens,
             do_sample=True,
             top_k=top_k,

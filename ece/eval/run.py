@@ -43,7 +43,7 @@ from ece.eval.generation import References, fact_references, generation_metrics,
 from ece.eval.metrics import REWRITE_METRICS, fact_metrics, family_of, summarise
 from ece.eval.report import APPROX, fmt_floats, render_summary, round_floats
 from ece.model.adapter import ModelAdapter
-from ece.model.loading import load_model, model_fingerprint
+from ece.model.loading import load_for, model_fingerprint
 
 PRE_CACHE = SCRATCH / "evaluate_pre"
 # evaluate params that name data files or folders: the pre-evaluation key holds their contents
@@ -223,7 +223,7 @@ def run_evaluation(p: Params, df: pl.DataFrame, meta: dict[str, Any], edited_dir
     replayed: dict[int, Tensor] = {}
     replay_diff: float | None = None
     for phase, name in (("pre", p.model.name), ("post", str(edited_dir / "model"))):
-        model, tok = load_model(name, p.model.seed)
+        model, tok = load_for(p, name)
         measure = evaluate_pre if phase == "pre" else evaluate_model
         results[phase], per_fact, seconds[phase] = measure(model, tok, df, p, refs)
         tables.append(

@@ -81,11 +81,13 @@ def continuation_scores(
             for i in readers[x]
         }
         kept = torch.unique(torch.cat(list(positions.values())))
+        ids, mask = ids.to(model.device), mask.to(model.device)
         if keep:
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=kept).logits
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=kept.to(model.device)).logits
         else:
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, kept]
-        logp = F.log_softmax(logits.float(), dim=-1)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, kept.to(model.device)]
+        logits = logits.float().cpu()
+        logp = F.log_softmax(logits, dim=-1)
         for b, x in enumerate(chunk):
             for i in readers[x]:
                 cols, tgt = torch.searchsorted(kept, positions[i]), torch.tensor(rows[i][1])

@@ -81,6 +81,20 @@ class ModelAdapter:
         w = self.w_out_weight(0)
         self.hidden_size, self.inner_size = int(w.shape[0]), int(w.shape[1])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's inputs go (its embedding's device; with a device map, layers may live elsewhere)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's compute dtype; hidden states fed back into it (z's δ) are cast to it."""
+        return self.w_out_weight(0).dtype
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Where W_out of `layer` lives: its update is solved there."""
+        return self.w_out_weight(layer).device
+
     def check_layers(self, layers: list[int]) -> None:
         bad = [l for l in layers if not 0 <= l < self.n_layers]
         if bad:
@@ -110,8 +124,9 @@ class ModelAdapter:
     ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         """Run the model up to the highest layer asked for; return W_out inputs and block outputs.
 
-        Both are (batch, seq, dim) per layer. The blocks above are skipped, which is what makes
-        covariance statistics and key computation cheap for early edited layers.
+        Both are (batch, seq, dim) per layer, float32 whatever the model's dtype (keys and residuals
+        feed float64 solves), on the device of their layer. The blocks above are skipped, which is what
+        makes covariance statistics and key computation cheap for early edited layers.
         """
         keys: dict[int, Tensor] = {}
         outs: dict[int, Tensor] = {}
@@ -120,20 +135,22 @@ class ModelAdapter:
         for l in key_layers:
             handles.append(
                 self.w_out_module(l).register_forward_hook(
-                    lambda _m, inp, _o, l=l: keys.__setitem__(l, inp[0].detach())
+                    lambda _m, inp, _o, l=l: keys.__setitem__(l, inp[0].detach().float())
                 )
             )
 
         def on_block(_m: nn.Module, _i: object, out: object, l: int) -> None:
             if l in out_layers:
-                outs[l] = _block_output(out).detach()
+                outs[l] = _block_output(out).detach().float()
             if l == last:
                 raise StopForward
 
         for l in sorted({*out_layers, last}):
             handles.append(self.blocks[l].register_forward_hook(lambda m, i, o, l=l: on_block(m, i, o, l)))
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            self.model(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False
+            )
         except StopForward:
             pass
         finally:
@@ -159,8 +176,13 @@ class ModelAdapter:
         position_ids: Tensor | None,
         cache: DynamicCache | None,
     ) -> Tensor:
+        hidden = hidden.to(device=self.device, dtype=self.dtype)  # differentiable: z's δ is float32
         if position_ids is None:
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        position_ids = position_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        if attention_mask.is_floating_point():  # additive masks must match the attention's dtype
+            attention_mask = attention_mask.clamp(min=torch.finfo(self.dtype).min).to(self.dtype)
         embeds = hidden
         if self.spec.position_embedding is not None:  # the model adds it back to inputs_embeds
             embeds = hidden - self.model.get_submodule(self.spec.position_embedding)(position_ids)
@@ -202,4 +224,6 @@ class ModelAdapter:
         return self._run_above(layer, hidden, attention_mask, position_ids, _FrozenPrefix(prefix) if prefix else None)
 
     def lm_head(self, hidden: Tensor) -> Tensor:
-        return self.model.get_output_embeddings()(hidden)
+        """Logits in float32 (log-softmax over the vocabulary in bfloat16 would lose the small differences
+        z's loss and the metrics compare)."""
+        return self.model.get_output_embeddings()(hidden.to(self.dtype)).float()

@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ece.config import Params
 from ece.data.io import atomic_dir
 from ece.errors import EceError
 
@@ -97,8 +98,8 @@ def tiny_model(kind: str, seed: int = 0, n_layers: int = 4) -> tuple[nn.Module, 
 
 
 def _ready(model: nn.Module) -> nn.Module:
-    """Float32, eval mode, frozen: editing writes weights directly and optimises only its own deltas."""
-    model = model.to(torch.float32).eval()
+    """Eval mode, frozen: editing writes weights directly and optimises only its own deltas."""
+    model = model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -140,18 +141,69 @@ def save_model(model: nn.Module, tok: PreTrainedTokenizerBase, path: str | Path)
         tok.save_pretrained(tmp)
 
 
-def load_model(name: str, seed: int = 0) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Load a model and tokenizer by name, offline; float32 on CPU, eval mode, frozen.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`runtime.device` as a torch device: auto = the first CUDA device when there is one, else the CPU.
+
+    A CUDA device this machine does not have is refused here, before any work, not at the first tensor.
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EceError(
+                f"runtime.device is '{spec}' but this machine has no CUDA device (or torch was built without CUDA)",
+                "set runtime.device: auto or cpu, or install a CUDA build of torch",
+            )
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise EceError(
+                f"runtime.device is '{spec}' but only {torch.cuda.device_count()} CUDA device(s) exist",
+                f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}",
+            )
+    return device
+
+
+def check_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of `model.dtype`, refused when `device` cannot compute in it.
+
+    Checked with a small matrix product and softmax on the device, the operations every stage runs, so
+    an unsupported pairing (e.g. bfloat16 on a GPU without it) stops before the model is loaded.
+    """
+    torch_dtype = DTYPES[dtype]
+    try:
+        x = torch.ones(4, 4, dtype=torch_dtype, device=device)
+        torch.softmax(x @ x, dim=-1)
+    except (RuntimeError, TypeError) as exc:
+        raise EceError(
+            f"model.dtype {dtype} cannot run on {device}: {str(exc).splitlines()[0]}",
+            "use model.dtype: float32 (every device runs it)",
+        ) from None
+    if device.type == "cuda" and torch_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise EceError(f"this GPU ({device}) does not support bfloat16", "use model.dtype: float16 or float32")
+    return torch_dtype
+
+
+def load_model(
+    name: str, seed: int = 0, dtype: str | None = "float32", device: str = "cpu"
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load a model and tokenizer by name, offline; in `dtype` (None: the dtype a folder was saved in) on
+    `device` (runtime.device syntax), eval mode, frozen.
 
     Also sets the process to flush subnormal floats to zero: SmolLM2's dequantised weights and
     activations produce subnormals, which x86 CPUs compute on a slow path (measured: a z step on
     25 facts 21 s with them, 3.2 s without; covariance likewise). Values below 1.2e-38 change
     nothing an edit or a metric can see.
     """
+    torch_device = resolve_device(device)
+    torch_dtype = check_dtype(dtype, torch_device) if dtype is not None else None
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)
     if name in TINY:
-        return tiny_model(name, seed)
+        model, tok = tiny_model(name, seed)
+        return model.to(device=torch_device, dtype=torch_dtype), tok
     if name == SMOLLM2:
         folder = str(smollm2_folder())
     elif Path(name).is_dir():
@@ -165,7 +217,7 @@ def load_model(name: str, seed: int = 0) -> tuple[nn.Module, PreTrainedTokenizer
     try:
         # local_files_only: never the network, so a hub id that is not cached fails at once instead of
         # after the hub client's retries with back-off
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype or "auto", local_files_only=True)
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise EceError(
@@ -174,7 +226,15 @@ def load_model(name: str, seed: int = 0) -> tuple[nn.Module, PreTrainedTokenizer
         ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return _ready(model), tok
+    return _ready(model).to(torch_device), tok
+
+
+def load_for(p: Params, name: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """`name` (default: model.name) loaded as params.yaml says: its seed, model.dtype and runtime.device.
+
+    The edited model is loaded this way too, so pre and post run in the same dtype on the same device.
+    """
+    return load_model(name or p.model.name, p.model.seed, p.model.dtype, p.runtime.device)
 
 
 # Config entries that say where or with what a model was loaded, not what it computes.

@@ -103,8 +103,8 @@ def right_padded(tok: PreTrainedTokenizerBase, rows: list[list[int]]) -> tuple[T
 
 
 def at_positions(x: Tensor, pos: Tensor) -> Tensor:
-    """x[b, pos[b]] for every row b."""
-    return x[torch.arange(x.shape[0]), pos]
+    """x[b, pos[b]] for every row b (on x's device)."""
+    return x[torch.arange(x.shape[0], device=x.device), pos.to(x.device)]
 
 
 def greedy(model: torch.nn.Module, tok: PreTrainedTokenizerBase, texts: list[str], max_new_tokens: int) -> list[str]:
@@ -119,7 +119,7 @@ def greedy(model: torch.nn.Module, tok: PreTrainedTokenizerBase, texts: list[str
 @torch.no_grad()
 def greedy_ids(model: torch.nn.Module, tok: PreTrainedTokenizerBase, ids: list[int], max_new_tokens: int) -> Tensor:
     """Greedy continuation of one token sequence: the whole sequence, prompt included, (T,)."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     out = model.generate(
         x,
         attention_mask=torch.ones_like(x),
@@ -127,4 +127,4 @@ def greedy_ids(model: torch.nn.Module, tok: PreTrainedTokenizerBase, ids: list[i
         do_sample=False,
         pad_token_id=tok.pad_token_id,
     )
-    return out[0]
+    return out[0].cpu()

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ece.config import Params
 from ece.model.adapter import ModelAdapter
-from ece.model.loading import load_model, model_fingerprint
+from ece.model.loading import load_for, model_fingerprint
 from ece.model.prompts import context_templates
 
 
@@ -26,7 +26,7 @@ class Workbench:
     @classmethod
     def open(cls, p: Params) -> Workbench:
         """Load `model.name` as params.yaml says."""
-        return cls.of(*load_model(p.model.name, p.model.seed), p)
+        return cls.of(*load_for(p), p)
 
     @classmethod
     def of(cls, model: nn.Module, tok: PreTrainedTokenizerBase, p: Params) -> Workbench:
