@@ -32,6 +32,7 @@ class ModelCfg:
     name: str = "smollm2-135m"
     seed: int = 0
     dtype: str = "float32"  # the model's weights and activations; keys, z, C0 and solves stay float32/float64
+    device_map: str = "none"  # none: the whole model on runtime.device | auto: spread by accelerate over GPUs (+ CPU)
 
 
 @dataclass
@@ -242,6 +243,7 @@ def validate(p: Params) -> None:
     _choice("ece.aggregation", p.ece.aggregation, AGGREGATIONS)
     _choice("data.format", p.data.format, FORMATS)
     _choice("model.dtype", p.model.dtype, DTYPES)
+    _choice("model.device_map", p.model.device_map, ("none", "auto"))
     _check(
         re.fullmatch(DEVICE_PATTERN, p.runtime.device) is not None,
         f"unknown runtime.device '{p.runtime.device}'",

@@ -36,6 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from ece.config import GENERAL_TASKS
 from ece.errors import EceError
 from ece.eval.scoring import continuation_scores
+from ece.model.loading import device_of
 from ece.model.prompts import document_start, right_padded
 
 TASKS = GENERAL_TASKS
@@ -230,11 +231,11 @@ def perplexity(
         raise EceError("no tokens to compute perplexity on", "check evaluate.ppl_corpus and evaluate.ppl_tokens")
     start = _start_ids(tok)
     rows = [start + ids[s : s + window] for s in range(0, len(ids), window)]
-    total, count = 0.0, 0
+    total, count, device = 0.0, 0, device_of(model)
     for b in range(0, len(rows), batch_size):
         chunk = rows[b : b + batch_size]
         x, mask = right_padded(tok, chunk)
-        logits = model(input_ids=x.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
+        logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float().cpu()
         labels = x[:, 1:].clone()
         labels[mask[:, 1:] == 0] = -100
         nll = F.cross_entropy(

@@ -56,6 +56,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ece.errors import EceError
+from ece.model.loading import device_of
 from ece.model.prompts import document_start
 
 FLUENCY_WEIGHTS = {2: 2 / 3, 3: 4 / 3}
@@ -89,6 +90,7 @@ def generate(
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out: list[str] = [""] * len(prompts)
     torch.manual_seed(seed)
+    device = device_of(model)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         width = max(len(rows[i]) for i in idx)
@@ -98,8 +100,8 @@ def generate(
             ids[j, width - len(rows[i]) :] = torch.tensor(rows[i])
             mask[j, width - len(rows[i]) :] = 1
         gen = model.generate(
-            input_ids=ids.to(model.device),
-            attention_mask=mask.to(model.device),
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=True,
             top_k=top_k,

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from ece.editing.zvec import target_ids
+from ece.model.loading import device_of
 from ece.model.prompts import document_start, right_padded
 
 Ids = tuple[int, ...]
@@ -71,6 +72,7 @@ def continuation_scores(
     keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     logprob, accuracy = torch.empty(len(rows)), torch.empty(len(rows))
     run = sorted(readers, key=lambda x: (len(x), x))  # similar lengths share a batch: little padding
+    device = device_of(model)
     for s in range(0, len(run), batch_size):
         chunk = run[s : s + batch_size]
         ids, mask = right_padded(tok, [list(x) for x in chunk])
@@ -81,11 +83,11 @@ def continuation_scores(
             for i in readers[x]
         }
         kept = torch.unique(torch.cat(list(positions.values())))
-        ids, mask = ids.to(model.device), mask.to(model.device)
+        ids, mask = ids.to(device), mask.to(device)
         if keep:
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=kept.to(model.device)).logits
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=kept.to(device)).logits
         else:
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, kept.to(model.device)]
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, kept.to(device)]
         logits = logits.float().cpu()
         logp = F.log_softmax(logits, dim=-1)
         for b, x in enumerate(chunk):

@@ -102,6 +102,13 @@ class ModelAdapter:
                 f"edit layers {bad} are out of range: the model has {self.n_layers} layers (0..{self.n_layers - 1})",
                 "set edit.layers in params.yaml to layers that exist",
             )
+        offloaded = [l for l in layers if self.layer_device(l).type == "meta"]
+        if offloaded:
+            raise EceError(
+                f"edit layers {offloaded} were left on the meta device by model.device_map (offloaded to disk): "
+                "their weights cannot be edited in place",
+                "give the model more GPU/CPU memory (accelerate's max_memory) or set model.device_map: none",
+            )
 
     def w_out_module(self, layer: int) -> nn.Module:
         return self.blocks[layer].get_submodule(self.spec.w_out)

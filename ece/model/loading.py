@@ -187,10 +187,10 @@ def check_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(
-    name: str, seed: int = 0, dtype: str | None = "float32", device: str = "cpu"
+    name: str, seed: int = 0, dtype: str | None = "float32", device: str = "cpu", device_map: str = "none"
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a model and tokenizer by name, offline; in `dtype` (None: the dtype a folder was saved in) on
-    `device` (runtime.device syntax), eval mode, frozen.
+    `device` (runtime.device syntax), or spread by accelerate when `device_map` is "auto"; eval mode, frozen.
 
     Also sets the process to flush subnormal floats to zero: SmolLM2's dequantised weights and
     activations produce subnormals, which x86 CPUs compute on a slow path (measured: a z step on
@@ -217,7 +217,10 @@ def load_model(
     try:
         # local_files_only: never the network, so a hub id that is not cached fails at once instead of
         # after the hub client's retries with back-off
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype or "auto", local_files_only=True)
+        placement = {"device_map": "auto"} if device_map == "auto" else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype or "auto", local_files_only=True, **placement
+        )
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise EceError(
@@ -226,7 +229,12 @@ def load_model(
         ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return _ready(model).to(torch_device), tok
+    return (_ready(model) if device_map == "auto" else _ready(model).to(torch_device)), tok
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: the device of its first parameter (any nn.Module, not only HF models)."""
+    return next(model.parameters()).device
 
 
 def load_for(p: Params, name: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -234,7 +242,7 @@ def load_for(p: Params, name: str | None = None) -> tuple[nn.Module, PreTrainedT
 
     The edited model is loaded this way too, so pre and post run in the same dtype on the same device.
     """
-    return load_model(name or p.model.name, p.model.seed, p.model.dtype, p.runtime.device)
+    return load_model(name or p.model.name, p.model.seed, p.model.dtype, p.runtime.device, p.model.device_map)
 
 
 # Config entries that say where or with what a model was loaded, not what it computes.

@@ -18,7 +18,7 @@ from ece.data.facts import Fact
 from ece.editing.finetune import finetune_delta
 from ece.errors import EceError
 from ece.model.adapter import ModelAdapter
-from ece.model.loading import load_model, resolve_device, tiny_model
+from ece.model.loading import load_model, resolve_device, save_model, tiny_model
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 W_OUT = "model.layers.{}.mlp.down_proj.weight"
@@ -118,3 +118,27 @@ def test_a_bfloat16_model_edited_end_to_end(tmp_path_factory: pytest.TempPathFac
         change32 = edited["float32"][name] - original32[name]
         assert change16.abs().max() > 0, f"{name} did not change"
         assert cosine(change16, change32) > 0.9, name
+
+
+def test_an_edited_layer_left_on_the_meta_device_is_refused() -> None:
+    """accelerate offloads what does not fit to disk, leaving meta tensors in the model: such a W_out cannot be
+    written in place, so the run stops before any work (Workbench.of and the covariance stage check it)."""
+    model, _ = load_model("tiny-llama")
+    adapter = ModelAdapter(model)
+    module = adapter.w_out_module(1)
+    module.weight = torch.nn.Parameter(torch.empty(module.weight.shape, device="meta"), requires_grad=False)
+    adapter.check_layers([0, 2])  # the others are fine
+    with pytest.raises(EceError, match=r"edit layers \[1\] were left on the meta device"):
+        adapter.check_layers([0, 1])
+
+
+def test_device_map_auto_loads_a_folder_where_accelerate_puts_it(tmp_path) -> None:
+    """Without GPUs accelerate places everything on the CPU; the model is the folder's, frozen, in model.dtype."""
+    model, tok = tiny_model("tiny-llama")
+    save_model(model, tok, tmp_path / "m")
+    mapped, _ = load_model(str(tmp_path / "m"), dtype="bfloat16", device_map="auto")
+    assert {p.device.type for p in mapped.parameters()} == {"cpu"}
+    assert {p.dtype for p in mapped.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in mapped.parameters())
+    for name, value in model.state_dict().items():
+        assert torch.equal(mapped.state_dict()[name], value.to(torch.bfloat16)), name
