@@ -23,7 +23,8 @@ OUT = "artifacts/covariance/c0.safetensors"
 
 def main(p: Params) -> None:
     hint = "start at most that many processes, or raise covariance.n_tokens"
-    distributed.start(n_chunks(p.covariance), f"corpus chunks of {p.covariance.seq_len} tokens", hint)
+    cfg = p.covariance
+    distributed.start(n_chunks(cfg.n_tokens, cfg.seq_len), f"corpus chunks of {cfg.seq_len} tokens", hint)
     model, tok = load_model(p.model.name, p.model.seed)
     adapter = ModelAdapter(model)
     adapter.check_layers(p.edit.layers)

@@ -87,7 +87,7 @@ def second_moments(
     f = adapter.inner_size
     sums = {l: torch.zeros(f, f, dtype=torch.float64) for l in layers}
     rank, world = part
-    mine = islice(enumerate(token_chunks(texts, tok, seq_len)), rank, -(-n_tokens // seq_len), world)
+    mine = islice(enumerate(token_chunks(texts, tok, seq_len)), rank, n_chunks(n_tokens, seq_len), world)
     seen = 0
     bar = tqdm(total=n_tokens, desc="covariance", unit="tok", disable=not progress)
     while batch := list(islice(mine, batch_size)):
@@ -127,9 +127,9 @@ def estimate_covariance(
     )
 
 
-def n_chunks(cfg: CovarianceCfg) -> int:
-    """How many corpus chunks hold the `covariance.n_tokens` tokens: the covariance stage's items of work."""
-    return -(-cfg.n_tokens // cfg.seq_len)
+def n_chunks(n_tokens: int, seq_len: int) -> int:
+    """How many corpus chunks hold `n_tokens` tokens: the covariance stage's items of work."""
+    return -(-n_tokens // seq_len)
 
 
 def _add_upper_gram(total: Tensor, k: Tensor) -> None:
