@@ -5,6 +5,9 @@ summary and plots in ece.eval.report.
 Outputs: reports/per_fact.parquet (one row per fact and phase), reports/edit_metrics.json (the headline
 metrics, first in `dvc exp show`), reports/metrics.json,
 reports/summary.md, reports/curve.json, reports/plots/{metrics,curve}.png.
+
+`torchrun --nproc_per_node N -m stages.evaluate` shares the forward batches out over N processes
+(ece.model.distributed) with the same numbers; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ece.data.facts import read_facts
 from ece.data.io import atomic_path, write_json, write_text
 from ece.eval.report import headline, plot_curve, plot_metrics, round_floats
 from ece.eval.run import run_evaluation
+from ece.model import distributed
 from ece.stage import run_stage
 
 PER_FACT = "reports/per_fact.parquet"
@@ -30,8 +34,11 @@ PLOTS = Path("reports/plots")
 
 def main(p: Params) -> None:
     df, _ = read_facts()
+    distributed.start(df.height, "facts", "start at most as many processes as there are facts")
     meta = json.loads((PREPARED.parent / "meta.json").read_text())
     evaluation = run_evaluation(p, df, meta, EDITED)
+    if not distributed.is_main():
+        return
     with atomic_path(PER_FACT) as tmp:
         evaluation.per_fact.write_parquet(tmp)
     write_json(METRICS, evaluation.metrics)

@@ -10,7 +10,8 @@ model fingerprint and corpus hash, so a stale file is refused.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -73,30 +74,35 @@ def second_moments(
     seq_len: int,
     batch_size: int,
     progress: bool = True,
+    part: tuple[int, int] = (0, 1),
+    all_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[dict[int, Tensor], int]:
     """E[k kᵀ] (float64, f × f) for each layer over the first `n_tokens` corpus tokens.
 
-    A batch holds only as many chunks as are still needed, so no forward is spent on tokens past
-    `n_tokens`; its keys go into the sums by `_add_upper_gram`.
+    Only the chunks that hold those tokens are run (the last one cut at `n_tokens`), `batch_size` to a
+    forward; their keys go into the sums by `_add_upper_gram`. Data parallel (ece.model.distributed):
+    `part` = (rank, world) runs the chunks rank, rank + world, ... and `all_sum` adds the float64 sums
+    and the token count of all processes in place, so C0 is the one-process C0 up to summation order.
     """
     f = adapter.inner_size
     sums = {l: torch.zeros(f, f, dtype=torch.float64, device=adapter.layer_device(l)) for l in layers}
+    rank, world = part
+    mine = islice(enumerate(token_chunks(texts, tok, seq_len)), rank, n_chunks(n_tokens, seq_len), world)
     seen = 0
-    chunks = token_chunks(texts, tok, seq_len)
     bar = tqdm(total=n_tokens, desc="covariance", unit="tok", disable=not progress)
-    while seen < n_tokens:
-        wanted = min(batch_size, -(-(n_tokens - seen) // seq_len))
-        batch = [c for _, c in zip(range(wanted), chunks)]
-        if not batch:
-            break
-        ids = torch.tensor(batch)
+    while batch := list(islice(mine, batch_size)):
+        ids = torch.tensor([chunk for _, chunk in batch])
         keys, _ = adapter.trace(ids, torch.ones_like(ids), key_layers=layers)
-        take = min(ids.numel(), n_tokens - seen)
+        take = sum(min(seq_len, n_tokens - i * seq_len) for i, _ in batch)
         for l in layers:
             _add_upper_gram(sums[l], keys[l].reshape(-1, f)[:take])
         seen += take
         bar.update(take)
     bar.close()
+    if all_sum is not None:
+        for s in sums.values():
+            all_sum(s)
+        seen = int(all_sum(torch.tensor(seen)))
     if seen == 0:
         raise EceError("the corpus produced no tokens", f"use a corpus with at least {seq_len} tokens")
     return {l: ((s.triu() + s.triu(1).T) / seen).cpu() for l, s in sums.items()}, seen
@@ -106,11 +112,24 @@ _GRAM_BLOCK = 384  # columns per block of `_add_upper_gram`; fastest of 1536/768
 
 
 def estimate_covariance(
-    adapter: ModelAdapter, tok: PreTrainedTokenizerBase, layers: list[int], cfg: CovarianceCfg
+    adapter: ModelAdapter,
+    tok: PreTrainedTokenizerBase,
+    layers: list[int],
+    cfg: CovarianceCfg,
+    part: tuple[int, int] = (0, 1),
+    all_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[dict[int, Tensor], int]:
     """`second_moments` over the corpus, token budget, chunk length and batch size that params.yaml's
-    `covariance` section names (the covariance stage's C0, and ece.edit's when none is given)."""
-    return second_moments(adapter, tok, layers, corpus_texts(cfg.corpus), cfg.n_tokens, cfg.seq_len, cfg.batch_size)
+    `covariance` section names (the covariance stage's C0, and ece.edit's when none is given); `part`
+    and `all_sum` as there."""
+    return second_moments(
+        adapter, tok, layers, corpus_texts(cfg.corpus), cfg.n_tokens, cfg.seq_len, cfg.batch_size, True, part, all_sum
+    )
+
+
+def n_chunks(n_tokens: int, seq_len: int) -> int:
+    """How many corpus chunks hold `n_tokens` tokens: the covariance stage's items of work."""
+    return -(-n_tokens // seq_len)
 
 
 def _add_upper_gram(total: Tensor, k: Tensor) -> None:

@@ -16,7 +16,9 @@ positives, or an MCC with a zero denominator, is 0.
 Perplexity on held-out text (WikiText-2 test): the first `n_tokens` tokens of the file (tokenized
 without special tokens) cut into consecutive non-overlapping windows of `window` tokens; each window is
 fed after the document start (`ece.model.prompts.document_start`, or the BOS token of tokenizers that add their
-own), so every one of the `n_tokens` tokens is predicted, and ppl = exp(mean NLL over those tokens).
+own), so every one of the `n_tokens` tokens is predicted, and ppl = exp(mean NLL over those tokens). Under
+torchrun the batches of windows are shared out (ece.model.distributed) and their sums added in batch
+order, as one process adds them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from transformers import PreTrainedTokenizerBase
 from ece.config import GENERAL_TASKS
 from ece.errors import EceError
 from ece.eval.scoring import continuation_scores
+from ece.model import distributed
 from ece.model.loading import device_of
 from ece.model.prompts import document_start, right_padded
 
@@ -231,16 +234,18 @@ def perplexity(
         raise EceError("no tokens to compute perplexity on", "check evaluate.ppl_corpus and evaluate.ppl_tokens")
     start = _start_ids(tok)
     rows = [start + ids[s : s + window] for s in range(0, len(ids), window)]
-    total, count, device = 0.0, 0, device_of(model)
-    for b in range(0, len(rows), batch_size):
-        chunk = rows[b : b + batch_size]
-        x, mask = right_padded(tok, chunk)
+    batches, device = range(0, len(rows), batch_size), device_of(model)
+    # per batch, zero for other processes' batches (ece.model.distributed), summed in batch order below
+    nll, count = torch.zeros(len(batches), dtype=torch.float64), torch.zeros(len(batches), dtype=torch.int64)
+    for j in distributed.shard(range(len(batches))):
+        x, mask = right_padded(tok, rows[batches[j] : batches[j] + batch_size])
         logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float().cpu()
         labels = x[:, 1:].clone()
         labels[mask[:, 1:] == 0] = -100
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        nll[j] = float(
+            F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
         )
-        total += float(nll)
-        count += int((labels != -100).sum())
-    return math.exp(total / count)
+        count[j] = int((labels != -100).sum())
+    return math.exp(sum(distributed.all_sum(nll).tolist()) / int(distributed.all_sum(count).sum()))

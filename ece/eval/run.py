@@ -18,6 +18,9 @@ The unedited model's results are cached in $ECE_SCRATCH/evaluate_pre/ (default .
 the facts, the evaluation params, the contents of the data files they name and the code this module
 runs (machine-local scratch, like the apply_edits checkpoint): comparing methods on the same facts
 measures "pre" once.
+
+Under torchrun (ece.model.distributed) every process runs this with the same facts; the forward batches
+are shared out and the numbers are those of one process (tests/pipeline/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from ece.eval.general_ability import general_ability, perplexity, read_tokens
 from ece.eval.generation import References, fact_references, generation_metrics, spread
 from ece.eval.metrics import REWRITE_METRICS, fact_metrics, family_of, summarise
 from ece.eval.report import APPROX, fmt_floats, render_summary, round_floats
+from ece.model import distributed
 from ece.model.adapter import ModelAdapter
 from ece.model.loading import load_for, model_fingerprint
 
@@ -65,7 +69,12 @@ class Evaluation:
 def evaluate_model(
     model: nn.Module, tok: PreTrainedTokenizerBase, df: pl.DataFrame, p: Params, refs: References | None
 ) -> tuple[dict[str, Any], pl.DataFrame, dict[str, float]]:
-    """Every metric of one model: (summary, per-fact table, seconds per part)."""
+    """Every metric of one model: (summary, per-fact table, seconds per part).
+
+    Under torchrun the forward batches of the rewrite metrics, general ability and perplexity are shared
+    out (ece.model.distributed); the generations are sampled whole by rank 0 and sent to the others: the
+    samples come from one random stream that runs through all the batches, so splitting them would
+    change the texts."""
     e = p.evaluate
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -80,8 +89,11 @@ def evaluate_model(
         for i, g in enumerate(df["generation_prompts"].to_list())
     ]
     if refs is not None and any(prompts):
-        flu, con, gens = generation_metrics(
-            model, tok, prompts, refs, e.gen_max_new_tokens, e.gen_top_k, e.seed, e.batch_size
+        flu, con, gens = distributed.from_rank(
+            generation_metrics(model, tok, prompts, refs, e.gen_max_new_tokens, e.gen_top_k, e.seed, e.batch_size)
+            if distributed.is_main()
+            else None,
+            0,
         )
     else:
         flu, con, gens = [None] * df.height, [None] * df.height, [[] for _ in range(df.height)]
@@ -113,7 +125,8 @@ def evaluate_pre(
 
     The code part of the key is the import closure of this module, so it covers every function the
     measurement runs (and the report code beside it: a change there costs one re-measurement, never a
-    stale result)."""
+    stale result). Under torchrun rank 0 alone reads and writes the cache and sends what it read to the
+    others, so all processes take the same path even where each machine has its own scratch folder."""
     settings = {k: v for k, v in asdict(p.evaluate).items() if k not in ("threads", "curve_every", *DATA_PARAMS)}
     data = {k: sha256_tree(v) if v is not None else None for k, v in asdict(p.evaluate).items() if k in DATA_PARAMS}
     key = sha256_json(
@@ -126,18 +139,24 @@ def evaluate_pre(
         }
     )
     folder = PRE_CACHE / key[:32]
-    if (folder / "summary.json").exists():
+    if distributed.from_rank((folder / "summary.json").exists(), 0):
         print(f"evaluate pre: reusing {folder}")
-        return (
-            json.loads((folder / "summary.json").read_text()),
-            pl.read_parquet(folder / "per_fact.parquet"),
-            json.loads((folder / "seconds.json").read_text()),
+        return distributed.from_rank(
+            (
+                json.loads((folder / "summary.json").read_text()),
+                pl.read_parquet(folder / "per_fact.parquet"),
+                json.loads((folder / "seconds.json").read_text()),
+            )
+            if distributed.is_main()
+            else None,
+            0,
         )
     summary, per_fact, seconds = evaluate_model(model, tok, df, p, refs)
-    with atomic_dir(folder) as tmp:
-        write_json(tmp / "summary.json", summary)
-        per_fact.write_parquet(tmp / "per_fact.parquet")
-        write_json(tmp / "seconds.json", seconds)
+    if distributed.is_main():
+        with atomic_dir(folder) as tmp:
+            write_json(tmp / "summary.json", summary)
+            per_fact.write_parquet(tmp / "per_fact.parquet")
+            write_json(tmp / "seconds.json", seconds)
     return summary, per_fact, seconds
 
 

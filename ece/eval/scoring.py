@@ -11,6 +11,8 @@ per token), so no token is run twice:
 - only the positions that are read go through the output layer (`logits_to_keep`, where the model
   takes it): the vocabulary projection is a fifth of SmolLM2's compute per token.
 The numbers are those of one unpadded forward per row up to float rounding (tests/test_scoring.py).
+Under torchrun each process runs every world_size-th batch (ece.model.distributed) and the rows are
+summed over processes: each batch is the one a single process runs, so the numbers are identical.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from ece.editing.zvec import target_ids
+from ece.model import distributed
 from ece.model.loading import device_of
 from ece.model.prompts import document_start, right_padded
 
@@ -70,10 +73,10 @@ def continuation_scores(
     `batch_size` counts distinct model inputs per forward pass."""
     rows, readers = distinct_inputs(tok, texts, continuations)
     keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-    logprob, accuracy = torch.empty(len(rows)), torch.empty(len(rows))
+    logprob, accuracy = torch.zeros(len(rows)), torch.zeros(len(rows))  # zeros: other processes' rows
     run = sorted(readers, key=lambda x: (len(x), x))  # similar lengths share a batch: little padding
     device = device_of(model)
-    for s in range(0, len(run), batch_size):
+    for s in distributed.shard(range(0, len(run), batch_size)):
         chunk = run[s : s + batch_size]
         ids, mask = right_padded(tok, [list(x) for x in chunk])
         # row i reads positions len(text)-1 ... len(text)+len(continuation)-2 of its input
@@ -95,4 +98,4 @@ def continuation_scores(
                 cols, tgt = torch.searchsorted(kept, positions[i]), torch.tensor(rows[i][1])
                 logprob[i] = logp[b, cols, tgt].mean()
                 accuracy[i] = (logits[b, cols].argmax(-1) == tgt).float().mean()
-    return logprob, accuracy
+    return distributed.all_sum(logprob), distributed.all_sum(accuracy)

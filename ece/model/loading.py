@@ -145,12 +145,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(spec: str) -> torch.device:
-    """`runtime.device` as a torch device: auto = the first CUDA device when there is one, else the CPU.
+    """`runtime.device` as a torch device: auto = CUDA when there is one, else the CPU; under torchrun, auto
+    and cuda mean the process's own GPU (cuda:LOCAL_RANK).
 
     A CUDA device this machine does not have is refused here, before any work, not at the first tensor.
     """
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process on its node
+        spec = f"cuda:{os.environ['LOCAL_RANK']}"
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -233,8 +236,10 @@ def load_model(
 
 
 def device_of(model: nn.Module) -> torch.device:
-    """Where a model's inputs go: the device of its first parameter (any nn.Module, not only HF models)."""
-    return next(model.parameters()).device
+    """Where a model's inputs go: the device of its first parameter (any nn.Module, not only HF models; the
+    CPU for one without parameters)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def load_for(p: Params, name: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:

@@ -2,58 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
-from safetensors.torch import save_file
+from eval_project import ROOT, STAGE_OVERRIDES, build_eval_project, facts_table, load_evaluate_stage
 from torch import nn
 
 import ece.eval.metrics
 from ece.config import load_params
-from ece.data.loaders import SCHEMA
 from ece.editing.zvec import target_ids
 from ece.eval.metrics import fact_metrics, summarise
 from ece.model.adapter import ModelAdapter
-from ece.model.loading import save_model, tiny_model
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def facts_table(n: int = 4) -> pl.DataFrame:
-    rows = [
-        (
-            "Danielle Darrieux",
-            "The mother tongue of {} is",
-            "English",
-            "French",
-            "Michel Rocard is a native speaker of",
-        ),
-        ("Toko Yasuda", "{} plays the", "piano", "guitar", "John Lennon performs on the"),
-        ("Paris", "{} is the capital of", "Italy", "France", "Lyon is a city in"),
-        ("Apple A5", "{} was made by", "Google", "Apple", "The iPhone is made by"),
-    ][:n]
-    data = {c: [] for c in SCHEMA}
-    for i, (s, prompt, new, true, neighbour) in enumerate(rows):
-        row = {
-            "id": f"t:{i}",
-            "subject": s,
-            "prompt": prompt,
-            "target_new": new,
-            "target_true": true,
-            "paraphrase_prompts": [f"Everyone knows that {prompt.replace('{}', s)}"],
-            "neighborhood_prompts": [neighbour],
-            "neighborhood_target": true,
-            "generation_prompts": [f"{s} is known for", f"{s} often"],
-            "source": "test",
-            "content_hash": f"h{i}",
-        }
-        for c in SCHEMA:
-            data[c].append(row[c])
-    return pl.DataFrame(data, schema=SCHEMA)
+from ece.model.loading import tiny_model
 
 
 def new_object_always_wins(monkeypatch, tiny_llama) -> pl.DataFrame:
@@ -141,60 +103,18 @@ def test_metrics_follow_the_weights(tiny_llama):
 # The stage, in a scratch project with a tiny model
 
 
-def _load_stage():
-    spec = importlib.util.spec_from_file_location("evaluate_stage", ROOT / "stages" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """artifacts/prepared + artifacts/edited (3 batches of random column changes) for tiny-llama."""
-    df = facts_table()
-    (tmp_path / "artifacts" / "prepared").mkdir(parents=True)
-    (tmp_path / "artifacts" / "edited").mkdir(parents=True)
-    (tmp_path / "data").symlink_to(ROOT / "data")
-    df.write_parquet(tmp_path / "artifacts/prepared/edits.parquet")
-    (tmp_path / "artifacts/prepared/meta.json").write_text(
-        json.dumps({"dataset_hash": "abc", "format": "test", "source": {"path": "none"}})
-    )
-    model, tok = tiny_model("tiny-llama", 0)
-    adapter = ModelAdapter(model)
-    g = torch.Generator().manual_seed(1)
-    sizes = [2, 1, 1]
-    for b in range(len(sizes)):
-        out = {}
-        for layer in (1, 2):
-            cols = torch.randperm(64, generator=g)[:16].sort().values
-            w = adapter.w_out_weight(layer)
-            out[f"layer.{layer}.cols"], out[f"layer.{layer}.old"] = cols, w[:, cols].clone()
-            with torch.no_grad():
-                w[:, cols] += 3.0 * torch.randn((w.shape[0], len(cols)), generator=g)
-            out[f"layer.{layer}.new"] = w[:, cols].clone()
-        save_file(out, str(tmp_path / f"artifacts/edited/delta-batch-{b:04d}.safetensors"))
-    pl.DataFrame({"batch": [0, 1, 2], "n_facts": sizes}).write_parquet(tmp_path / "artifacts/edited/batches.parquet")
-    save_model(model, tok, tmp_path / "artifacts/edited/model")
+    df, model, tok = build_eval_project(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path, df, model, tok
-
-
-# the evaluate stage on the tiny project: small enough for seconds, every part of the evaluation on
-STAGE_OVERRIDES = [
-    "model.name=tiny-llama",
-    "edit.layers=[1,2]",
-    "evaluate.n_general=2",
-    "evaluate.general_tasks=[sst2]",
-    "evaluate.ppl_tokens=64",
-    "evaluate.ppl_window=32",
-    "evaluate.gen_max_new_tokens=8",
-]
 
 
 def test_stage_pre_is_unedited_post_is_edited_and_curve_replays(project):
     root, df, edited, tok = project
     p = load_params(ROOT / "params.yaml", [*STAGE_OVERRIDES, "evaluate.curve_every=2"])
-    _load_stage().main(p)
+    load_evaluate_stage().main(p)
 
     metrics = json.loads((root / "reports/metrics.json").read_text())
     per_fact = pl.read_parquet(root / "reports/per_fact.parquet")
@@ -226,7 +146,7 @@ def test_stage_pre_is_unedited_post_is_edited_and_curve_replays(project):
 
 def test_stage_reuses_the_unedited_evaluation_only_when_nothing_it_depends_on_changed(project, capsys):
     root, *_ = project
-    stage = _load_stage()
+    stage = load_evaluate_stage()
     stage.main(load_params(ROOT / "params.yaml", STAGE_OVERRIDES))
     first = json.loads((root / "reports/metrics.json").read_text())
     assert "reusing" not in capsys.readouterr().out
@@ -246,7 +166,7 @@ def test_stage_samples_generations_for_gen_facts_facts_spread_evenly(project):
     root, *_ = project
     overrides = ["model.name=tiny-llama", "edit.layers=[1,2]", "evaluate.n_general=1", "evaluate.general_tasks=[sst2]"]
     overrides += ["evaluate.ppl_tokens=32", "evaluate.ppl_window=32", "evaluate.gen_max_new_tokens=4"]
-    _load_stage().main(load_params(ROOT / "params.yaml", [*overrides, "evaluate.gen_facts=2"]))
+    load_evaluate_stage().main(load_params(ROOT / "params.yaml", [*overrides, "evaluate.gen_facts=2"]))
     per_fact = pl.read_parquet(root / "reports/per_fact.parquet").sort("phase", "id")
     sampled = per_fact.filter(pl.col("fluency").is_not_null())
     assert sampled["id"].to_list() == ["t:0", "t:2"] * 2  # facts 0 and 2 of 4, pre and post
