@@ -38,7 +38,7 @@ DATASETS = {
     "cf": ["data.edit_dataset=data/counterfact/counterfact_compact_0-19999.json", "data.n_facts=2000"],
     "zsre": ["data.edit_dataset=data/zsre/zsre_mem_eval_837.json", "data.n_facts=0", "evaluate.general_tasks=[]"],
 }
-METHODS = ("ece", "memit", "alphaedit", "rome", "ft-m")
+METHODS = ("ece", "memit", "alphaedit", "rome", "ft-m", "ultraedit")
 ROWS = {f"{d}-{m}": [f"method={m}", *over, *COMMON] for d, over in DATASETS.items() for m in METHODS}
 DEFAULT_ROWS = [f"{d}-{m}" for d in DATASETS for m in ("ece", "memit", "alphaedit")]
 REWRITE = ("efficacy", "generalization", "specificity", "score")

@@ -12,7 +12,8 @@ Configurations:
 - ece: params.yaml as it is (ECE's defaults);
 - memit: MEMIT with the same z step rule (lr, clamp, early stop) as ece, at most 25 steps per fact;
 - memit-published: MEMIT's released compute_z: lr 0.5, clamp 0.75, 25 forward passes (24 Adam
-  updates), stop at total loss < 5e-2, one fact at a time.
+  updates), stop at total loss < 5e-2, one fact at a time;
+- ultraedit: UltraEdit with its defaults (no z: one forward/backward per batch, then the solves).
 
 Prints and writes reports/speed.md / .json: per batch size and configuration, seconds per batch split
 by phase (update = keys + solve + cache P), z row-steps per batch (one row = one fact in one
@@ -48,6 +49,7 @@ CONFIGS = {
         "z.instance_steps=24",
         "z.facts_per_pass=1",
     ],
+    "ultraedit": ["method=ultraedit"],
 }
 STAGES = ["prepare", "attribute", "cluster", "precompute_z", "apply_edits"]
 

@@ -42,7 +42,7 @@ from ece.audit.queries import EDITED_MODEL, audit_diff, audit_fact, audit_neuron
 from ece.config import Params, load_params
 from ece.editing.covariance import load_covariance
 from ece.errors import EceError
-from ece.methods import edited_layers
+from ece.methods import REGISTRY, edited_layers
 from ece.model.loading import load_for, model_fingerprint, save_model
 from ece.model.prompts import greedy
 
@@ -91,11 +91,12 @@ def do_edit(
     prov = read_provenance(name) if Path(name).is_dir() else None
     # C0 belongs to the original model: an edited folder names the fingerprint it was computed for
     fingerprint = prov["base_fingerprint"] if prov and prov.get("base_fingerprint") else model_fingerprint(model)
-    if not COVARIANCE.exists():
+    needs_c0 = REGISTRY[p.method].needs_covariance  # fine-tuning and UltraEdit edit without C0
+    if needs_c0 and not COVARIANCE.exists():
         raise EceError(
             f"covariance file not found: {COVARIANCE}", "run the covariance stage first: dvc repro covariance"
         )
-    c0 = load_covariance(COVARIANCE, fingerprint, edited_layers(p))
+    c0 = load_covariance(COVARIANCE, fingerprint, edited_layers(p)) if needs_c0 else None
     para = _fill(paraphrase, subject) if paraphrase else PARAPHRASE_CONTEXT + _fill(prompt, subject)
     texts = [_fill(prompt, subject), para]
     before = greedy(model, tok, texts, max_new_tokens)
@@ -373,9 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
         "edit",
         parents=[common],
         help="edit one fact into a model in seconds",
-        description="Edit one fact (MEMIT-style z with the params' z settings, a one-fact batch, "
-        "C0 from artifacts/covariance/c0.safetensors, no cache P) and print greedy "
-        "completions before and after.",
+        description="Edit one fact with the params' method (MEMIT-style z with the params' z settings, a "
+        "one-fact batch, C0 from artifacts/covariance/c0.safetensors for the methods that use it, no cache P) "
+        "and print greedy completions before and after.",
     )
     ed.add_argument("--subject", required=True, help='e.g. "Eiffel Tower"')
     ed.add_argument("--prompt", required=True, help='with one {} for the subject, e.g. "{} is located in the city of"')

@@ -126,6 +126,11 @@ class FtCfg:
 
 
 @dataclass
+class UltraEditCfg:
+    lr: float = 1e-6  # step size of the pseudo values V = -lr·‖k̂‖²·ĝ (reference: config/editor/ultraedit.yaml)
+
+
+@dataclass
 class EvaluateCfg:
     batch_size: int = 16  # prompts per forward pass (scoring, general ability, generation)
     n_general: int = 20  # first N examples of each general-ability task (0 = all)
@@ -163,6 +168,7 @@ class Params:
     alphaedit: AlphaEditCfg = field(default_factory=AlphaEditCfg)
     rome: RomeCfg = field(default_factory=RomeCfg)
     ft: FtCfg = field(default_factory=FtCfg)
+    ultraedit: UltraEditCfg = field(default_factory=UltraEditCfg)
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
 
 
@@ -203,6 +209,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("ft.lr", 0, False, "ROME's FT-L: 5e-4"),
     ("ft.steps", 1, True, "ROME's FT-L: 25"),
     ("ft.norm_constraint", 0, False, "ROME's FT-L: 5e-4"),
+    ("ultraedit.lr", 0, False, "UltraEdit's released config: 1e-6"),
     ("evaluate.batch_size", 1, True, "e.g. 16"),
     ("evaluate.n_general", 0, True, "0 means every example"),
     ("evaluate.ppl_tokens", 1, True, "e.g. 4096"),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ece.config import FtCfg, Params
+    from ece.config import FtCfg, Params, UltraEditCfg
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class MethodSpec:
     per_fact: bool  # ROME: one rank-one update per fact, in order
     trained_editor: bool  # MEND/SERAC: an editor trained before editing (not implemented yet)
     layer_param: str | None  # a params section whose `layer` is the only layer written (rome, ft)
-    settings: Callable[[Params], dict[str, Any]]  # mom2_weight, nullspace_threshold, l2, ft, target_only
+    settings: Callable[[Params], dict[str, Any]]  # mom2_weight, nullspace_threshold, l2, ft, target_only, ultraedit
     describe: Callable[[Params], str]  # the update settings, for reports
 
 
@@ -132,6 +132,20 @@ REGISTRY: dict[str, MethodSpec] = {
             describe=lambda p: _ft_text(p, "the target only"),
             **_FINETUNE,
         ),
+        MethodSpec(
+            "ultraedit",
+            "one forward/backward per batch, lifelong-normalised features, ridge solve on every edited layer",
+            needs_z=False,
+            needs_covariance=False,
+            selects_columns=False,
+            clusters=False,
+            use_cache=False,
+            per_fact=False,
+            trained_editor=False,
+            layer_param=None,
+            settings=lambda p: {"mom2_weight": 0.0, "ultraedit": p.ultraedit},
+            describe=lambda p: f"lr {p.ultraedit.lr:g}, ridge 1, lifelong normalisation",
+        ),
     ]
 }
 
@@ -148,6 +162,7 @@ class Method:
     selects_columns: bool
     clusters: bool
     needs_z: bool
+    needs_covariance: bool
     mom2_weight: float  # λ of λ·C0 in the solve (AlphaEdit: 0, it projects instead)
     use_cache: bool
     per_fact: bool
@@ -155,6 +170,7 @@ class Method:
     l2: float = 0.0  # AlphaEdit: weight of ‖Δ‖²
     ft: FtCfg | None = None  # FT-L / FT-M settings
     target_only: bool = False  # FT-M: loss on the target tokens only
+    ultraedit: UltraEditCfg | None = None  # UltraEdit: gradient features, lifelong moments, ridge solve
 
 
 def edited_layers(p: Params) -> list[int]:
@@ -171,6 +187,7 @@ def method_of(p: Params) -> Method:
         selects_columns=spec.selects_columns,
         clusters=spec.clusters,
         needs_z=spec.needs_z,
+        needs_covariance=spec.needs_covariance,
         use_cache=spec.use_cache,
         per_fact=spec.per_fact,
         **spec.settings(p),

@@ -84,8 +84,8 @@ def apply_plans(
     """Write the batches in order; per batch its changed columns and its rows (ledger, layers, run).
 
     With a checkpoint (the apply_edits stage), the leading batches it holds with matching prefix keys
-    are restored onto the weights (and P) instead of recomputed, and every finished batch is committed
-    to it before the next one starts: a killed run resumes where it stopped, and a run whose facts
+    are restored onto the weights (with what they carry: P, UltraEdit's moments) instead of
+    recomputed, and every finished batch is committed to it before the next one starts: a killed run resumes where it stopped, and a run whose facts
     changed only after batch b starts after batch b−1. Every ledger row also names the method, the
     model (`fingerprint` of the original weights), `dataset_hash` and the params hash; its
     `checkpoint_key` is its batch's prefix key.
@@ -98,7 +98,7 @@ def apply_plans(
             changes.append(checkpoint.delta(b))
             put_columns(editor.adapter, changes[-1], "new")
             stored.append(checkpoint.rows(b))
-            editor.grow_cache(checkpoint.keys(b))
+            editor.carry(checkpoint.carried(b))
         log(f"apply_edits: resuming from the checkpoint: batches 0..{done} restored, {len(plans) - done - 1} to go")
     delay = float(os.environ.get("ECE_TEST_BATCH_DELAY", "0") or 0)  # test hook: time to kill between batches
     session, revision = uuid.uuid4().hex[:12], git_revision()
@@ -123,7 +123,7 @@ def apply_plans(
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if checkpoint is not None:
-            checkpoint.commit(b, batch_changes, rows, editor.solved_keys)
+            checkpoint.commit(b, batch_changes, rows, editor.carried)
         changes.append(batch_changes)
         stored.append(rows)
         log(f"batch {b}: {len(bp.facts)} facts, update {seconds:.1f} s")

@@ -48,6 +48,7 @@ INVALID = {
     "ft.lr": 0.0,
     "ft.steps": 0,
     "ft.norm_constraint": 0.0,
+    "ultraedit.lr": 0.0,
     "evaluate.batch_size": 0,
     "evaluate.n_general": -1,
     "evaluate.ppl_tokens": 0,

@@ -5,8 +5,10 @@ One folder per lineage (same method, params, model, covariance and code; `Checkp
 
 - delta-batch-XXXX.safetensors: the columns batch XXXX changed, before and after (ece.audit.ledger format);
 - rows-XXXX.json: the batch's ledger/layer/timing rows (without the columns every row shares);
-- keys-XXXX.safetensors: the keys each layer's solve used (methods with a cache P only): P after batch
-  b is rebuilt as the sum of Kᵀ K over batches 0..b, in batch order, so exactly as the run grew it;
+- carry-XXXX.safetensors: what batch XXXX carries to the next ones (ece.editing.editor.Editor.carry):
+  the keys each layer's solve used (methods with a cache P: P after batch b is rebuilt as the sum of
+  Kᵀ K over batches 0..b, in batch order, so exactly as the run grew it) and UltraEdit's feature
+  moments after the batch; absent when the method carries nothing;
 - state.json: {"prefix_keys": [...]}, written LAST with an atomic rename: it is the commit point.
   prefix_keys[b] hashes everything batches 0..b depend on (their facts, z, selections, clusters) on top
   of the lineage, so it stays valid when only LATER batches change.
@@ -44,8 +46,8 @@ class Checkpoint:
     def _rows_path(self, batch: int) -> Path:
         return self.folder / f"rows-{batch:04d}.json"
 
-    def _keys_path(self, batch: int) -> Path:
-        return self.folder / f"keys-{batch:04d}.safetensors"
+    def _carry_path(self, batch: int) -> Path:
+        return self.folder / f"carry-{batch:04d}.safetensors"
 
     def delta_path(self, batch: int) -> Path:
         return self.folder / delta_name(batch)
@@ -83,25 +85,23 @@ class Checkpoint:
     def rows(self, batch: int) -> dict[str, Any]:
         return json.loads(self._rows_path(batch).read_text())
 
-    def keys(self, batch: int) -> dict[int, Tensor]:
-        """The keys per layer batch `batch` added to the cache P (empty for methods without one)."""
-        path = self._keys_path(batch)
-        if not path.exists():
-            return {}
-        return {int(name.split(".")[1]): t for name, t in load_file(str(path)).items()}
+    def carried(self, batch: int) -> dict[str, Tensor]:
+        """What batch `batch` carried to the next ones (empty for methods that carry nothing)."""
+        path = self._carry_path(batch)
+        return load_file(str(path)) if path.exists() else {}
 
     def commit(
-        self, batch: int, changes: dict[int, LayerChange], rows: dict[str, Any], keys: dict[int, Tensor] | None
+        self, batch: int, changes: dict[int, LayerChange], rows: dict[str, Any], carried: dict[str, Tensor]
     ) -> None:
         """Record a finished batch; only the final rename of state.json makes it count."""
         assert batch == len(self.committed), "batches are committed in order"
         self.folder.mkdir(parents=True, exist_ok=True)
         write_delta(self.delta_path(batch), changes)
         write_json(self._rows_path(batch), rows)
-        self._keys_path(batch).unlink(missing_ok=True)
-        if keys:
-            with atomic_path(self._keys_path(batch)) as tmp:
-                save_file({f"layer.{l}": t.contiguous() for l, t in keys.items()}, str(tmp))
+        self._carry_path(batch).unlink(missing_ok=True)
+        if carried:
+            with atomic_path(self._carry_path(batch)) as tmp:
+                save_file({name: t.contiguous() for name, t in carried.items()}, str(tmp))
         self.committed = [*self.committed, self.prefix_keys[batch]]
         self._write_state()
 

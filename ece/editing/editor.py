@@ -1,6 +1,8 @@
 """Sequential batch editing: for each batch and each edited layer (ascending), keys on the current
 model, the residual spread over the remaining layers, the method's solve, and the reference-knowledge
-cache P that makes later batches protect what earlier batches wrote (ECE, AlphaEdit).
+cache P that makes later batches protect what earlier batches wrote (ECE, AlphaEdit). UltraEdit
+instead reads every layer's keys and output gradients in one pass before writing, and carries its
+feature moments from batch to batch (ece.editing.ultraedit).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from ece.data.facts import Fact
 from ece.editing.finetune import finetune_delta
 from ece.editing.keys import keys_and_hidden
 from ece.editing.solve import nullspace_basis, projected_update, restricted_update
+from ece.editing.ultraedit import RIDGE, Moments, pseudo_values, token_features, update_moments
 from ece.errors import EceError
 from ece.methods import Method
 from ece.model.adapter import ModelAdapter
 
-PHASES = ("keys", "solve", "cache")  # where an update's seconds go: keys on the current model, the
-# solve (fine-tuning counts as solve), and growing the cache P
+PHASES = ("keys", "solve", "cache")  # where an update's seconds go: keys on the current model (UltraEdit:
+# with the gradients), the solve (fine-tuning counts as solve), and growing the cache P (UltraEdit: its moments)
+Features = dict[int, tuple[Tensor, Tensor]]  # UltraEdit: per layer, the batch's keys and output gradients
 
 
 @dataclass
@@ -36,7 +40,8 @@ class LayerChange:
 
 @dataclass
 class Editor:
-    """Holds what persists across batches: C0, the cache P of edited keys, and the method."""
+    """Holds what persists across batches: C0, the cache P of edited keys (ECE, AlphaEdit), the feature
+    moments (UltraEdit), and the method."""
 
     adapter: ModelAdapter
     tok: PreTrainedTokenizerBase
@@ -47,7 +52,8 @@ class Editor:
     cache: dict[int, Tensor] = field(default_factory=dict)
     nullspace: dict[int, Tensor] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # of the last batch
-    solved_keys: dict[int, Tensor] = field(default_factory=dict)  # keys the last batch added to P (cache methods)
+    moments: Moments | None = None  # UltraEdit's running feature statistics, after the last batch
+    carried: dict[str, Tensor] = field(default_factory=dict)  # what the last batch carries to the next (`carry`)
 
     def __post_init__(self) -> None:
         assert not (self.method.use_cache and self.method.per_fact), "the cache reuses one solve's keys per layer"
@@ -58,20 +64,35 @@ class Editor:
             self.cache.setdefault(l, torch.zeros(f, f, dtype=torch.float64, device=self.adapter.layer_device(l)))
             if self.method.nullspace_threshold is not None and l not in self.nullspace:
                 self.nullspace[l] = nullspace_basis(self.c0[l], self.method.nullspace_threshold)
+        if self.method.ultraedit is not None and self.moments is None:
+            self.moments = Moments.empty(self.adapter.inner_size + self.adapter.hidden_size)
 
     @property
     def layers(self) -> list[int]:
         return list(self.method.layers)
 
     def _delta(
-        self, facts: list[Fact], z: Tensor | None, i: int, sel: Tensor, conditions: list[float]
+        self,
+        facts: list[Fact],
+        z: Tensor | None,
+        i: int,
+        sel: Tensor,
+        conditions: list[float],
+        lifelong: tuple[Features, Moments] | None,
     ) -> tuple[Tensor, Tensor | None]:
         """The method's change of W_out[:, sel] of the i-th edited layer on the current weights, and
-        the keys (n, f) it solved with (None for fine-tuning)."""
+        the keys (n, f) it solved with (None for fine-tuning and UltraEdit, which feed no cache)."""
         layer, m = self.layers[i], self.method
         if m.ft is not None:
             with self._timed("solve"):
                 return finetune_delta(self.adapter, self.tok, facts, layer, m.ft, m.target_only), None
+        if m.ultraedit is not None:
+            assert lifelong is not None, "UltraEdit's features are read before the batch's first write"
+            (keys, grads), moments = lifelong[0][layer], lifelong[1]
+            with self._timed("solve"):
+                values = pseudo_values(moments, keys, grads, m.ultraedit.lr)
+                ridge = RIDGE * torch.eye(self.adapter.inner_size, dtype=torch.float64)
+                return restricted_update(keys, values, ridge, sel, conditions), None
         assert z is not None, f"method {m.name} needs z"
         with self._timed("keys"):
             keys, hidden = keys_and_hidden(self.adapter, self.tok, facts, self.templates, [layer], self.layers[-1])
@@ -95,13 +116,18 @@ class Editor:
             self.seconds[phase] += time.perf_counter() - start
 
     def _apply_layer(
-        self, facts: list[Fact], z: Tensor | None, i: int, cols: Tensor | None
+        self,
+        facts: list[Fact],
+        z: Tensor | None,
+        i: int,
+        cols: Tensor | None,
+        lifelong: tuple[Features, Moments] | None,
     ) -> tuple[LayerChange, Tensor | None]:
         layer = self.layers[i]
         sel = cols if cols is not None else torch.arange(self.adapter.inner_size)
         conditions: list[float] = []
         try:
-            delta, keys = self._delta(facts, z, i, sel, conditions)
+            delta, keys = self._delta(facts, z, i, sel, conditions, lifelong)
         except EceError as exc:
             raise EceError(f"layer {layer}: {exc.args[0]}", exc.hint) from None
         norm = float(delta.norm())
@@ -118,11 +144,31 @@ class Editor:
         return LayerChange(sel, old, weight[:, on_device].cpu(), max(conditions, default=float("nan"))), keys
 
     def grow_cache(self, keys: dict[int, Tensor]) -> None:
-        """P += Kᵀ K per layer with the keys a batch's solve used. A resumed run rebuilds P by calling this
-        with every stored batch's keys in batch order, so it adds exactly what the uninterrupted run added."""
+        """P += Kᵀ K per layer with the keys a batch's solve used."""
         for layer, k in keys.items():
             k64 = k.double()
             self.cache[layer] += k64.T @ k64
+
+    def _lifelong(self, facts: list[Fact]) -> tuple[Features, Moments]:
+        """UltraEdit: every layer's keys and output gradients on the weights before the batch, and the
+        moments after them (updated layer by layer, ascending), for every layer's solve to use."""
+        assert self.moments is not None
+        with self._timed("keys"):
+            features = token_features(self.adapter, self.tok, facts, self.layers)
+        moments = self.moments
+        with self._timed("cache"):
+            for keys, grads in features.values():
+                moments = update_moments(moments, torch.cat([keys, grads], dim=1))
+        return features, moments
+
+    def carry(self, carried: dict[str, Tensor]) -> None:
+        """Replay one finished batch's `carried` state (as a checkpoint stored it): P grows by its keys
+        (`keys.{l}`), the moments become its moments (`moments.{name}`). A resumed run calls this for
+        every stored batch in batch order, so its state is exactly the uninterrupted run's."""
+        self.grow_cache({int(k.split(".")[1]): t for k, t in carried.items() if k.startswith("keys.")})
+        moments = {k.split(".")[1]: t for k, t in carried.items() if k.startswith("moments.")}
+        if moments:
+            self.moments = Moments(**moments)
 
     def revert(self, changes: dict[int, LayerChange]) -> None:
         """Put back the columns a (partial) batch changed."""
@@ -145,6 +191,7 @@ class Editor:
         """
         self.seconds = dict.fromkeys(PHASES, 0.0)
         groups = [[j] for j in range(len(facts))] if self.method.per_fact else [list(range(len(facts)))]
+        lifelong = self._lifelong(facts) if self.method.ultraedit is not None else None
         changes: dict[int, list[LayerChange]] = {}
         solved: dict[int, Tensor | None] = {}
         try:
@@ -155,13 +202,16 @@ class Editor:
                         z[g] if z is not None else None,
                         i,
                         cols[layer] if cols is not None else None,
+                        lifelong,
                     )
                     changes.setdefault(layer, []).append(change)
         except BaseException:
             self.revert({l: c[0] for l, c in changes.items()})  # the values before the batch's first change
             raise
-        self.solved_keys = {l: k for l, k in solved.items() if k is not None} if self.method.use_cache else {}
-        if self.method.use_cache:
-            with self._timed("cache"):
-                self.grow_cache(self.solved_keys)
+        keys = {l: k for l, k in solved.items() if k is not None} if self.method.use_cache else {}
+        self.carried = {f"keys.{l}": k for l, k in keys.items()}
+        if lifelong is not None:  # the moments change only once the whole batch is written
+            self.carried.update({f"moments.{name}": t for name, t in lifelong[1].tensors().items()})
+        with self._timed("cache"):
+            self.carry(self.carried)
         return {l: LayerChange(c[0].cols, c[0].old, c[-1].new, max(x.cond for x in c)) for l, c in changes.items()}

@@ -43,9 +43,10 @@ def restricted_update(
     """
     keys, residuals, penalty = keys.double(), residuals.double(), penalty.double()
     if cols is not None:
+        cols = cols.to(keys.device)
         keys, penalty = keys[:, cols], penalty[cols][:, cols]
     if keys.shape[1] == 0:
-        return torch.zeros(residuals.shape[1], 0, dtype=torch.float64)
+        return torch.zeros(residuals.shape[1], 0, dtype=torch.float64, device=keys.device)
     system = penalty + keys.T @ keys
     factor, info = torch.linalg.cholesky_ex(system)
     if int(info) != 0:

@@ -6,7 +6,7 @@ after block l" or "run the blocks above l from this hidden state", never for mod
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -164,6 +164,37 @@ class ModelAdapter:
             for h in handles:
                 h.remove()
         return keys, outs
+
+    def trace_grads(
+        self, input_ids: Tensor, attention_mask: Tensor, layers: list[int], loss_fn: Callable[[Tensor], Tensor]
+    ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """W_out inputs and the gradient of `loss_fn(logits)` with respect to W_out's outputs, both
+        (batch, seq, dim) per layer in float32 on the layer's device, from one forward and one backward
+        pass (UltraEdit's features); `loss_fn` gets float32 logits on the model's device.
+
+        The weights stay frozen: each W_out output gets a zero tensor added that requires a gradient,
+        so the gradient at it is the gradient at the output, through every path (cutting the graph at
+        a leaf instead would drop the paths from one edited layer through the MLPs of the next).
+        """
+        keys: dict[int, Tensor] = {}
+        probes: dict[int, Tensor] = {}
+
+        def hook(_m: nn.Module, inp: tuple[Tensor, ...], out: Tensor, l: int) -> Tensor:
+            keys[l] = inp[0].detach().float()
+            probes[l] = torch.zeros_like(out, requires_grad=True)
+            return out + probes[l]
+
+        handles = [self.w_out_module(l).register_forward_hook(lambda m, i, o, l=l: hook(m, i, o, l)) for l in layers]
+        try:
+            with torch.enable_grad():
+                logits = self.model(
+                    input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False
+                ).logits
+                grads = torch.autograd.grad(loss_fn(logits.float()), [probes[l] for l in layers])
+        finally:
+            for h in handles:
+                h.remove()
+        return keys, {l: g.float() for l, g in zip(layers, grads)}
 
     @contextmanager
     def _blocks_above(self, layer: int) -> Iterator[None]:

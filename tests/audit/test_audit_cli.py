@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
-from scratch_project import N_BATCHES, base_project, run_stage_inprocess
+from scratch_project import N_BATCHES, base_project, run_stage_inprocess, set_params
 
 from ece import cli
 from ece.model.adapter import ModelAdapter
@@ -221,6 +221,18 @@ def test_edit_changes_the_model(work: Path, capsys: pytest.CaptureFixture, tmp_p
         "People say {} is a city in",
     )
     assert again["changed"] and again["texts"][1] == "People say Lyon is a city in" and again["saved_to"] is None
+
+
+def test_edit_with_a_method_that_needs_no_covariance(work: Path, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """UltraEdit (like fine-tuning) edits without C0: `ece edit` works where no covariance file exists."""
+    project = tmp_path / "no_c0"
+    shutil.copytree(work, project)
+    (project / "artifacts/covariance/c0.safetensors").unlink()
+    set_params(project, {"method": "ultraedit", "ultraedit.lr": 1e-3})
+    r = ece_json(project, capsys, "edit", "--subject", "Eiffel Tower", "--prompt", "{} is in", "--new", "Rome")
+    assert (
+        r["changed"] and [l["layer"] for l in r["layers"]] == LAYERS and all(l["delta_norm"] > 0 for l in r["layers"])
+    )
 
 
 def test_generate_side_by_side(work: Path, capsys: pytest.CaptureFixture) -> None:

@@ -24,6 +24,7 @@ from scratch_project import (
     ROOT,
     UPSTREAM,
     base_project,
+    method_project,
     run_stage_inprocess,
     run_stage_subprocess,
     stage_env,
@@ -33,6 +34,7 @@ from scratch_project import (
 import ece.audit.checkpoint
 
 CKPT = Path(".cache/checkpoint/apply_edits")  # one folder per lineage below it
+ULTRAEDIT = {"method": "ultraedit", "ultraedit.lr": 1e-3}  # its updates depend on moments carried across batches
 
 
 def state_files(work: Path) -> list[Path]:
@@ -206,3 +208,38 @@ def test_a_changed_early_fact_redoes_every_batch_after_it(
     out = capsys.readouterr().out
     assert "resuming" not in out and all(f"batch {b}:" in out for b in range(N_BATCHES))
     assert stored_batches(work) == N_BATCHES
+
+
+@pytest.fixture(scope="module")
+def ultraedit_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = method_project(tmp_path_factory, "ultraedit_reference", ULTRAEDIT)
+    run_stage_inprocess(work, "apply_edits")
+    return work
+
+
+def test_ultraedit_resumed_after_batch_1_equals_an_uninterrupted_run(
+    ultraedit_reference: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """Killed while committing batch 2: batches 0 and 1 are restored with the feature moments they
+    carried, and batch 2, computed from those moments, ends bit for bit as in the uninterrupted run."""
+    work = method_project(tmp_path_factory, "ultraedit_resumed", ULTRAEDIT)
+    real = ece.audit.checkpoint.write_json
+
+    def crash(path, obj):
+        if Path(path).name == "state.json" and len(obj["prefix_keys"]) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        real(path, obj)
+
+    monkeypatch.setattr(ece.audit.checkpoint, "write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage_inprocess(work, "apply_edits")
+    assert stored_batches(work) == 2 and not (work / "artifacts/edited").exists()
+    monkeypatch.setattr(ece.audit.checkpoint, "write_json", real)
+    capsys.readouterr()
+    run_stage_inprocess(work, "apply_edits")
+    out = capsys.readouterr().out
+    assert "batches 0..1 restored, 1 to go" in out and "batch 1:" not in out and "batch 2:" in out
+    assert_same_result(ultraedit_reference, work)

@@ -7,7 +7,8 @@ against what the stage code computed: the edited folder loads with plain transfo
 (down_proj) of the method's layers changed; the per-batch deltas replay from the original weights to
 the edited ones; the ledger has one row per batch and layer; and per method: ECE changed only the
 columns its attribution selected (as the ledger records them), ROME writes rank one per fact, AlphaEdit's
-updates lie in C0's null space, FT-L/FT-M keep every entry of a batch's update within ±ft.norm_constraint.
+updates lie in C0's null space, FT-L/FT-M keep every entry of a batch's update within ±ft.norm_constraint,
+UltraEdit computes no z and changes every column, and its checkpoint carries its feature moments.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ece.model.loading import tiny_model
 
-METHODS = ("ece", "memit", "alphaedit", "rome", "ft-l", "ft-m")
+METHODS = ("ece", "memit", "alphaedit", "rome", "ft-l", "ft-m", "ultraedit")
 SINGLE_LAYER = 2  # rome.layer and ft.layer: one of the scratch project's edit.layers
 # The tiny model's C0 eigenvalues all lie below AlphaEdit's 2e-2 (largest ~5e-4), which makes the null
 # space the whole space and the null-space check empty; 1e-5 splits the 64 directions roughly in half.
 NULLSPACE_THRESHOLD = 1e-5
+ULTRAEDIT_LR = 1e-3  # the reference's 1e-6 moves the tiny model's weights by about a hundred ulps
 W_OUT = "model.layers.{}.mlp.down_proj.weight"
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -70,6 +72,7 @@ def build(factory: pytest.TempPathFactory, method: str) -> Edited:
             "rome.layer": SINGLE_LAYER,
             "ft.layer": SINGLE_LAYER,
             "alphaedit.nullspace_threshold": NULLSPACE_THRESHOLD,
+            "ultraedit.lr": ULTRAEDIT_LR,
         },
     )
     for stage in ("apply_edits", "evaluate"):
@@ -155,6 +158,23 @@ def test_memit_changes_every_column(edited: Callable[[str], Edited]) -> None:
     run = edited("memit")
     for l in run.layers:
         assert w_out_change(run, l).ne(0).any(dim=0).all()
+
+
+def test_ultraedit_needs_no_z_changes_every_column_and_carries_its_moments(edited: Callable[[str], Edited]) -> None:
+    """No z rows (precompute_z skipped it), every column of every edited W_out changed, and the
+    checkpoint holds, after each batch, moments over every target token seen so far (one row per target
+    token and layer: the tokenizer here is byte-level, so a target of c characters has c + 1 tokens)."""
+    run = edited("ultraedit")
+    assert pl.read_parquet(run.work / "artifacts/z/index.parquet").height == 0
+    for l in run.layers:
+        assert w_out_change(run, l).ne(0).any(dim=0).all()
+    (folder,) = {p.parent for p in (run.work / ".cache/checkpoint/apply_edits").glob("*/state.json")}
+    batch_size, seen = run.params["edit"]["batch_size"], 0
+    for b in range(N_BATCHES):
+        seen += sum(len(f["target_new"]) + 1 for f in FACTS[b * batch_size : (b + 1) * batch_size]) * len(run.layers)
+        carried = load_file(folder / f"carry-{b:04d}.safetensors")
+        assert sorted(carried) == ["moments.mean", "moments.n", "moments.std", "moments.var"]
+        assert float(carried["moments.n"]) == seen
 
 
 @pytest.mark.parametrize("method", ["ft-l", "ft-m"])
