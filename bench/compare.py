@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sweep import ROOT, run_stages  # noqa: E402
 
 from ece.config import METHODS  # noqa: E402
-from ece.eval.report import save_png  # noqa: E402
+from ece.eval.plotting import save_png  # noqa: E402
 
 DATASETS = {
     "counterfact": ["data.edit_dataset=data/counterfact/counterfact_compact_0-19999.json"],

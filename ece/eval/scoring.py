@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from ece.editing.zvec import target_ids
-from ece.model.prompts import document_start, right_padded
+from ece.model.prompts import document_start, right_padded, target_ids
 
 Ids = tuple[int, ...]
 
