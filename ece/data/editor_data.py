@@ -3,7 +3,9 @@ training and held-out records, and kept apart from the facts being edited.
 
 An editor that has seen an edited fact in training (its prompt, its paraphrase, its target) would
 report generalization it never had to earn, so the training records are chosen by id range
-(train_editor.id_range) and every fact of an edit run is checked against them by its fact key.
+(train_editor.id_range), a record whose fact also occurs outside the range in the same file is left
+out (CounterFact repeats a few facts under other case ids: 7 of 10000-19999 reappear in 0-9999), and
+every fact of an edit run is checked against the training records by its fact key.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ def fact_keys(df: pl.DataFrame) -> list[str]:
     return [fact_key(*r) for r in df.select("subject", "prompt", "target_new").iter_rows()]
 
 
-def training_table(cfg: TrainEditorCfg) -> pl.DataFrame:
-    """The records of `cfg.data` whose id number lies in `cfg.id_range`, in file order; each must have
-    a "{}" prompt, a paraphrase and a neighbourhood prompt with its answer."""
+def training_table(cfg: TrainEditorCfg) -> tuple[pl.DataFrame, int]:
+    """The records of `cfg.data` whose id number lies in `cfg.id_range`, in file order, less those whose
+    fact occurs outside the range too (so an edit run on the rest of the file never meets a training
+    fact), and how many were left out for that. Each must have a "{}" prompt, a paraphrase and a
+    neighbourhood prompt with its answer."""
     df = load_edits(DataCfg(edit_dataset=cfg.data, format=cfg.format))
     numbers = [id_number(i) for i in df["id"].to_list()]
     if None in numbers:
@@ -60,7 +64,11 @@ def training_table(cfg: TrainEditorCfg) -> pl.DataFrame:
             "give the training records ids that end with a number (e.g. train:17)",
         )
     first, last = cfg.id_range
-    selected = df.filter(pl.Series([first <= n <= last for n in numbers]))  # type: ignore[operator]
+    inside = pl.Series([first <= n <= last for n in numbers])  # type: ignore[operator]
+    keys = pl.Series(fact_keys(df))
+    outside = set(keys.filter(~inside).to_list())
+    selected = df.filter(inside & ~keys.is_in(list(outside)))
+    dropped = int(inside.sum()) - selected.height
     if selected.height <= cfg.heldout:
         raise EceError(
             f"train_editor.id_range {list(cfg.id_range)} selects {selected.height} records of {cfg.data}, "
@@ -79,7 +87,7 @@ def training_table(cfg: TrainEditorCfg) -> pl.DataFrame:
             f"with its answer, e.g. {unusable['id'].head(5).to_list()}",
             "train on records with all three (CounterFact, zsRE), or narrow train_editor.id_range",
         )
-    return selected
+    return selected, dropped
 
 
 def training_records(df: pl.DataFrame) -> list[TrainingRecord]:

@@ -67,7 +67,7 @@ def train_editor(
     write it to `folder`. Resumable: the state after each evaluation is kept under the scratch folder,
     keyed by the inputs, the model and the `code` hash, and deleted once the editor is written."""
     trainer = TRAINERS[p.method]
-    table = training_table(p.train_editor)
+    table, repeated = training_table(p.train_editor)
     n_train = table.height - p.train_editor.heldout
     inputs = editor_inputs(p)
     key = sha256_json({"inputs": inputs, "model": wb.fingerprint, "code": code, "torch": torch.__version__})
@@ -82,6 +82,7 @@ def train_editor(
         "format": source_format(table),
         "n_train": n_train,
         "n_heldout": p.train_editor.heldout,
+        "n_left_out_as_repeats": repeated,  # facts of the range that also occur outside it
         **result.config,
     }
     split = ["train"] * n_train + ["heldout"] * p.train_editor.heldout
