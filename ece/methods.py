@@ -127,6 +127,13 @@ REGISTRY: dict[str, MethodSpec] = {
             **_FINETUNE,
         ),
         MethodSpec(
+            "ft-m",
+            "constrained fine-tuning of one W_out, loss masked to the target",
+            settings=_ft(True),
+            describe=lambda p: _ft_text(p, "the target only"),
+            **_FINETUNE,
+        ),
+        MethodSpec(
             "mend",
             "a trained editor network transforms the edit prompt's gradient of W_out (last blocks)",
             needs_z=False,
@@ -140,13 +147,6 @@ REGISTRY: dict[str, MethodSpec] = {
             layers_param="mend",
             settings=lambda p: {"mom2_weight": 0.0},
             describe=lambda p: f"MEND editor on layers {list(p.mend.layers)}, rank {p.mend.rank}",
-        ),
-        MethodSpec(
-            "ft-m",
-            "constrained fine-tuning of one W_out, loss masked to the target",
-            settings=_ft(True),
-            describe=lambda p: _ft_text(p, "the target only"),
-            **_FINETUNE,
         ),
     ]
 }
