@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sweep import ROOT, run_stages  # noqa: E402
 
 from ece.config import METHODS  # noqa: E402
-from ece.eval.report import save_png  # noqa: E402
+from ece.eval.plotting import save_png  # noqa: E402
 
 DATASETS = {
     "counterfact": ["data.edit_dataset=data/counterfact/counterfact_compact_0-19999.json"],
@@ -48,7 +48,9 @@ def run(method: str, dataset: str, n_facts: int, extra: list[str]) -> dict[str, 
     work = ROOT / ".cache" / "compare" / dataset
     start = time.perf_counter()
     p, stage_seconds = run_stages(
-        overrides, work, ["prepare", "covariance", "attribute", "cluster", "precompute_z", "apply_edits", "evaluate"]
+        overrides,
+        work,
+        ["prepare", "covariance", "attribute", "cluster", "precompute_z", "train_editor", "apply_edits", "evaluate"],
     )
     metrics = json.loads((work / "reports" / "metrics.json").read_text())
     timings = json.loads((work / "reports" / "timings.json").read_text())

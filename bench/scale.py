@@ -29,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from experiments import add, results, start  # noqa: E402
 
-from ece.eval.report import save_png  # noqa: E402
+from ece.eval.plotting import save_png  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "scale-"

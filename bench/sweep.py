@@ -28,7 +28,7 @@ from ece.model.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the stage scripts are imported as modules of `stages`
-STAGES = ["prepare", "covariance", "attribute", "cluster", "precompute_z", "apply_edits"]
+STAGES = ["prepare", "covariance", "attribute", "cluster", "precompute_z", "train_editor", "apply_edits"]
 
 
 @contextlib.contextmanager
@@ -46,6 +46,7 @@ PATHS = (
     ("data", "edit_dataset"),
     ("data", "generation_prompts"),
     ("covariance", "corpus"),
+    ("train_editor", "data"),
     ("evaluate", "general_dir"),
     ("evaluate", "ppl_corpus"),
     ("evaluate", "reference_corpus"),

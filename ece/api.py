@@ -26,6 +26,7 @@ import polars as pl
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from ece.artifacts import EDITOR
 from ece.audit.ledger import LEDGER_SCHEMA
 from ece.config import Params, load_params
 from ece.data.facts import Fact, batch_ranges
@@ -35,6 +36,7 @@ from ece.editing.clustering import cluster_batch, neuron_sets
 from ece.editing.covariance import estimate_covariance, load_covariance
 from ece.editing.editor import Editor, LayerChange
 from ece.editing.selection import attribute_batch, update_columns
+from ece.editing.trained import load_trained
 from ece.editing.zvec import batch_z, z_groups, z_rows
 from ece.errors import EceError
 from ece.eval.run import evaluate_model
@@ -91,8 +93,11 @@ def covariance_for(
     method: Method,
     covariance: dict[int, Tensor] | str | Path | None,
 ) -> dict[int, Tensor]:
-    """C0 per edited layer: given, read from a file made for this model, or estimated from p.covariance."""
+    """C0 per edited layer: given, read from a file made for this model, or estimated from p.covariance
+    (none for a method that does not use it)."""
     layers = list(method.layers)
+    if not method.needs_covariance:
+        return {}
     if isinstance(covariance, dict):
         missing = [l for l in layers if l not in covariance]
         if missing:
@@ -100,8 +105,6 @@ def covariance_for(
         return covariance
     if covariance is not None:
         return load_covariance(covariance, wb.fingerprint, layers)
-    if not method.needs_covariance:
-        return {}
     return estimate_covariance(wb.adapter, wb.tok, layers, p.covariance)[0]
 
 
@@ -133,6 +136,7 @@ def edit(
     params: Params | str | Path = "params.yaml",
     overrides: Sequence[str] = (),
     covariance: dict[int, Tensor] | str | Path | None = None,
+    editor: str | Path = EDITOR,
     log: Log = print,
 ) -> EditResult:
     """Edit `facts` into `model` in place, in sequential batches, as the pipeline would; the audit of it.
@@ -140,7 +144,9 @@ def edit(
     `facts`: dicts with subject, prompt (one "{}" for the subject) and target_new (id optional), Facts,
     or a prepared table. `method` overrides params' `method`; `overrides` are `a.b=value` strings.
     `covariance`: C0 per layer, or a c0.safetensors of this model (the covariance stage's); None
-    estimates it from `covariance.corpus` (minutes on a CPU).
+    estimates it from `covariance.corpus` (minutes on a CPU). `editor`: the folder of the trained editor
+    (train_editor's output) for a method that needs one (MEND); checked against the model, params.yaml
+    and the facts.
     """
     if not isinstance(params, Params):
         params = load_params(params, [*overrides, *([f"method={method}"] if method else [])])
@@ -157,6 +163,7 @@ def edit(
         wb.templates,
         covariance_for(wb, p, m, covariance),
         max_update_norm=p.update.max_update_norm,
+        trained=load_trained(wb, p, df, Path(editor)),
     )
     plans = plan(wb, p, df, log)
     changes, stored = apply_plans(editor, p, plans, wb.fingerprint, dataset_hash(df), log=log)

@@ -131,6 +131,35 @@ class UltraEditCfg:
 
 
 @dataclass
+class TrainEditorCfg:
+    """Stage train_editor: the records an editor (MEND) learns from, never the facts being edited."""
+
+    data: str = "data/counterfact/counterfact_compact_0-19999.json"
+    format: str = "auto"
+    id_range: list[int] = field(default_factory=lambda: [10000, 19999])  # first and last id number, inclusive
+    heldout: int = 100  # the last N selected records: held-out loss for the curve and early stopping
+    max_steps: int = 2000  # training edits (one record each)
+    eval_every: int = 100  # held-out loss and a resumable checkpoint every N steps
+    patience: int = 5  # stop after N evaluations without a better held-out loss (0: never early)
+    seed: int = 0
+
+
+@dataclass
+class MendCfg:
+    """MEND (Mitchell et al., ICLR 2022): the editor network and its training."""
+
+    layers: list[int] = field(default_factory=lambda: [27, 28, 29])
+    rank: int = 1920
+    edit_lr: float = 1e-4
+    lr: float = 1e-6
+    lr_lr: float = 1e-4
+    c_edit: float = 0.1
+    c_loc: float = 1.0
+    accumulate: int = 10
+    grad_clip: float = 100.0
+
+
+@dataclass
 class EvaluateCfg:
     batch_size: int = 16  # prompts per forward pass (scoring, general ability, generation)
     n_general: int = 20  # first N examples of each general-ability task (0 = all)
@@ -169,6 +198,8 @@ class Params:
     rome: RomeCfg = field(default_factory=RomeCfg)
     ft: FtCfg = field(default_factory=FtCfg)
     ultraedit: UltraEditCfg = field(default_factory=UltraEditCfg)
+    train_editor: TrainEditorCfg = field(default_factory=TrainEditorCfg)
+    mend: MendCfg = field(default_factory=MendCfg)
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
 
 
@@ -210,6 +241,19 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("ft.steps", 1, True, "ROME's FT-L: 25"),
     ("ft.norm_constraint", 0, False, "ROME's FT-L: 5e-4"),
     ("ultraedit.lr", 0, False, "UltraEdit's released config: 1e-6"),
+    ("train_editor.heldout", 1, True, "e.g. 100 (held out for early stopping)"),
+    ("train_editor.max_steps", 1, True, "e.g. 2000"),
+    ("train_editor.eval_every", 1, True, "e.g. 100"),
+    ("train_editor.patience", 0, True, "0 never stops early"),
+    ("train_editor.seed", 0, True, "any integer >= 0, e.g. 0"),
+    ("mend.rank", 1, True, "MEND: 1920"),
+    ("mend.edit_lr", 0, False, "MEND: 1e-4"),
+    ("mend.lr", 0, False, "MEND: 1e-6"),
+    ("mend.lr_lr", 0, True, "MEND: 1e-4; 0 keeps the per-layer edit step sizes fixed"),
+    ("mend.c_edit", 0, False, "MEND: 0.1"),
+    ("mend.c_loc", 0, True, "MEND: 1.0"),
+    ("mend.accumulate", 1, True, "MEND: 10"),
+    ("mend.grad_clip", 0, False, "MEND: 100"),
     ("evaluate.batch_size", 1, True, "e.g. 16"),
     ("evaluate.n_general", 0, True, "0 means every example"),
     ("evaluate.ppl_tokens", 1, True, "e.g. 4096"),
@@ -234,6 +278,20 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"unknown {name} '{value}'", f"use one of {', '.join(choices)}")
 
 
+def _check_layers(name: str, layers: list[int], lowest: int) -> None:
+    _check(len(layers) > 0, f"{name} is empty", "name at least one layer, e.g. [3, 4, 5, 6, 7]")
+    _check(
+        min(layers) >= lowest,
+        f"{name} must be >= {lowest}, got {layers}",
+        "layers count from 0" + ("; MEND reads the activations below its first layer" if lowest else ""),
+    )
+    _check(
+        layers == sorted(set(layers)),
+        f"{name} must be strictly ascending without repeats, got {layers}",
+        "write them in ascending order",
+    )
+
+
 def validate(p: Params) -> None:
     """Reject values that type checking cannot catch: unknown choices and numbers out of range.
 
@@ -242,7 +300,7 @@ def validate(p: Params) -> None:
     """
     if p.method in NOT_YET_SUPPORTED:
         raise EceError(
-            f"method '{p.method}' is not yet supported (it needs training on zsRE train data)",
+            f"method '{p.method}' is not yet supported (it needs an editor trained on edit data)",
             f"use one of {', '.join(METHODS)}",
         )
     _choice("method", p.method, METHODS)
@@ -277,13 +335,7 @@ def validate(p: Params) -> None:
         "a member starts from its anchor's δ, so its group must be optimised in one pass; set z.facts_per_pass: 0",
     )
     _check(p.z.n_context <= MAX_CONTEXT, f"z.n_context must be <= {MAX_CONTEXT}, got {p.z.n_context}", "MEMIT: 5")
-    _check(len(p.edit.layers) > 0, "edit.layers is empty", "name at least one layer, e.g. [3, 4, 5, 6, 7]")
-    _check(min(p.edit.layers) >= 0, f"edit.layers must be >= 0, got {list(p.edit.layers)}", "layers count from 0")
-    _check(
-        list(p.edit.layers) == sorted(set(p.edit.layers)),
-        f"edit.layers must be strictly ascending without repeats, got {list(p.edit.layers)}",
-        "write them in ascending order",
-    )
+    _check_layers("edit.layers", list(p.edit.layers), 0)
     k = p.cluster.k
     _check(
         k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1),
@@ -299,6 +351,19 @@ def validate(p: Params) -> None:
             f"{section}.layer = {layer} is not one of edit.layers {list(p.edit.layers)}",
             "pick one of edit.layers (the covariance statistics are computed for those)",
         )
+    _check_layers("mend.layers", list(p.mend.layers), 1)
+    t = p.train_editor
+    _choice("train_editor.format", t.format, FORMATS)
+    _check(
+        len(t.id_range) == 2 and 0 <= t.id_range[0] <= t.id_range[1],
+        f"train_editor.id_range must be [first, last] with 0 <= first <= last, got {list(t.id_range)}",
+        "e.g. [10000, 19999]: CounterFact records never edited by the default runs",
+    )
+    _check(
+        t.eval_every % p.mend.accumulate == 0,
+        f"train_editor.eval_every ({t.eval_every}) must be a multiple of mend.accumulate ({p.mend.accumulate})",
+        "a checkpoint is taken after an optimiser step, so that a resumed run continues exactly",
+    )
     e = p.evaluate
     bad_tasks = [t for t in e.general_tasks if t not in GENERAL_TASKS]
     _check(not bad_tasks, f"unknown evaluate.general_tasks {bad_tasks}", f"use any of {', '.join(GENERAL_TASKS)}")

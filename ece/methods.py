@@ -33,10 +33,11 @@ class MethodSpec:
     clusters: bool  # ECE: z warm-started within groups (z.warm_start)
     use_cache: bool  # P += K Kᵀ after each batch (ECE, AlphaEdit)
     per_fact: bool  # ROME: one rank-one update per fact, in order
-    trained_editor: bool  # MEND/SERAC: an editor trained before editing (not implemented yet)
+    trained_editor: bool  # MEND: an editor trained beforehand (stage train_editor) computes the update
     layer_param: str | None  # a params section whose `layer` is the only layer written (rome, ft)
     settings: Callable[[Params], dict[str, Any]]  # mom2_weight, nullspace_threshold, l2, ft, target_only, ultraedit
     describe: Callable[[Params], str]  # the update settings, for reports
+    layers_param: str | None = None  # a params section whose `layers` are the layers written (mend)
 
 
 def _ridge(p: Params) -> dict[str, Any]:
@@ -146,11 +147,26 @@ REGISTRY: dict[str, MethodSpec] = {
             settings=lambda p: {"mom2_weight": 0.0, "ultraedit": p.ultraedit},
             describe=lambda p: f"lr {p.ultraedit.lr:g}, ridge 1, lifelong normalisation",
         ),
+        MethodSpec(
+            "mend",
+            "a trained editor network transforms the edit prompt's gradient of W_out (last blocks)",
+            needs_z=False,
+            needs_covariance=False,
+            selects_columns=False,
+            clusters=False,
+            use_cache=False,
+            per_fact=False,
+            trained_editor=True,
+            layer_param=None,
+            layers_param="mend",
+            settings=lambda p: {"mom2_weight": 0.0},
+            describe=lambda p: f"MEND editor on layers {list(p.mend.layers)}, rank {p.mend.rank}",
+        ),
     ]
 }
 
-# Named by the ECE paper, not implemented yet: each needs an editor trained on edit data.
-NOT_YET_SUPPORTED = ("mend", "serac")
+# Named by the ECE paper, not implemented yet: it needs an editor trained on edit data.
+NOT_YET_SUPPORTED = ("serac",)
 
 
 @dataclass(frozen=True)
@@ -163,6 +179,7 @@ class Method:
     clusters: bool
     needs_z: bool
     needs_covariance: bool
+    trained_editor: bool
     mom2_weight: float  # λ of λ·C0 in the solve (AlphaEdit: 0, it projects instead)
     use_cache: bool
     per_fact: bool
@@ -174,9 +191,12 @@ class Method:
 
 
 def edited_layers(p: Params) -> list[int]:
-    """The layers the chosen method writes: its `layer_param` section's layer, or edit.layers."""
-    section = REGISTRY[p.method].layer_param
-    return [getattr(p, section).layer] if section else list(p.edit.layers)
+    """The layers the chosen method writes: its `layers_param` section's layers, its `layer_param`
+    section's layer, or edit.layers."""
+    spec = REGISTRY[p.method]
+    if spec.layers_param:
+        return list(getattr(p, spec.layers_param).layers)
+    return [getattr(p, spec.layer_param).layer] if spec.layer_param else list(p.edit.layers)
 
 
 def method_of(p: Params) -> Method:
@@ -188,6 +208,7 @@ def method_of(p: Params) -> Method:
         clusters=spec.clusters,
         needs_z=spec.needs_z,
         needs_covariance=spec.needs_covariance,
+        trained_editor=spec.trained_editor,
         use_cache=spec.use_cache,
         per_fact=spec.per_fact,
         **spec.settings(p),

@@ -25,6 +25,7 @@ from ece.artifacts import (
     CLUSTERS,
     COVARIANCE,
     EDITED,
+    EDITOR,
     PREPARED,
     SCRATCH,
     Z_DIR,
@@ -43,7 +44,16 @@ from ece.audit.ledger import (
 )
 from ece.config import Params
 from ece.data.facts import Fact, batch_ranges, batch_rows
-from ece.data.io import atomic_dir, link_or_copy, read_timings, sha256_file, sha256_json, write_json, write_text
+from ece.data.io import (
+    atomic_dir,
+    link_or_copy,
+    read_timings,
+    sha256_file,
+    sha256_json,
+    sha256_tree,
+    write_json,
+    write_text,
+)
 from ece.data.loaders import dataset_hash
 from ece.editing.selection import update_columns
 from ece.editing.zcache import read_z
@@ -93,7 +103,8 @@ def read_plans(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact]) ->
 
 def lineage_key(p: Params, method: Method, fingerprint: str, code: str) -> str:
     """Hash of everything an apply_edits run depends on except its facts and their plans: params,
-    covariance, model and code. Runs of one lineage share a checkpoint folder (ece.sequence.prefix_keys)."""
+    covariance, trained editor, model and code. Runs of one lineage share a checkpoint folder
+    (ece.sequence.prefix_keys)."""
     return sha256_json(
         {
             "params": {
@@ -105,6 +116,7 @@ def lineage_key(p: Params, method: Method, fingerprint: str, code: str) -> str:
                 "update": asdict(p.update),
             },
             "covariance": sha256_file(COVARIANCE),
+            "editor": sha256_tree(EDITOR) if EDITOR.exists() else None,
             "model": fingerprint,
             "code": code,
             "torch": torch.__version__,

@@ -1,8 +1,8 @@
 """Stage `apply_edits`: write the batches into the model in dataset order, then save it with its ledger.
 
 Per batch and edited layer: keys on the current model, the residual spread over the remaining layers,
-the method's update (as its ece.methods registry entry says), and for ECE and AlphaEdit the cache
-P += K Kᵀ: ece.sequence.apply_plans, fed with the plans the upstream stages stored
+the method's update (as its ece.methods registry entry says; MEND: its trained editor's transformed
+gradient of the batch's prompts), and for ECE and AlphaEdit the cache P += K Kᵀ: ece.sequence.apply_plans, fed with the plans the upstream stages stored
 (ece.pipeline.read_plans), computed on the original weights.
 
 After every batch its changes are committed to the checkpoint of the run's lineage (ece.audit.checkpoint,
@@ -25,6 +25,7 @@ from ece.data.codehash import code_hash
 from ece.data.facts import read_facts
 from ece.editing.covariance import load_covariance
 from ece.editing.editor import Editor
+from ece.editing.trained import load_trained
 from ece.methods import method_of
 from ece.model.workbench import Workbench
 from ece.pipeline import CHECKPOINT, lineage_key, read_dataset_hash, read_plans, write_edited
@@ -36,8 +37,9 @@ def main(p: Params) -> None:
     df, facts = read_facts()
     wb = Workbench.open(p)
     method = method_of(p)
-    c0 = load_covariance(COVARIANCE, wb.fingerprint, list(method.layers))
-    editor = Editor(wb.adapter, wb.tok, method, wb.templates, c0, max_update_norm=p.update.max_update_norm)
+    c0 = load_covariance(COVARIANCE, wb.fingerprint, list(method.layers)) if method.needs_covariance else {}
+    trained = load_trained(wb, p, df)  # MEND's editor (artifacts/editor), checked; None for the other methods
+    editor = Editor(wb.adapter, wb.tok, method, wb.templates, c0, p.update.max_update_norm, trained)
     plans = read_plans(wb, p, df, facts)  # on the original weights, before any batch is written
     lineage = lineage_key(p, method, wb.fingerprint, code_hash(__file__))
     checkpoint = Checkpoint(CHECKPOINT / lineage[:24], prefix_keys(lineage, plans))

@@ -25,7 +25,7 @@ from ece.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
-UPSTREAM = ["prepare", "covariance", "attribute", "cluster", "precompute_z"]
+UPSTREAM = ["prepare", "covariance", "attribute", "cluster", "precompute_z", "train_editor"]
 FACTS = [
     {"id": f"f{i}", "subject": s, "prompt": p, "target_new": n, "target_true": t}
     for i, (s, p, n, t) in enumerate(
@@ -40,6 +40,23 @@ FACTS = [
     )
 ]
 N_BATCHES = 3  # 6 facts, batch_size 2
+# Training records for a trained editor (MEND): other facts than FACTS, each with a paraphrase and an
+# unrelated prompt with its answer; ids train:100..train:107 (train_editor.id_range), the last 2 held out.
+TRAIN = [
+    {
+        "id": f"train:{100 + i}",
+        "subject": s,
+        "prompt": "{} works in the city of",
+        "target_new": o,
+        "paraphrase_prompts": [f"The workplace of {s} is the city of"],
+        "neighborhood_prompts": ["Ravi Shankar works in the city of"],
+        "neighborhood_target": "Delhi",
+    }
+    for i, (s, o) in enumerate(
+        [("Anna Berg", "Oslo"), ("Tom Hale", "Lima"), ("Kim Soo", "Seoul"), ("Joe Park", "Kyiv")]
+        + [("Sue Lane", "Bern"), ("Max Ruiz", "Quito"), ("Lea Roth", "Graz"), ("Ida Holm", "Turku")]
+    )
+]
 _BASE: dict[str, Path] = {}
 
 
@@ -58,10 +75,11 @@ def write_facts(work: Path, n: int = len(FACTS)) -> None:
 
 
 def write_data(work: Path, n_facts: int = len(FACTS)) -> None:
-    """The scratch inputs: the first `n_facts` facts, a small text corpus, no generation prompts, and
-    four SST-2 examples for the general-ability part of `evaluate`."""
+    """The scratch inputs: the first `n_facts` facts, the training records of a trained editor, a small
+    text corpus, no generation prompts, and four SST-2 examples for the general-ability part of `evaluate`."""
     (work / "data/general").mkdir(parents=True, exist_ok=True)
     write_facts(work, n_facts)
+    (work / "data/train.jsonl").write_text("".join(json.dumps(f) + "\n" for f in TRAIN))
     (work / "data/corpus.txt").write_text(
         "\n\n".join(f"Document {i} talks about cities and rivers." for i in range(50))
     )
@@ -79,6 +97,10 @@ def write_params(work: Path, changes: dict[str, dict] | None = None) -> None:
     )
     params["covariance"].update(corpus="data/corpus.txt", n_tokens=2000, seq_len=32)
     params["z"].update(shared_steps=2, instance_steps=1, n_context=2, context_length=3)
+    params["train_editor"].update(
+        data="data/train.jsonl", id_range=[100, 199], heldout=2, max_steps=4, eval_every=2, patience=0
+    )
+    params["mend"].update(layers=[2, 3], rank=8, accumulate=2)
     params["evaluate"].update(
         batch_size=4,
         n_general=4,

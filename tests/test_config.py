@@ -49,6 +49,19 @@ INVALID = {
     "ft.steps": 0,
     "ft.norm_constraint": 0.0,
     "ultraedit.lr": 0.0,
+    "train_editor.heldout": 0,
+    "train_editor.max_steps": 0,
+    "train_editor.eval_every": 0,
+    "train_editor.patience": -1,
+    "train_editor.seed": -1,
+    "mend.rank": 0,
+    "mend.edit_lr": 0.0,
+    "mend.lr": 0.0,
+    "mend.lr_lr": -1.0,
+    "mend.c_edit": 0.0,
+    "mend.c_loc": -1.0,
+    "mend.accumulate": 0,
+    "mend.grad_clip": 0.0,
     "evaluate.batch_size": 0,
     "evaluate.n_general": -1,
     "evaluate.ppl_tokens": 0,
@@ -66,6 +79,8 @@ MORE_INVALID = {  # further bounds of params already in INVALID, and lists of nu
     "ece.neuron_threshold": 0.0,
     "z.n_context": -1,
     "edit.layers": [-1, 2],
+    "mend.layers": [0, 2],  # MEND reads the activations below its first layer
+    "train_editor.id_range": [5, 1],
 }
 UNKNOWN_CHOICES = {
     "method": "magic",
@@ -74,6 +89,7 @@ UNKNOWN_CHOICES = {
     "data.format": "xml",
     "z.lr_scale": "cosine",
     "z.warm_start": "random",
+    "train_editor.format": "xml",
 }
 
 
@@ -141,3 +157,8 @@ def test_facts_per_pass_needs_facts_that_are_their_own_anchor() -> None:
         load_params(ROOT / "params.yaml", ["method=ece", "z.facts_per_pass=1", "z.warm_start=cluster"])
     load_params(ROOT / "params.yaml", ["method=ece", "z.facts_per_pass=1", "z.warm_start=none"])
     load_params(ROOT / "params.yaml", ["method=memit", "z.facts_per_pass=1"])
+
+
+def test_mend_checkpoints_only_after_an_optimiser_step() -> None:
+    """A checkpoint in the middle of an accumulation would lose the accumulated gradients on resume."""
+    expect_error(["train_editor.eval_every=15"], "must be a multiple of mend.accumulate (10)")

@@ -17,6 +17,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from ece.data.facts import Fact
+from ece.editing.editor_io import TrainedEditor
 from ece.editing.finetune import finetune_delta
 from ece.editing.keys import keys_and_hidden
 from ece.editing.solve import nullspace_basis, projected_update, restricted_update
@@ -41,7 +42,7 @@ class LayerChange:
 @dataclass
 class Editor:
     """Holds what persists across batches: C0, the cache P of edited keys (ECE, AlphaEdit), the feature
-    moments (UltraEdit), and the method."""
+    moments (UltraEdit), the method, and for a method with a trained editor (MEND) that editor."""
 
     adapter: ModelAdapter
     tok: PreTrainedTokenizerBase
@@ -49,6 +50,7 @@ class Editor:
     templates: list[str]
     c0: dict[int, Tensor]
     max_update_norm: float = 1e4
+    trained: TrainedEditor | None = None
     cache: dict[int, Tensor] = field(default_factory=dict)
     nullspace: dict[int, Tensor] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # of the last batch
@@ -57,6 +59,8 @@ class Editor:
 
     def __post_init__(self) -> None:
         assert not (self.method.use_cache and self.method.per_fact), "the cache reuses one solve's keys per layer"
+        if self.method.trained_editor and self.trained is None:
+            raise EceError(f"method {self.method.name} needs its trained editor", "run `dvc repro train_editor`")
         f = self.adapter.inner_size
         # C0, P and the solves live where the layer's W_out does (float64 whatever the model's dtype)
         self.c0 = {l: c.to(self.adapter.layer_device(l)) for l, c in self.c0.items()}
@@ -79,10 +83,15 @@ class Editor:
         sel: Tensor,
         conditions: list[float],
         lifelong: tuple[Features, Moments] | None,
+        trained: dict[int, Tensor] | None,
     ) -> tuple[Tensor, Tensor | None]:
         """The method's change of W_out[:, sel] of the i-th edited layer on the current weights, and
-        the keys (n, f) it solved with (None for fine-tuning and UltraEdit, which feed no cache)."""
+        the keys (n, f) it solved with (None for fine-tuning, UltraEdit and trained editors, which feed no
+        cache). `lifelong`: UltraEdit's features and moments of the batch; `trained`: the trained editor's
+        changes of every layer, computed for the batch before its first layer is written."""
         layer, m = self.layers[i], self.method
+        if trained is not None:
+            return trained[layer], None
         if m.ft is not None:
             with self._timed("solve"):
                 return finetune_delta(self.adapter, self.tok, facts, layer, m.ft, m.target_only), None
@@ -122,12 +131,13 @@ class Editor:
         i: int,
         cols: Tensor | None,
         lifelong: tuple[Features, Moments] | None,
+        trained: dict[int, Tensor] | None,
     ) -> tuple[LayerChange, Tensor | None]:
         layer = self.layers[i]
         sel = cols if cols is not None else torch.arange(self.adapter.inner_size)
         conditions: list[float] = []
         try:
-            delta, keys = self._delta(facts, z, i, sel, conditions, lifelong)
+            delta, keys = self._delta(facts, z, i, sel, conditions, lifelong, trained)
         except EceError as exc:
             raise EceError(f"layer {layer}: {exc.args[0]}", exc.hint) from None
         norm = float(delta.norm())
@@ -196,13 +206,19 @@ class Editor:
         solved: dict[int, Tensor | None] = {}
         try:
             for g in groups:
+                group = [facts[j] for j in g]
+                trained = None
+                if self.trained is not None:  # MEND: every layer's change from one gradient, before any is written
+                    with self._timed("solve"):
+                        trained = self.trained.deltas(self.adapter, self.tok, group)
                 for i, layer in enumerate(self.layers):
                     change, solved[layer] = self._apply_layer(
-                        [facts[j] for j in g],
+                        group,
                         z[g] if z is not None else None,
                         i,
                         cols[layer] if cols is not None else None,
                         lifelong,
+                        trained,
                     )
                     changes.setdefault(layer, []).append(change)
         except BaseException:

@@ -15,9 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ece.config import FtCfg
 from ece.data.facts import Fact
-from ece.editing.zvec import target_ids
 from ece.model.adapter import ModelAdapter
-from ece.model.prompts import encode
+from ece.model.prompts import encode, target_ids
 
 
 def finetune_labels(

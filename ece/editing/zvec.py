@@ -25,17 +25,12 @@ from ece.data.facts import Fact
 from ece.editing.keys import templated
 from ece.methods import Method
 from ece.model.adapter import KV, ModelAdapter
-from ece.model.prompts import at_positions, encode
+from ece.model.prompts import at_positions, encode, target_ids
 from ece.model.workbench import Workbench
 
 KL_TEMPLATE = "{} is a"
 BETAS = (0.9, 0.999)
 EPS = 1e-8
-
-
-def target_ids(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
-    """Token ids of a target continuation, with the leading space a continuation has in running text."""
-    return tok((target if target.startswith(" ") else " " + target), add_special_tokens=False).input_ids
 
 
 @dataclass

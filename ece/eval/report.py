@@ -10,9 +10,9 @@ from typing import Any
 import polars as pl
 
 from ece.config import Params
-from ece.data.io import atomic_path
 from ece.eval.generation import spread
 from ece.eval.metrics import REWRITE_METRICS, family_of
+from ece.eval.plotting import pyplot, save_png
 from ece.methods import describe, edited_layers
 
 APPROX = "approximate"
@@ -125,28 +125,9 @@ def render_summary(
     return "\n".join(lines)
 
 
-def _pyplot() -> Any:
-    """matplotlib.pyplot on the file-only Agg backend, imported only when a plot is drawn (a slow import,
-    and no display on a server)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_png(fig: Any, path: Path) -> None:
-    """Write a figure atomically (folders made) and free it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    _pyplot().close(fig)
-
-
 def plot_metrics(results: dict[str, dict[str, Any]], path: Path) -> None:
     """Bars of pre vs post: the rewrite metrics, and the accuracy of every general-ability task."""
-    plt = _pyplot()
+    plt = pyplot()
     pre, post = results["pre"], results["post"]
     groups = [
         ("Rewrite metrics (all facts)", [m for m in (*REWRITE_METRICS, "score")], lambda r, m: r[m]),
@@ -182,7 +163,7 @@ def plot_metrics(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 def plot_curve(curve: list[dict[str, Any]], curve_every: int, path: Path) -> None:
     """The rewrite metrics of all facts against the number of facts edited so far."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     xs = [pt["facts_edited"] for pt in curve]
     styles = {

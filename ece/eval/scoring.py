@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from ece.editing.zvec import target_ids
 from ece.model import distributed
 from ece.model.loading import device_of
-from ece.model.prompts import document_start, right_padded
+from ece.model.prompts import document_start, right_padded, target_ids
 
 Ids = tuple[int, ...]
 

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
 
@@ -195,6 +196,30 @@ class ModelAdapter:
             for h in handles:
                 h.remove()
         return keys, {l: g.float() for l, g in zip(layers, grads)}
+
+    @contextmanager
+    def w_out_added(self, deltas: dict[int, Tensor]) -> Iterator[dict[int, tuple[Tensor, Tensor]]]:
+        """Within the context W_out of each layer in `deltas` computes (W + Δ)·x, differentiable in Δ
+        (d × f, as `w_out_weight`): its output gains x·Δᵀ, the weights stay untouched.
+
+        Yields, per layer, the last forward's W_out input x (…, f) and the added term (…, d). A loss's
+        gradient with respect to the added term is its gradient with respect to the layer's output:
+        with a zero Δ that requires grad, x and that gradient are the per-token factors of the loss's
+        gradient of W_out (MEND's u and δ), read without forming the d × f gradient itself.
+        """
+        taps: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def add(layer: int, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            added = F.linear(inputs[0], deltas[layer])
+            taps[layer] = (inputs[0], added)
+            return output + added
+
+        handles = [self.w_out_module(l).register_forward_hook(lambda _m, i, o, l=l: add(l, i, o)) for l in deltas]
+        try:
+            yield taps
+        finally:
+            for h in handles:
+                h.remove()
 
     @contextmanager
     def _blocks_above(self, layer: int) -> Iterator[None]:

@@ -32,6 +32,11 @@ def document_start(tok: PreTrainedTokenizerBase) -> list[int]:
     return [sep] if sep is not None else []
 
 
+def target_ids(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
+    """Token ids of a target continuation, with the leading space a continuation has in running text."""
+    return tok((target if target.startswith(" ") else " " + target), add_special_tokens=False).input_ids
+
+
 @torch.no_grad()
 def context_templates(model: torch.nn.Module, tok: PreTrainedTokenizerBase, n: int, length: int) -> list[str]:
     """ "{}" plus `n` greedy continuations of fixed starter words, each followed by ". {}".

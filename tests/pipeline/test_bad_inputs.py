@@ -17,8 +17,9 @@ Covered elsewhere, not repeated here:
 
 Added here: the same failures through the stages' real entry point (`run_stage`: params → main →
 exit 2) on a finished tiny-llama project, checking that artifacts/ and reports/ are byte-for-byte
-unchanged; params errors (wrong types, unknown choices, broken YAML, non-UTF-8); a huge string; CLI
-misuse; and that no pickle is ever loaded.
+unchanged; a trained editor (MEND) that is missing, the marker of another method, damaged, trained for
+another model, from other settings, or on a fact being edited; params errors (wrong types, unknown
+choices, broken YAML, non-UTF-8); a huge string; CLI misuse; and that no pickle is ever loaded.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from scratch_project import ROOT, base_project, inside, run_stage_inprocess, stage_env
+from scratch_project import FACTS, ROOT, TRAIN, base_project, inside, method_project, run_stage_inprocess, stage_env
 
 from ece import cli
 from ece.config import load_params
@@ -94,6 +95,77 @@ def fails(work: Path, stage: str, capsys: pytest.CaptureFixture, report: str | N
     return err
 
 
+# --- trained editor (MEND) ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mend_finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = method_project(tmp_path_factory, "bad_inputs_mend", {"method": "mend"})
+    run_stage_inprocess(work, "apply_edits")
+    return work
+
+
+@pytest.fixture
+def mend_project(mend_finished: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    work = tmp_path / "mend_project"
+    shutil.copytree(mend_finished, work)
+    return work
+
+
+def _remove(work: Path) -> None:
+    import shutil
+
+    shutil.rmtree(work / "artifacts/editor")
+
+
+def _truncate(work: Path) -> None:
+    path = work / "artifacts/editor/editor.safetensors"
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _other_model(work: Path) -> None:
+    path = work / "artifacts/editor/editor.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "model_fingerprint": "0123456789abcdef"}))
+
+
+def _marker(work: Path) -> None:
+    (work / "artifacts/editor/editor.safetensors").unlink()
+    (work / "artifacts/editor/editor.json").write_text(json.dumps({"trained_editor": None}))
+
+
+def _other_settings(work: Path) -> None:
+    set_params(work, "train_editor", "id_range", [100, 150])
+
+
+def _trained_on_an_edited_fact(work: Path) -> None:
+    """The training file also holds fact f0 (edited in batch 0): an overlapping choice, trained for real."""
+    extra = {**TRAIN[0], **{k: FACTS[0][k] for k in ("subject", "prompt", "target_new")}, "id": "train:150"}
+    (work / "data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*TRAIN, extra]))
+    run_stage_inprocess(work, "train_editor")
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (_remove, "no trained editor in artifacts/editor (method mend needs one)"),
+        (_marker, "holds no editor trained for method mend"),
+        (_truncate, "the editor in artifacts/editor is missing or damaged"),
+        (_other_model, "was trained for another model (fingerprint 0123456789abcdef"),
+        (_other_settings, "trained from other data or settings than params.yaml names now: train_editor:"),
+        (_trained_on_an_edited_fact, "the trained editor was trained on 1 of the facts being edited, e.g. ['f0']"),
+    ],
+    ids=lambda x: getattr(x, "__name__", "")[1:] or None,
+)
+def test_bad_trained_editor_stops_before_anything_is_edited(
+    mend_project: Path, capsys: pytest.CaptureFixture, damage, expected: str
+) -> None:
+    damage(mend_project)
+    err = fails(mend_project, "apply_edits", capsys)
+    assert expected in err and "dvc repro train_editor" in err, err
+
+
 # --- params ---------------------------------------------------------------------------------------
 
 
@@ -119,7 +191,7 @@ def test_wrong_type_through_the_command_line(project: Path) -> None:
         ("edit", "layers", "three", "at 'edit.layers'"),
         ("z", "lr", [0.5], "at 'z.lr'"),
         ("method", None, "magic", "unknown method 'magic'"),
-        ("method", None, "mend", "method 'mend' is not yet supported"),
+        ("method", None, "serac", "method 'serac' is not yet supported"),
         ("ece", "scorer", "gradient", "unknown ece.scorer 'gradient'"),
         ("ece", "aggregation", "mean", "unknown ece.aggregation 'mean'"),
         ("update", "max_update_norm", 0.0, "update.max_update_norm must be > 0"),

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ece.model.loading import tiny_model
 
-METHODS = ("ece", "memit", "alphaedit", "rome", "ft-l", "ft-m", "ultraedit")
+METHODS = ("ece", "memit", "alphaedit", "rome", "ft-l", "ft-m", "ultraedit", "mend")
 SINGLE_LAYER = 2  # rome.layer and ft.layer: one of the scratch project's edit.layers
 # The tiny model's C0 eigenvalues all lie below AlphaEdit's 2e-2 (largest ~5e-4), which makes the null
 # space the whole space and the null-space check empty; 1e-5 splits the 64 directions roughly in half.
@@ -58,8 +58,11 @@ class Edited:
 
 
 def expected_layers(params: dict) -> list[int]:
-    """ROME and fine-tuning write one layer (rome.layer / ft.layer), the others every edit.layers."""
+    """ROME and fine-tuning write one layer (rome.layer / ft.layer), MEND its mend.layers, the others every
+    edit.layers."""
     single = {"rome": params["rome"]["layer"], "ft-l": params["ft"]["layer"], "ft-m": params["ft"]["layer"]}
+    if params["method"] == "mend":
+        return list(params["mend"]["layers"])
     return [single[params["method"]]] if params["method"] in single else list(params["edit"]["layers"])
 
 
