@@ -127,7 +127,7 @@ class FtCfg:
 
 @dataclass
 class UltraEditCfg:
-    lr: float = 1e-6  # step size of the pseudo values V = -lr·‖k̂‖²·ĝ (reference: config/editor/ultraedit.yaml)
+    lr: float = 3e-4  # step of the pseudo values V = -lr·‖k̂‖²·ĝ (reference 1e-6 for 7B; reports/ultraedit_check.md)
 
 
 @dataclass
