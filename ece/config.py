@@ -127,6 +127,7 @@ class FtCfg:
 
 @dataclass
 class UltraEditCfg:
+    layers: list[int] = field(default_factory=lambda: [20, 21, 22, 23, 24, 25, 26])  # reports/ultraedit_check.md
     lr: float = 3e-4  # step of the pseudo values V = -lr·‖k̂‖²·ĝ (reference 1e-6 for 7B; reports/ultraedit_check.md)
 
 
@@ -352,6 +353,7 @@ def validate(p: Params) -> None:
             "pick one of edit.layers (the covariance statistics are computed for those)",
         )
     _check_layers("mend.layers", list(p.mend.layers), 1)
+    _check_layers("ultraedit.layers", list(p.ultraedit.layers), 0)
     t = p.train_editor
     _choice("train_editor.format", t.format, FORMATS)
     _check(

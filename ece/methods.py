@@ -37,7 +37,7 @@ class MethodSpec:
     layer_param: str | None  # a params section whose `layer` is the only layer written (rome, ft)
     settings: Callable[[Params], dict[str, Any]]  # mom2_weight, nullspace_threshold, l2, ft, target_only, ultraedit
     describe: Callable[[Params], str]  # the update settings, for reports
-    layers_param: str | None = None  # a params section whose `layers` are the layers written (mend)
+    layers_param: str | None = None  # a params section whose `layers` are the layers written (mend, ultraedit)
 
 
 def _ridge(p: Params) -> dict[str, Any]:
@@ -135,7 +135,7 @@ REGISTRY: dict[str, MethodSpec] = {
         ),
         MethodSpec(
             "ultraedit",
-            "one forward/backward per batch, lifelong-normalised features, ridge solve on every edited layer",
+            "one forward/backward per batch, lifelong-normalised features, ridge solve on its own late layers",
             needs_z=False,
             needs_covariance=False,
             selects_columns=False,
@@ -144,6 +144,7 @@ REGISTRY: dict[str, MethodSpec] = {
             per_fact=False,
             trained_editor=False,
             layer_param=None,
+            layers_param="ultraedit",
             settings=lambda p: {"mom2_weight": 0.0, "ultraedit": p.ultraedit},
             describe=lambda p: f"lr {p.ultraedit.lr:g}, ridge 1, lifelong normalisation",
         ),

@@ -80,6 +80,7 @@ MORE_INVALID = {  # further bounds of params already in INVALID, and lists of nu
     "z.n_context": -1,
     "edit.layers": [-1, 2],
     "mend.layers": [0, 2],  # MEND reads the activations below its first layer
+    "ultraedit.layers": [21, 20],
     "train_editor.id_range": [5, 1],
 }
 UNKNOWN_CHOICES = {
@@ -90,6 +91,8 @@ UNKNOWN_CHOICES = {
     "z.lr_scale": "cosine",
     "z.warm_start": "random",
     "train_editor.format": "xml",
+    "model.dtype": "float8",
+    "model.device_map": "balanced",
 }
 
 

@@ -228,7 +228,7 @@ def test_edit_with_a_method_that_needs_no_covariance(work: Path, capsys: pytest.
     project = tmp_path / "no_c0"
     shutil.copytree(work, project)
     (project / "artifacts/covariance/c0.safetensors").unlink()
-    set_params(project, {"method": "ultraedit", "ultraedit.lr": 1e-3})
+    set_params(project, {"method": "ultraedit", "ultraedit.lr": 1e-3, "ultraedit.layers": LAYERS})
     r = ece_json(project, capsys, "edit", "--subject", "Eiffel Tower", "--prompt", "{} is in", "--new", "Rome")
     assert (
         r["changed"] and [l["layer"] for l in r["layers"]] == LAYERS and all(l["delta_norm"] > 0 for l in r["layers"])

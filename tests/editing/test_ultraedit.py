@@ -27,7 +27,7 @@ EPS = torch.finfo(torch.float32).eps
 
 
 def editor_for(model, tok) -> Editor:
-    p = Params(method="ultraedit", edit=EditCfg(layers=LAYERS), ultraedit=UltraEditCfg(lr=LR))
+    p = Params(method="ultraedit", edit=EditCfg(layers=LAYERS), ultraedit=UltraEditCfg(layers=LAYERS, lr=LR))
     return Editor(ModelAdapter(model), tok, method_of(p), ["{}"], {})
 
 

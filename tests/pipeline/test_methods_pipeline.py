@@ -58,11 +58,11 @@ class Edited:
 
 
 def expected_layers(params: dict) -> list[int]:
-    """ROME and fine-tuning write one layer (rome.layer / ft.layer), MEND its mend.layers, the others every
-    edit.layers."""
+    """ROME and fine-tuning write one layer (rome.layer / ft.layer), MEND and UltraEdit their own `layers`, the
+    others every edit.layers."""
     single = {"rome": params["rome"]["layer"], "ft-l": params["ft"]["layer"], "ft-m": params["ft"]["layer"]}
-    if params["method"] == "mend":
-        return list(params["mend"]["layers"])
+    if params["method"] in ("mend", "ultraedit"):
+        return list(params[params["method"]]["layers"])
     return [single[params["method"]]] if params["method"] in single else list(params["edit"]["layers"])
 
 
