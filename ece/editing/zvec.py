@@ -404,8 +404,15 @@ def z_groups(p: Params, method: Method, cluster_rows: list[dict[str, Any]], batc
 
 
 def batch_z(wb: Workbench, p: Params, method: Method, batch: list[Fact], labels: Tensor, anchors: Tensor) -> ZResult:
-    """z of one batch at the method's last edited layer."""
-    return compute_z(wb.adapter, wb.tok, batch, method.layers[-1], wb.templates, labels, anchors, p.z)
+    """z of one batch at the method's last edited layer, computed on that layer's device and returned on the
+    CPU. Every tensor z's code creates goes to that device through torch's default-device context, so
+    no function here names a device (on the CPU the context changes nothing)."""
+    layer = method.layers[-1]
+    device = wb.adapter.layer_device(layer)
+    with torch.device(device):
+        res = compute_z(wb.adapter, wb.tok, batch, layer, wb.templates, labels.to(device), anchors.to(device), p.z)
+    losses = FactLosses(res.losses.total.cpu(), res.losses.nll.cpu(), res.losses.kl.cpu())
+    return ZResult(res.z.cpu(), res.delta.cpu(), res.h.cpu(), losses, res.steps.cpu())
 
 
 def z_rows(res: ZResult, batch: list[Fact], anchors_of: Tensor) -> list[dict[str, Any]]:
