@@ -21,6 +21,7 @@ in the report.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -194,6 +195,8 @@ def run_worker(name: str, config: Config, common: list[str]) -> dict[str, Any]:
             job,
         ]
         env = {k: v for k, v in os.environ.items() if k != "ECE_SCRATCH"}
+        # this tree's ece before any installed copy (sweep imports ece before it puts ROOT on sys.path)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
         load = os.getloadavg()[0]
         subprocess.run(command, check=True, env=env)
         return {**json.loads(out.read_text()), "zvec_rev": config.zvec_rev, "load_before": load}
@@ -214,8 +217,8 @@ def render(grid: str, results: dict[str, Any]) -> str:
         *(["", *NOTES[grid]] if grid in NOTES else []),
         "",
         "| config | z row-steps | max steps | z s | z CPU s | load before | z NLL | ‖δ‖/‖h‖ | efficacy "
-        "| generalization | specificity | score |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| generalization | specificity | score | zvec.py sha256 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results["rows"]:
         post = r["post"]
@@ -225,7 +228,7 @@ def render(grid: str, results: dict[str, Any]) -> str:
             f"| {r['name']} | {r['row_steps']} | {r['steps_max']} | {r['z_seconds']:.1f} | {cpu} | {load} | "
             f"{r['z_nll']:.3f} | {r['delta_over_h']:.2f} | "
             + " | ".join(f"{post[m]:.3f}" for m in ("efficacy", "generalization", "specificity", "score"))
-            + " |"
+            + f" | {r.get('zvec_sha256', '–')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -259,6 +262,8 @@ def main() -> None:
     if args.worker:
         job = json.loads(args.worker)
         row = run_config(job["name"], job["overrides"], job["common"])
+        zvec_source = Path(sys.modules["ece.editing.zvec"].__file__).read_bytes()  # which z code the row ran
+        row["zvec_sha256"] = hashlib.sha256(zvec_source).hexdigest()[:12]
         Path(job["out"]).write_text(json.dumps(row))
         return
     if args.grid is None or (args.grid != "loop" and len(args.batch_size) != 1):
