@@ -9,17 +9,27 @@ of z, mean ‖δ‖/‖h‖, and efficacy / generalization / specificity / score
     python bench/z_design.py --grid step      # lr × clamp × stop rule, MEMIT z (reports/z_step.md)
     python bench/z_design.py --grid design    # shared-phase designs at the chosen step rule (reports/z_design.md)
     python bench/z_design.py --grid design --only ece-object memit
+    python bench/z_design.py --grid loop --batch-size 25 100   # ECE's z in one loop vs two phases (reports/z_loop.md)
 
 Rows already in reports/z_<grid>.json are kept and skipped (rerun a row with --redo), so a killed run
-resumes. Seconds are only comparable between rows measured on an otherwise idle machine.
+resumes. Every row runs in a process of its own (the loop grid's two-phase rows run the zvec of
+TWO_PHASE_REV through bench/code_at.py). Seconds are only comparable between rows measured on an
+otherwise idle machine, or within one run whose rows alternate; the load average before each row is
+in the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +44,15 @@ from ece.model.loading import load_model
 WORK = ROOT / ".cache" / "z_bench"
 STAGES = ["prepare", "attribute", "cluster", "precompute_z", "apply_edits"]
 MEMIT_Z = ["method=memit", "z.shared_steps=0", "z.instance_steps=25"]
+# The last commit whose zvec ran ECE's shared phase on every anchor and then the instance phase.
+TWO_PHASE_REV = "9e72903"
+THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # shown in the report's command
+
+
+@dataclass(frozen=True)
+class Config:
+    overrides: list[str]
+    zvec_rev: str | None = None  # run ece/editing/zvec.py as of this git revision (None: this tree's)
 
 
 def _step_grid() -> dict[str, list[str]]:
@@ -92,6 +111,22 @@ DESIGNS: dict[str, list[str]] = {
 }
 
 
+def _loop_grid(batch_sizes: list[int]) -> dict[str, Config]:
+    """MEMIT, ECE's two phases (TWO_PHASE_REV's zvec) and ECE's one loop, at params.yaml's z, per batch
+    size; the order alternates between batch sizes so that a drift in the machine's load does not
+    favour one row."""
+    rows = {
+        "memit (same step rule)": Config(MEMIT_Z),
+        f"ece, two phases ({TWO_PHASE_REV})": Config(["method=ece"], TWO_PHASE_REV),
+        "ece, one loop": Config(["method=ece"]),
+    }
+    grid = {}
+    for k, batch in enumerate(batch_sizes):
+        for name, row in list(rows.items())[:: (-1) ** k]:
+            grid[f"batch {batch}: {name}"] = Config([*row.overrides, f"edit.batch_size={batch}"], row.zvec_rev)
+    return grid
+
+
 def covariance_folder(common: list[str]) -> Path:
     """One covariance for every configuration (it depends only on the model, layers and corpus)."""
     folder = WORK / "_covariance"
@@ -124,12 +159,47 @@ def run_config(name: str, overrides: list[str], common: list[str]) -> dict[str, 
     shutil.rmtree(work, ignore_errors=True)  # nothing cached: every z is computed
     shutil.copytree(covariance_folder(common), work / "artifacts" / "covariance")
     start = time.perf_counter()
-    run_stages(common + overrides, work, STAGES)
+    cpu = {}
+    for stage in STAGES:
+        before = time.process_time()
+        run_stages(common + overrides, work, [stage])
+        cpu[stage] = time.process_time() - before
     seconds = time.perf_counter() - start
     with inside(work):
         facts = pl.read_parquet("artifacts/prepared/edits.parquet")
         post = summarise(fact_metrics(*load_model("artifacts/edited/model"), facts))
-    return {"name": name, "overrides": overrides, **z_stats(work), "post": post, "pipeline_seconds": round(seconds, 1)}
+    return {
+        "name": name,
+        "overrides": overrides,
+        **z_stats(work),
+        # CPU seconds of this process in the precompute_z stage (its model load included): with one
+        # thread, far less sensitive than wall seconds to what else runs on the machine
+        "z_cpu_seconds": round(cpu["precompute_z"], 1),
+        "post": post,
+        "pipeline_seconds": round(seconds, 1),
+    }
+
+
+def run_worker(name: str, config: Config, common: list[str]) -> dict[str, Any]:
+    """run_config in a process of its own (with TWO_PHASE_REV's zvec where the row asks for it), with
+    no shared scratch folder (ECE_SCRATCH): its z is computed, never reused."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        job = json.dumps({"name": name, "overrides": config.overrides, "common": common, "out": str(out)})
+        code_at = [str(ROOT / "bench" / "code_at.py"), config.zvec_rev, "ece/editing/zvec.py", "--"]
+        command = [
+            sys.executable,
+            *(code_at if config.zvec_rev else []),
+            str(Path(__file__).resolve()),
+            "--worker",
+            job,
+        ]
+        env = {k: v for k, v in os.environ.items() if k != "ECE_SCRATCH"}
+        # this tree's ece before any installed copy (sweep imports ece before it puts ROOT on sys.path)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        load = os.getloadavg()[0]
+        subprocess.run(command, check=True, env=env)
+        return {**json.loads(out.read_text()), "zvec_rev": config.zvec_rev, "load_before": load}
 
 
 def render(grid: str, results: dict[str, Any]) -> str:
@@ -137,38 +207,75 @@ def render(grid: str, results: dict[str, Any]) -> str:
     lines = [
         f"# z: {grid} grid",
         "",
-        f"Generated by `bench/z_design.py --grid {grid}` on {results['date']} ({results['machine']}). "
+        f"Generated by `{results['command']}` on {results['date']} ({results['machine']}). "
         f"SmolLM2-135M, CounterFact, first {results['n_facts']} facts in batches of {results['batch_size']}, "
         f"layers and λ from params.yaml, common overrides `{' '.join(results['common'])}`; every fact scored "
         f"after the last batch. Unedited: efficacy {pre['efficacy']:.2f}, generalization "
         f"{pre['generalization']:.2f}, specificity {pre['specificity']:.2f}. A row-step is one fact in one "
         "forward/backward of the z descent.",
         "",
-        "| config | z row-steps | max steps | z s | z NLL | ‖δ‖/‖h‖ | efficacy | generalization | specificity | score |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(["", *NOTES[grid]] if grid in NOTES else []),
+        "",
+        "| config | z row-steps | max steps | z s | z CPU s | load before | z NLL | ‖δ‖/‖h‖ | efficacy "
+        "| generalization | specificity | score | zvec.py sha256 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results["rows"]:
         post = r["post"]
+        load = f"{r['load_before']:.1f}" if "load_before" in r else "–"
+        cpu = f"{r['z_cpu_seconds']:.1f}" if "z_cpu_seconds" in r else "–"
         lines.append(
-            f"| {r['name']} | {r['row_steps']} | {r['steps_max']} | {r['z_seconds']:.1f} | {r['z_nll']:.3f} | "
-            f"{r['delta_over_h']:.2f} | "
+            f"| {r['name']} | {r['row_steps']} | {r['steps_max']} | {r['z_seconds']:.1f} | {cpu} | {load} | "
+            f"{r['z_nll']:.3f} | {r['delta_over_h']:.2f} | "
             + " | ".join(f"{post[m]:.3f}" for m in ("efficacy", "generalization", "specificity", "score"))
-            + " |"
+            + f" | {r.get('zvec_sha256', '–')} |"
         )
     return "\n".join(lines) + "\n"
 
 
+NOTES = {
+    "loop": [
+        "ECE's z with the instance phase run after the whole shared phase (the zvec of "
+        f"{TWO_PHASE_REV}, through bench/code_at.py) and in one loop, where a member joins as soon as its own "
+        "anchor is through its shared steps; MEMIT with the same step rule. Both ECE rows compute the same "
+        "descent per fact (tests/editing/test_zvec.py), so their row-steps and metrics should agree and only "
+        "the seconds differ. Rows ran one after the other in the order listed, each in a process of its own "
+        "with z computed from nothing; z s is the sum of the batches' z wall seconds, z CPU s the CPU "
+        "seconds of the row's process in the precompute_z stage (model load and problem set-up included). "
+        "Wall seconds depend on the machine's load (the 1-minute load average before each row is listed), "
+        "CPU seconds much less (one thread, but caches and memory bandwidth are shared): compare either only "
+        "within this table. Row-steps do not depend on load.",
+    ]
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", choices=["step", "design"], required=True)
+    ap.add_argument("--grid", choices=["step", "design", "loop"])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # one row, run by run_worker in its own process
     ap.add_argument("--only", nargs="*", default=None, help="run only configs whose name starts with one of these")
     ap.add_argument("--step", default="", help="design grid: space-separated step-rule overrides for every row")
     ap.add_argument("--redo", action="store_true", help="recompute rows already in the report")
     ap.add_argument("--n-facts", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=25)
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[25], help="loop grid: one set of rows per size")
     args = ap.parse_args()
-    grid = _step_grid() if args.grid == "step" else {k: [*v, *args.step.split()] for k, v in DESIGNS.items()}
-    common = [f"data.n_facts={args.n_facts}", f"edit.batch_size={args.batch_size}"]
+    if args.worker:
+        job = json.loads(args.worker)
+        row = run_config(job["name"], job["overrides"], job["common"])
+        zvec_source = Path(sys.modules["ece.editing.zvec"].__file__).read_bytes()  # which z code the row ran
+        row["zvec_sha256"] = hashlib.sha256(zvec_source).hexdigest()[:12]
+        Path(job["out"]).write_text(json.dumps(row))
+        return
+    if args.grid is None or (args.grid != "loop" and len(args.batch_size) != 1):
+        ap.error("--grid is required; --batch-size takes several sizes only with --grid loop")
+    if args.grid == "loop":
+        grid = _loop_grid(args.batch_size)
+    else:
+        rows = _step_grid() if args.grid == "step" else {k: [*v, *args.step.split()] for k, v in DESIGNS.items()}
+        grid = {k: Config(v) for k, v in rows.items()}
+    common = [f"data.n_facts={args.n_facts}"] + (
+        [] if args.grid == "loop" else [f"edit.batch_size={args.batch_size[0]}"]
+    )
     out = ROOT / "reports" / f"z_{args.grid}"
     results = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"rows": []}
     results.update(
@@ -176,8 +283,15 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{torch.get_num_threads()} threads, CPU",
             "n_facts": args.n_facts,
-            "batch_size": args.batch_size,
+            "batch_size": " and ".join(map(str, args.batch_size)),
             "common": common,
+            "command": " ".join(
+                [
+                    *(f"{k}={os.environ[k]}" for k in THREADS if k in os.environ),
+                    "python bench/z_design.py",
+                    *sys.argv[1:],
+                ]
+            ),
         }
     )
     if "pre" not in results:
@@ -186,13 +300,13 @@ def main() -> None:
             facts = pl.read_parquet("artifacts/prepared/edits.parquet")
         results["pre"] = summarise(fact_metrics(*load_model("smollm2-135m"), facts))
     done = {r["name"] for r in results["rows"]}
-    for name, overrides in grid.items():
+    for name, config in grid.items():
         if args.only is not None and not any(name.startswith(o) for o in args.only):
             continue
         if name in done and not args.redo:
             continue
-        print(f"== z {args.grid}: {name}: {' '.join(overrides)}", flush=True)
-        row = run_config(name, overrides, common)
+        print(f"== z {args.grid}: {name}: {' '.join(config.overrides)} (zvec {config.zvec_rev or 'here'})", flush=True)
+        row = run_worker(name, config, common)
         results["rows"] = [r for r in results["rows"] if r["name"] != name] + [row]
         out.with_suffix(".json").write_text(json.dumps(results, indent=2))
         out.with_suffix(".md").write_text(render(args.grid, results))

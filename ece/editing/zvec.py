@@ -4,9 +4,17 @@ Each fact i gets its own row δ_i added at its subject's last token after the la
 The loss is a sum of per-fact terms, so one batched forward/backward gives every row exactly the
 gradient it would get alone, and a row-wise Adam makes the batched run equal to a per-fact loop.
 
-Two steps (ECE): `shared_steps` on each cluster's anchor, then `instance_steps` on every fact starting
-from its anchor's δ and Adam state. A singleton cluster is therefore plain MEMIT z with
-shared_steps + instance_steps uninterrupted Adam steps.
+Two steps (ECE): each group's anchor takes up to `shared_steps` Adam steps from δ = 0 (the shared
+step), then every fact up to `instance_steps` (the instance step): an anchor goes on with its own
+descent, a member starts from the δ its anchor's shared steps ended at (met the stop rule or took
+`shared_steps`), with the anchor's Adam state when `carry_adam`, else fresh moments. So an anchor
+takes at most shared_steps + instance_steps steps, a member at most instance_steps, and a singleton
+group is plain MEMIT z with shared_steps + instance_steps uninterrupted steps.
+
+Both steps run in one loop (`optimise`): a member joins as soon as its own anchor is through its
+shared steps, not after every anchor's, so its rows fill passes that run anyway and a batch takes
+at most shared_steps + instance_steps passes. Every fact's descent is the same as with the instance
+phase run after the whole shared phase (tested); only how the rows are packed into passes differs.
 """
 
 from __future__ import annotations
@@ -258,40 +266,71 @@ def row_lr(h: Tensor, cfg: ZCfg) -> Tensor:
     return torch.full((h.shape[0], 1), cfg.lr)
 
 
-def optimise(
-    problem: ZProblem, adapter: ModelAdapter, layer: int, state: ZState, steps: int, cfg: ZCfg, desc: str = "z"
-) -> ZState:
-    """Up to `steps` Adam updates of every fact not yet done, batched, in place.
+def release(state: ZState, waiting: Tensor, starts_from: Tensor, cfg: ZCfg) -> Tensor:
+    """Start every waiting member whose anchor is through its shared steps (met the stop rule, or took
+    `cfg.shared_steps`): from the anchor's δ as it is now, with the anchor's Adam moments when
+    `cfg.carry_adam`, else fresh ones; no steps taken, not done. Returns the members still waiting."""
+    through = state.done | (state.steps >= cfg.shared_steps)
+    ready = waiting & through[starts_from]
+    members = torch.nonzero(ready).squeeze(1)
+    if len(members):
+        start = state.rows(starts_from[members])
+        start.steps.zero_(), start.done.zero_()
+        if not cfg.carry_adam:
+            start.m.zero_(), start.v.zero_(), start.t.zero_()
+        state.put(members, start)
+    return waiting & ~ready
 
-    At each forward pass the facts that meet the stop rule are frozen (no update, as in MEMIT) and
-    leave the batch: the next passes run only the rows of the facts still optimising, so a batch
-    costs the sum of its facts' steps, not its slowest fact's steps times its size.
+
+def optimise(
+    problem: ZProblem, adapter: ModelAdapter, layer: int, state: ZState, starts_from: Tensor, cfg: ZCfg
+) -> ZState:
+    """ECE's two steps for every fact of a batch in one batched loop of Adam steps, in place.
+
+    `starts_from[i]` is the fact whose δ fact i starts from: itself for an anchor (and for a fact in
+    no group), its anchor for a member. The step limits are the two phases' (see the module doc):
+    an anchor takes up to shared_steps + instance_steps uninterrupted steps from `state`; a member
+    waits, in no pass, until its anchor is done or has taken shared_steps steps (`release`), then
+    takes up to instance_steps steps. A member's descent is therefore the one it had when the
+    instance phase ran after the whole shared phase; it only starts sooner, alongside the other
+    anchors, so its rows fill passes that run anyway.
+
+    At each pass the facts that meet the stop rule are frozen (no update, as in MEMIT) and leave:
+    a pass runs only the rows of the facts still optimising, so a batch costs the sum of its facts'
+    steps (plus the pass in which a stopped fact met the rule), not its slowest fact's steps times
+    its size.
     """
     rule, lr = StopRule.of(cfg), row_lr(problem.h, cfg)
-    active = torch.nonzero(~state.done).squeeze(1)
-    sub, sub_of = problem, torch.arange(problem.n_facts)  # re-subset only when the active set changes
-    for _ in tqdm(range(steps), desc=desc, leave=False, disable=steps == 0):
-        if len(active) == 0:
-            break
-        if not torch.equal(sub_of, active):
-            sub, sub_of = problem.subset(active), active
-        delta = state.delta[active].requires_grad_(True)
-        losses = fact_losses(sub, adapter, layer, delta, cfg)
-        met = rule.met(losses)
-        state.done[active[met]] = True
-        go = torch.nonzero(~met).squeeze(1)
-        state.steps[active[go]] += 1
-        (grad,) = torch.autograd.grad(losses.total[go].sum(), delta)
-        active = active[go]
-        state.adam(active, grad[go], lr[active])
-        state.delta[active] = clamp_rows(state.delta[active], problem.h[active], cfg.clamp_norm_factor)
-    return state
+    n = problem.n_facts
+    own = starts_from == torch.arange(n)
+    limit = torch.where(own, cfg.shared_steps + cfg.instance_steps, cfg.instance_steps)
+    waiting = ~own
+    sub, sub_of = problem, torch.arange(n)  # re-subset only when the active set changes
+    with tqdm(desc="z", unit="pass", leave=False) as bar:
+        while True:
+            waiting = release(state, waiting, starts_from, cfg)
+            active = torch.nonzero(~waiting & ~state.done & (state.steps < limit)).squeeze(1)
+            if len(active) == 0:  # every anchor is through, so nobody waits either
+                return state
+            if not torch.equal(sub_of, active):
+                sub, sub_of = problem.subset(active), active
+            delta = state.delta[active].requires_grad_(True)
+            losses = fact_losses(sub, adapter, layer, delta, cfg)
+            met = rule.met(losses)
+            state.done[active[met]] = True
+            go = torch.nonzero(~met).squeeze(1)
+            state.steps[active[go]] += 1
+            (grad,) = torch.autograd.grad(losses.total[go].sum(), delta)
+            active = active[go]
+            state.adam(active, grad[go], lr[active])
+            state.delta[active] = clamp_rows(state.delta[active], problem.h[active], cfg.clamp_norm_factor)
+            bar.update()
 
 
 def warm_start_groups(
     mode: str, cluster_labels: Tensor, cluster_anchors: Tensor, targets: list[str]
 ) -> tuple[Tensor, Tensor]:
-    """(labels, anchors) for two_step_z: which fact's shared-phase δ each fact starts from.
+    """(labels, anchors) for two_step_z: which fact's δ each fact starts from.
 
     `cluster`: ECE's neuron clusters as they are. `object`: facts with the same target_new (δ encodes
     mostly the new object, so it transfers between them; reports/z_design.md). `cluster_object`: a
@@ -320,41 +359,18 @@ class ZResult:
     delta: Tensor
     h: Tensor
     losses: FactLosses  # at the final δ
-    steps: Tensor  # (n,) gradient steps taken for each fact (an anchor's include its shared phase)
+    steps: Tensor  # (n,) gradient steps taken for each fact (an anchor's include its shared steps)
 
 
 def two_step_z(
     problem: ZProblem, adapter: ModelAdapter, layer: int, labels: Tensor, anchors: Tensor, cfg: ZCfg
 ) -> ZResult:
-    """Shared phase on the anchors (batched), then the instance phase on all facts (batched).
+    """z of every fact, from δ = 0, in one loop (`optimise`).
 
-    `labels[i]` is fact i's group and `anchors[c]` the fact index of group c's anchor. Members start
-    from their anchor's δ, and from its Adam state when `cfg.carry_adam` (else from fresh moments).
-    An anchor that met the stop rule in the shared phase stays done. MEMIT is the case
-    labels = anchors = arange(n): one uninterrupted descent per fact.
+    `labels[i]` is fact i's group and `anchors[c]` the fact index of group c's anchor. MEMIT is the
+    case labels = anchors = arange(n): one uninterrupted descent per fact.
     """
-    n, d = problem.h.shape
-    state = ZState.zeros(n, d)
-    everyone = torch.equal(anchors, torch.arange(n))  # MEMIT: no copy of the problem for the shared phase
-    shared = optimise(
-        problem if everyone else problem.subset(anchors),
-        adapter,
-        layer,
-        state.rows(anchors),
-        cfg.shared_steps,
-        cfg,
-        "z shared",
-    )
-    state.put(anchors, shared)
-    members = torch.nonzero(anchors[labels] != torch.arange(n)).squeeze(1)
-    if len(members):
-        start = state.rows(anchors[labels[members]])
-        start.steps.zero_()
-        start.done.zero_()
-        if not cfg.carry_adam:
-            start.m.zero_(), start.v.zero_(), start.t.zero_()
-        state.put(members, start)
-    optimise(problem, adapter, layer, state, cfg.instance_steps, cfg, "z instance")
+    state = optimise(problem, adapter, layer, ZState.zeros(*problem.h.shape), anchors[labels], cfg)
     with torch.no_grad():
         losses = fact_losses(problem, adapter, layer, state.delta, cfg)
     return ZResult(problem.h + state.delta, state.delta, problem.h, losses, state.steps)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ece.config import ZCfg
 from ece.data.facts import Fact
+from ece.editing import zvec
 from ece.editing.keys import keys_and_hidden
 from ece.editing.zvec import (
     ZProblem,
@@ -44,6 +48,14 @@ def setup(request, facts):
     return model, tok, adapter, facts, problem
 
 
+@pytest.fixture(params=["tiny_llama", "tiny_gpt2"])
+def four(request, facts):
+    """(adapter, problem) of all four facts: two anchors with one member each."""
+    model, tok = request.getfixturevalue(request.param)
+    adapter = ModelAdapter(model)
+    return adapter, build_problem(adapter, tok, facts, LAYER, TEMPLATES)
+
+
 def zeros(problem: ZProblem) -> torch.Tensor:
     return torch.zeros(problem.n_facts, problem.h.shape[1])
 
@@ -57,7 +69,11 @@ def fresh(problem: ZProblem) -> ZState:
 
 
 def run(problem: ZProblem, adapter, steps: int, c: ZCfg, state: ZState | None = None) -> ZState:
-    return optimise(problem, adapter, LAYER, state if state is not None else fresh(problem), steps, c)
+    """Up to `steps` steps on every fact as its own anchor, from `state`'s δ and Adam moments (a copy)."""
+    start = fresh(problem) if state is None else state.rows(torch.arange(problem.n_facts))
+    start.steps.zero_()
+    each = torch.arange(problem.n_facts)
+    return optimise(problem, adapter, LAYER, start, each, replace(c, shared_steps=0, instance_steps=steps))
 
 
 # --- the problem and the loss ------------------------------------------------------------------
@@ -165,26 +181,49 @@ def test_batched_optimise_equals_per_fact(setup):
         assert torch.allclose(batched.m[i], single.m[0], atol=ATOL)
 
 
-def _reference_loop(problem, adapter, i, c, steps, rule):
-    """One fact alone, written as MEMIT's compute_z loop with torch's own Adam (independent of
-    optimise): forward, stop if the rule holds (before stepping), else backward, step, clamp."""
-    p = alone(problem, i)
-    delta = torch.zeros(1, p.h.shape[1], requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=c.lr, betas=(0.9, 0.999), eps=1e-8)
-    taken = 0
-    for _ in range(steps):
-        losses = fact_losses(p, adapter, LAYER, delta, c)
+class _Descent:
+    """One fact's descent as MEMIT's compute_z loop writes it, with torch's own Adam (independent of
+    optimise): each `pass_` is a forward, a stop if the rule holds (before stepping), else backward,
+    step, clamp."""
+
+    def __init__(self, p: ZProblem, c: ZCfg, delta: torch.Tensor, adam: dict | None = None):
+        self.p, self.c = p, c
+        self.delta = delta.detach().clone().reshape(1, -1).requires_grad_(True)
+        self.opt = torch.optim.Adam([self.delta], lr=c.lr, betas=(0.9, 0.999), eps=1e-8)
+        if adam is not None:
+            self.opt.state[self.delta] = copy.deepcopy(adam)
+        self.taken, self.stopped = 0, False
+
+    def pass_(self, adapter, rule) -> None:
+        losses = fact_losses(self.p, adapter, LAYER, self.delta, self.c)
         if rule(losses):
-            break
-        opt.zero_grad()
+            self.stopped = True
+            return
+        self.opt.zero_grad()
         losses.total.sum().backward()
-        opt.step()
-        taken += 1
+        self.opt.step()
+        self.taken += 1
         with torch.no_grad():
-            limit = c.clamp_norm_factor * p.h.norm()
-            if delta.norm() > limit:
-                delta.mul_(limit / delta.norm())
-    return delta.detach()[0], taken
+            limit = self.c.clamp_norm_factor * self.p.h.norm()
+            if self.delta.norm() > limit:
+                self.delta.mul_(limit / self.delta.norm())
+
+    def run(self, adapter, steps: int, rule) -> _Descent:
+        """Up to `steps` more passes, fewer once the rule holds."""
+        for _ in range(steps):
+            if self.stopped:
+                break
+            self.pass_(adapter, rule)
+        return self
+
+    def member(self, p: ZProblem, carry_adam: bool) -> _Descent:
+        """A member's descent from this descent's δ as it is now."""
+        return _Descent(p, self.c, self.delta, self.opt.state[self.delta] if carry_adam else None)
+
+
+def _reference_loop(problem, adapter, i, c, steps, rule):
+    d = _Descent(alone(problem, i), c, torch.zeros(problem.h.shape[1])).run(adapter, steps, rule)
+    return d.delta.detach()[0], d.taken
 
 
 @pytest.mark.parametrize("rule", ["loss", "nll"])
@@ -244,6 +283,151 @@ def test_batched_two_step_equals_per_fact_schedule(setup):
     assert torch.equal(res.h, problem.h)
     # an anchor took its shared and its instance steps, a member only its instance steps
     assert res.steps.tolist() == [2, 4, 4]
+
+
+# --- (2a) one loop: a member joins as soon as its own anchor is through its shared steps ---------
+
+
+def _plain_losses(problem: ZProblem, adapter, c: ZCfg, key: str, passes: int) -> torch.Tensor:
+    """(n, passes): loss `key` of each fact at the check of each pass of its plain descent from 0."""
+    out = []
+    for i in range(problem.n_facts):
+        d = _Descent(alone(problem, i), c, torch.zeros(problem.h.shape[1]))
+        row = []
+        for _ in range(passes):
+            with torch.no_grad():
+                row.append(float(getattr(fact_losses(d.p, adapter, LAYER, d.delta, c), key)[0]))
+            d.pass_(adapter, lambda _losses: False)
+        out.append(row)
+    return torch.tensor(out)
+
+
+def _one_loop_reference(problem: ZProblem, adapter, starts_from: torch.Tensor, c: ZCfg, rule):
+    """The release rule simulated fact by fact on a clock of passes: before each pass every waiting
+    member whose anchor has stopped or taken shared_steps starts from the anchor's δ as it is then;
+    a pass runs every fact that has not stopped and has steps left (anchor: shared + instance,
+    member: instance). Returns each fact's descent and the facts of every pass."""
+    n = problem.n_facts
+    anchor = [int(starts_from[i]) == i for i in range(n)]
+    limit = [c.shared_steps + c.instance_steps if anchor[i] else c.instance_steps for i in range(n)]
+    runs = {i: _Descent(alone(problem, i), c, torch.zeros(problem.h.shape[1])) for i in range(n) if anchor[i]}
+    passes = []
+    while True:
+        for i in range(n):
+            a = runs.get(int(starts_from[i]))
+            if i not in runs and (a.stopped or a.taken >= c.shared_steps):
+                runs[i] = a.member(alone(problem, i), c.carry_adam)
+        active = [i for i in sorted(runs) if not runs[i].stopped and runs[i].taken < limit[i]]
+        if not active:
+            return runs, passes
+        passes.append(active)
+        for i in active:
+            runs[i].pass_(adapter, rule)
+
+
+def _two_phase_reference(problem: ZProblem, adapter, starts_from: torch.Tensor, c: ZCfg, rule):
+    """The schedule before the one loop, each fact alone with torch's Adam: shared_steps on every
+    anchor, then instance_steps on every fact, members from their anchor's δ at the end of the
+    shared phase."""
+    n = problem.n_facts
+    d = problem.h.shape[1]
+    anchors = {
+        i: _Descent(alone(problem, i), c, torch.zeros(d)).run(adapter, c.shared_steps, rule)
+        for i in range(n)
+        if int(starts_from[i]) == i
+    }
+    runs = {
+        i: anchors[i] if i in anchors else anchors[int(starts_from[i])].member(alone(problem, i), c.carry_adam)
+        for i in range(n)
+    }
+    for run_i in runs.values():
+        run_i.run(adapter, c.instance_steps, rule)
+    return runs
+
+
+def _record_passes(monkeypatch, problem: ZProblem) -> list[list[int]]:
+    """Which facts (indices into `problem`) every forward pass of optimise runs."""
+    passes: list[list[int]] = []
+    real = zvec.fact_losses
+
+    def recording(sub, *args):
+        passes.append([int(torch.nonzero((problem.h == h).all(1))) for h in sub.h])
+        return real(sub, *args)
+
+    monkeypatch.setattr(zvec, "fact_losses", recording)
+    return passes
+
+
+def _stop_cfg(key: str, threshold: float, **kw) -> ZCfg:
+    return cfg(**kw, **({"stop_loss": threshold} if key == "total" else {"stop_nll": threshold}))
+
+
+def _below(key: str, threshold: float):
+    return lambda losses: float(getattr(losses, key)[0].detach()) < threshold
+
+
+@pytest.mark.parametrize("carry", [False, True])
+@pytest.mark.parametrize("key", ["total", "nll"])
+def test_one_loop_equals_per_fact_release_rule(four, monkeypatch, key, carry):
+    """(a) + (c). Anchor A meets the stop rule within its shared steps, anchor B does not: A's member
+    joins the pass after A stops, B's after B's shared steps. Every δ, step count and the facts of
+    every pass are those of the per-fact simulation; rows = steps + the pass a stopped fact stops in."""
+    adapter, problem = four
+    shared, instance = 3, 3
+    checks = _plain_losses(problem, adapter, cfg(), key, shared).min(1).values  # best of the shared checks
+    a, b = int(checks.argmin()), int(checks.argmax())
+    member_a, member_b = (i for i in range(4) if i not in (a, b))
+    starts_from = torch.tensor([0, 1, 2, 3])
+    starts_from[member_a], starts_from[member_b] = a, b
+    threshold = float(checks[a] + checks[b]) / 2
+    c = _stop_cfg(key, threshold, shared=shared, instance=instance, carry_adam=carry)
+    passes = _record_passes(monkeypatch, problem)
+    state = optimise(problem, adapter, LAYER, fresh(problem), starts_from, c)
+    runs, expect = _one_loop_reference(problem, adapter, starts_from, c, _below(key, threshold))
+    assert runs[a].stopped and runs[a].taken < shared and runs[b].taken >= shared  # the scenario holds
+    assert passes == expect
+    first = {i: next(j for j, p in enumerate(passes) if i in p) for i in range(4)}
+    assert first[member_a] == runs[a].taken + 1 < shared  # joined while B was still in its shared steps
+    assert first[member_b] == shared
+    for i in range(4):
+        assert torch.allclose(state.delta[i], runs[i].delta.detach()[0], atol=ATOL), i
+    assert state.steps.tolist() == [runs[i].taken for i in range(4)]
+    assert state.done.tolist() == [runs[i].stopped for i in range(4)]
+    assert sum(map(len, passes)) == int(state.steps.sum()) + int(state.done.sum())
+
+
+@pytest.mark.parametrize("carry", [False, True])
+@pytest.mark.parametrize("stop", ["anchors stop early", "off"])
+def test_one_loop_equals_two_phases(four, carry, stop):
+    """(b) The two phases run one after the other give the same z and steps: with every anchor
+    stopping within its shared steps (members then start from the δ their anchor stopped at), and
+    without a stop rule."""
+    adapter, problem = four
+    labels, anchors = torch.tensor([0, 0, 1, 1]), torch.tensor([1, 3])
+    starts_from = anchors[labels]
+    shared, instance = 4, 2
+    # every anchor meets the threshold at one of its first 2 checks
+    threshold = float(_plain_losses(problem, adapter, cfg(), "total", 2).min(1).values[anchors].max()) + 1e-3
+    threshold = threshold if stop != "off" else 0.0
+    c = cfg(shared, instance, carry_adam=carry, stop_loss=threshold)
+    res = two_step_z(problem, adapter, LAYER, labels, anchors, c)
+    runs = _two_phase_reference(problem, adapter, starts_from, c, _below("total", threshold))
+    for i in range(4):
+        assert torch.allclose(res.delta[i], runs[i].delta.detach()[0], atol=ATOL), i
+    assert res.steps.tolist() == [runs[i].taken for i in range(4)]
+    anchor_steps = [runs[int(a)].taken for a in anchors]
+    assert all(t < shared for t in anchor_steps) if stop != "off" else anchor_steps == [shared + instance] * 2
+
+
+def test_waiting_members_cost_no_rows(four, monkeypatch):
+    """(c) Without a stop rule: 3 passes of the two anchors, then 2 of all four facts (hand-worked);
+    rows = the sum of the facts' steps."""
+    adapter, problem = four
+    passes = _record_passes(monkeypatch, problem)
+    state = optimise(problem, adapter, LAYER, fresh(problem), torch.tensor([1, 1, 3, 3]), cfg(3, 2))
+    assert passes == [[1, 3]] * 3 + [[0, 1, 2, 3]] * 2
+    assert state.steps.tolist() == [2, 5, 2, 5]
+    assert sum(map(len, passes)) == int(state.steps.sum()) == 14
 
 
 # --- (2) the two-step schedule -----------------------------------------------------------------
