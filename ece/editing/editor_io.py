@@ -10,7 +10,7 @@ artifacts/editor/ holds, for a method with a trained editor (MEND):
 For every other method it holds only `editor.json` = {"trained_editor": null}: the same bytes for
 every such method, so switching between them changes no input of apply_edits.
 
-Nothing is pickled: tensors in safetensors, everything else in JSON or parquet. The training
+No Python object serialisation anywhere: tensors in safetensors, everything else in JSON or parquet. The training
 checkpoint (machine-local, under the scratch folder) is the same pair: a safetensors file of every
 tensor (editor, best editor so far, optimiser moments) and a JSON of the rest.
 """
