@@ -74,7 +74,9 @@ class Editor:
         with self._timed("keys"):
             keys, hidden = keys_and_hidden(self.adapter, self.tok, facts, self.templates, [layer], self.layers[-1])
         assert hidden is not None
-        residuals = (z.double() - hidden.double()) / (len(self.layers) - i)
+        residuals = self.adapter.w_out_target(
+            layer, keys[layer], (z.double() - hidden.double()) / (len(self.layers) - i)
+        )
         with self._timed("solve"):
             if m.nullspace_threshold is not None:
                 penalty = self.cache[layer] + m.l2 * torch.eye(self.adapter.inner_size, dtype=torch.float64)
