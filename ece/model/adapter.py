@@ -154,10 +154,13 @@ class ModelAdapter:
 
         The solves fit ΔW k = r, which moves the stream by r where W_out's output is added to it as it
         is: then this is `residuals` itself. Gemma-3 RMS-normalises that output first, y = g ⊙ m / ρ(m)
-        with ρ(m) = √(mean(m²) + ε), so ΔW k = r would move the stream by ≈ g ⊙ r / ρ(m) (gains g of
-        0.3-160 on Gemma-3-270M). The target here is t = ρ(m) · r / g, with m = W_out k: the norm of
-        m + t is (y + r) · ρ(m) / ρ(m + t), the direction of y + r exactly; its length the norm fixes
-        (no write to W_out can change it), and the next layer's solve sees what is left.
+        with ρ(m) = √(mean(m²) + ε), so ΔW k = r would move the stream by ≈ g ⊙ r / ρ(m) (|g| from 0 to
+        1,700 on Gemma-3-270M). The target here is t = ρ(m) · r / g, with m = W_out k: the norm of m + t
+        is (y + r) · ρ(m) / ρ(m + t), the direction of y + r exactly; its length the norm fixes (no write
+        to W_out can change it), and the next layer's solve sees what is left. A few coordinates have
+        gains near or at 0 (the layer barely writes there): 1/g is damped to g / (g² + γ²), γ = 1% of
+        the median |g|, so they get ~0 instead of a huge t whose size, through ρ, would shrink every
+        other coordinate of the output.
         """
         if self.spec.post_mlp_norm is None:
             return residuals
@@ -166,9 +169,10 @@ class ModelAdapter:
         weight = self.w_out_weight(layer)
         # the gain whatever the norm's parametrisation (Gemma: 1 + w): the norm of a vector of ones is g/√(1 + ε)
         gain = norm(torch.ones(1, weight.shape[0], dtype=weight.dtype)).double()[0] * (1 + eps) ** 0.5
+        gamma = 0.01 * gain.abs().median()
         m = keys.double() @ weight.double().T
         rho = (m.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-        return residuals.double() * rho / gain
+        return residuals.double() * rho * gain / (gain.pow(2) + gamma.pow(2))
 
     @contextmanager
     def _blocks_above(self, layer: int) -> Iterator[None]:

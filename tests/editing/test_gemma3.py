@@ -96,6 +96,11 @@ def test_w_out_target_points_the_normed_output_at_y_plus_r(gemma, facts):
         assert (F.cosine_similarity(moved, y + r, dim=1) > 1 - 1e-5).all()
         naive = norm((m + r).float()).double()
         assert (F.cosine_similarity(naive, y + r, dim=1) < 1 - 1e-3).all()
+    # a coordinate the layer does not write (gain 0, as a few of Gemma-3-270M's): nothing asked of it there
+    with torch.no_grad():
+        model.model.layers[1].post_feedforward_layernorm.weight[5] = -1.0
+    t = adapter.w_out_target(1, keys[1], torch.ones(len(facts), 32))
+    assert torch.isfinite(t).all() and (t[:, 5] == 0).all() and (t[:, :5] != 0).all()
     llama = ModelAdapter(tiny_model("tiny-llama")[0])
     r = torch.randn(4, 32)
     assert llama.w_out_target(1, torch.randn(4, 64), r) is r  # no post-MLP norm: the residual itself
