@@ -24,6 +24,7 @@ from sweep import ROOT, run_config
 
 from ece.config import load_params
 from ece.data.loaders import load_edits
+from ece.errors import EceError
 from ece.model.adapter import ModelAdapter
 from ece.model.loading import GEMMA3, load_model
 from ece.model.prompts import greedy
@@ -71,10 +72,14 @@ def report(state: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in state["rows"]:
+        head = f"| {r['window']} | {'residual units (ablation)' if r['plain'] else 'through the norm'} | "
+        head += f"`{' '.join(r['overrides'])}` | "
+        if "error" in r:  # a run the pipeline stopped: what it said, in place of the metrics
+            lines.append(head + f"stopped: {' '.join(r['error'].split())} |" + " |" * (len(METRICS) + 2))
+            continue
         cells = [f"{r['pre'][m]:.3f} → **{r['post'][m]:.3f}**" for m in METRICS]
         lines.append(
-            f"| {r['window']} | {'residual units (ablation)' if r['plain'] else 'through the norm'} | "
-            f"`{' '.join(r['overrides'])}` | " + " | ".join(cells) + f" | {r['z_nll']:.3f} | "
+            head + " | ".join(cells) + f" | {r['z_nll']:.3f} | "
             f"{r['seconds']['precompute_z']} | {r['seconds']['apply_edits']} |"
         )
     return "\n".join(lines) + "\n"
@@ -107,7 +112,11 @@ def main() -> None:
         ]
         print(f"== window {window}{' (plain)' if args.plain else ''}: {overrides}", flush=True)
         work = ROOT / ".cache" / "sweeps" / ("gemma3_layers_plain" if args.plain else "gemma3_layers")
-        row = run_config(overrides, work) | {"window": window, "plain": args.plain, "method": args.method}
+        try:
+            row = run_config(overrides, work)
+        except EceError as exc:
+            row = {"overrides": overrides, "error": str(exc).splitlines()[0]}
+        row |= {"window": window, "plain": args.plain, "method": args.method}
         state["rows"] = [
             r for r in state["rows"] if (r["window"], r["plain"], r["method"]) != (window, args.plain, args.method)
         ]

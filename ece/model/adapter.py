@@ -155,7 +155,7 @@ class ModelAdapter:
         The solves fit ΔW k = r, which moves the stream by r where W_out's output is added to it as it
         is: then this is `residuals` itself. Gemma-3 RMS-normalises that output first, y = g ⊙ m / ρ(m)
         with ρ(m) = √(mean(m²) + ε), so ΔW k = r would move the stream by ≈ g ⊙ r / ρ(m) (|g| from 0 to
-        1,700 on Gemma-3-270M). The target here is t = ρ(m) · r / g, with m = W_out k: the norm of m + t
+        1,660 on Gemma-3-270M). The target here is t = ρ(m) · r / g, with m = W_out k: the norm of m + t
         is (y + r) · ρ(m) / ρ(m + t), the direction of y + r exactly; its length the norm fixes (no write
         to W_out can change it), and the next layer's solve sees what is left. A few coordinates have
         gains near or at 0 (the layer barely writes there): 1/g is damped to g / (g² + γ²), γ = 1% of
