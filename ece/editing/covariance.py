@@ -53,13 +53,14 @@ def token_chunks(texts: Iterable[str], tok: PreTrainedTokenizerBase, seq_len: in
     """Pack the corpus into full-length chunks of whole documents, each opened as in pretraining, so
     no token is padding and keys are seen in the same context as the edit prompts'.
 
-    `document_start` is asked once: it tokenizes probes and copies the vocabulary (~30 ms on
-    SmolLM2), which per document was a quarter of the covariance stage's time.
+    A document opens with `document_start` or, for tokenizers that add a BOS (Gemma), with that BOS,
+    as prompts do. `document_start` is asked once: it tokenizes probes and copies the vocabulary
+    (~30 ms on SmolLM2), which per document was a quarter of the covariance stage's time.
     """
     start = document_start(tok)
     buffer: list[int] = []
     for text in texts:
-        buffer.extend(start + tok(text, add_special_tokens=False).input_ids)
+        buffer.extend(start + tok(text).input_ids)  # the tokenizer's own BOS, if it adds one
         while len(buffer) >= seq_len:
             yield buffer[:seq_len]
             buffer = buffer[seq_len:]

@@ -106,7 +106,9 @@ class Editor:
         with self._timed("keys"):
             keys, hidden = keys_and_hidden(self.adapter, self.tok, facts, self.templates, [layer], self.layers[-1])
         assert hidden is not None
-        residuals = (z.to(hidden.device).double() - hidden.double()) / (len(self.layers) - i)
+        residuals = self.adapter.w_out_target(
+            layer, keys[layer], (z.to(hidden.device).double() - hidden.double()) / (len(self.layers) - i)
+        )
         with self._timed("solve"):
             if m.nullspace_threshold is not None:
                 penalty = self.cache[layer] + m.l2 * torch.eye(

@@ -61,7 +61,7 @@ def update_columns(
 ) -> dict[int, Tensor] | None:
     """The columns the update may change per layer: None (all) unless the method selects columns;
     then the attributed selection (`batch_rows`: the batch's rows of attribute_batch), or for `rs` a
-    re-scoring against r = z − h on the original model."""
+    re-scoring against r = z − h on the original model (as a change of W_out's output: `w_out_target`)."""
     if not method.selects_columns:
         return None
     if p.ece.scorer != "rs":
@@ -71,7 +71,9 @@ def update_columns(
     keys, _ = keys_and_hidden(wb.adapter, wb.tok, batch, wb.templates, p.edit.layers)
     return {
         l: batch_selection(
-            neuron_scores(keys[l], wb.adapter.w_out_weight(l), "rs", z - h), p.ece.neuron_threshold, p.ece.aggregation
+            neuron_scores(keys[l], wb.adapter.w_out_weight(l), "rs", wb.adapter.w_out_target(l, keys[l], z - h)),
+            p.ece.neuron_threshold,
+            p.ece.aggregation,
         )
         for l in p.edit.layers
     }

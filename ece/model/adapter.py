@@ -24,6 +24,8 @@ class ArchSpec:
     w_out: str  # path of the MLP output projection inside one block
     conv1d: bool  # GPT-2's Conv1D stores the weight as (in, out): transpose to get d × f
     position_embedding: str | None  # absolute position embedding added to inputs_embeds, if any
+    post_mlp_norm: str | None = None  # RMS norm between W_out's output and the residual stream, if any
+    layer_types_by_position: bool = False  # the base model gives its i-th block config.layer_types[i]
 
 
 _LLAMA = ArchSpec("model.layers", "mlp.down_proj", False, None)
@@ -31,6 +33,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    # Gemma-3: W_out = down_proj (its input, the key, is gelu(gate) * up of the pre-feedforward-normed
+    # stream); its output is RMS-normed (post_feedforward_layernorm) before the residual add. The
+    # embedding is scaled by √d inside embed_tokens, so the residual stream a block returns is the
+    # stream the next block reads, and feeding it back as inputs_embeds is not scaled again.
+    "gemma3_text": ArchSpec("model.layers", "mlp.down_proj", False, None, "post_feedforward_layernorm", True),
     "gpt2": ArchSpec("transformer.h", "mlp.c_proj", True, "transformer.wpe"),
     "gptj": ArchSpec("transformer.h", "mlp.fc_out", False, None),
     "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h", False, None),
@@ -221,15 +228,50 @@ class ModelAdapter:
             for h in handles:
                 h.remove()
 
+    @torch.no_grad()
+    def w_out_target(self, layer: int, keys: Tensor, residuals: Tensor) -> Tensor:
+        """The change of W_out's output at `keys` (n, f) that moves the residual stream by `residuals` (n, d).
+
+        The solves fit ΔW k = r, which moves the stream by r where W_out's output is added to it as it
+        is: then this is `residuals` itself. Gemma-3 RMS-normalises that output first, y = g ⊙ m / ρ(m)
+        with ρ(m) = √(mean(m²) + ε), so ΔW k = r would move the stream by ≈ g ⊙ r / ρ(m) (|g| from 0 to
+        1,660 on Gemma-3-270M). The target here is t = ρ(m) · r / g, with m = W_out k: the norm of m + t
+        is (y + r) · ρ(m) / ρ(m + t), the direction of y + r exactly; its length the norm fixes (no write
+        to W_out can change it), and the next layer's solve sees what is left. A few coordinates have
+        gains near or at 0 (the layer barely writes there): 1/g is damped to g / (g² + γ²), γ = 1% of
+        the median |g|, so they get ~0 instead of a huge t whose size, through ρ, would shrink every
+        other coordinate of the output.
+        """
+        if self.spec.post_mlp_norm is None:
+            return residuals
+        norm = self.blocks[layer].get_submodule(self.spec.post_mlp_norm)
+        eps = float(norm.eps)
+        weight = self.w_out_weight(layer)
+        # the gain whatever the norm's parametrisation (Gemma: 1 + w): the norm of a vector of ones is g/√(1 + ε)
+        gain = (
+            norm(torch.ones(1, weight.shape[0], dtype=weight.dtype, device=weight.device)).double()[0]
+            * (1 + eps) ** 0.5
+        )
+        gamma = 0.01 * gain.abs().median()
+        m = keys.double() @ weight.double().T
+        rho = (m.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        return residuals.double() * rho * gain / (gain.pow(2) + gamma.pow(2))
+
     @contextmanager
     def _blocks_above(self, layer: int) -> Iterator[None]:
         parent_path, _, attr = self.spec.blocks.rpartition(".")
         parent = self.model.get_submodule(parent_path)
+        config = self.model.config
+        types = getattr(config, "layer_types", None)
         setattr(parent, attr, nn.ModuleList(list(self.blocks)[layer + 1 :]))
+        if self.spec.layer_types_by_position:  # else block l+1 would get block 0's rope base and mask
+            config.layer_types = types[layer + 1 :]
         try:
             yield
         finally:
             setattr(parent, attr, self.blocks)
+            if self.spec.layer_types_by_position:
+                config.layer_types = types
 
     def _run_above(
         self,
@@ -246,6 +288,13 @@ class ModelAdapter:
         attention_mask = attention_mask.to(self.device)
         if attention_mask.is_floating_point():  # additive masks must match the attention's dtype
             attention_mask = attention_mask.clamp(min=torch.finfo(self.dtype).min).to(self.dtype)
+        window = getattr(self.model.config, "sliding_window", None)
+        if isinstance(cache, _FrozenPrefix) and window is not None and attention_mask.shape[-1] > window:
+            raise EceError(  # the caller's 4-D mask reaches local and global layers alike
+                f"a frozen-prefix forward of {attention_mask.shape[-1]} tokens is longer than the model's "
+                f"sliding window ({window})",
+                "a prompt with its context prefix and target must fit in the window: shorten z.context_length",
+            )
         embeds = hidden
         if self.spec.position_embedding is not None:  # the model adds it back to inputs_embeds
             embeds = hidden - self.model.get_submodule(self.spec.position_embedding)(position_ids)

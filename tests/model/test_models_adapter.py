@@ -1,4 +1,4 @@
-"""Model loading / saving / fingerprinting and the architecture adapter, on both tiny architectures."""
+"""Model loading / saving / fingerprinting and the architecture adapter, on every tiny architecture."""
 
 from __future__ import annotations
 
@@ -24,13 +24,14 @@ def _batch(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+KINDS = ["tiny-llama", "tiny-gpt2", "tiny-gemma3"]
 TEXTS = ["The Eiffel Tower is in Paris.", "Hi there", "A much longer sentence that needs no padding at all."]
 
 
 # --- w_out_weight ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_w_out_weight_is_d_by_f(kind):
     model, _ = tiny_model(kind)
     adapter = ModelAdapter(model)
@@ -51,7 +52,7 @@ def test_w_out_weight_is_d_by_f(kind):
         assert model.state_dict()[adapter.w_out_name(l)].data_ptr() == module.weight.data_ptr()
 
 
-@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_w_out_weight_is_a_view_that_edits_the_model(kind):
     model, tok = tiny_model(kind)
     adapter = ModelAdapter(model)
@@ -81,7 +82,7 @@ def test_w_out_weight_is_a_view_that_edits_the_model(kind):
 # --- trace -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_trace_matches_manual_hooks(kind):
     model, tok = tiny_model(kind)
     adapter = ModelAdapter(model)
@@ -122,7 +123,7 @@ def test_trace_matches_manual_hooks(kind):
     assert sum(len(m._forward_hooks) for m in model.modules()) == n_hooks
 
 
-@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     ("key_layers", "out_layers", "top"), [([1], [], 1), ([0], [2], 2), ([], [0], 0), ([3], [1], 3)]
 )
@@ -149,7 +150,7 @@ def test_trace_stops_after_highest_requested_layer(kind, key_layers, out_layers,
 # --- final_hidden_from -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_final_hidden_from_reproduces_full_logits_every_layer(kind):
     model, tok = tiny_model(kind)
     adapter = ModelAdapter(model)
@@ -167,7 +168,7 @@ def test_final_hidden_from_reproduces_full_logits_every_layer(kind):
     assert len(adapter.blocks) == 4
 
 
-@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_final_hidden_from_runs_only_blocks_above_and_is_differentiable(kind):
     model, tok = tiny_model(kind)
     adapter = ModelAdapter(model)
@@ -189,7 +190,7 @@ def test_final_hidden_from_runs_only_blocks_above_and_is_differentiable(kind):
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layer", [0, 2])
 def test_frozen_prefix_gives_the_full_forward_on_the_later_tokens(kind, layer):
     """Running only each row's tokens from `pos` on against the cached prefix equals the full forward,
@@ -289,7 +290,7 @@ def test_load_model_tiny_names():
 # --- fingerprint -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_model_fingerprint_stable_and_discriminating(kind):
     a, _ = tiny_model(kind, seed=0)
     b, _ = tiny_model(kind, seed=0)
@@ -311,7 +312,7 @@ def test_model_fingerprint_differs_between_architectures():
 # --- save_model --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_save_model_round_trip(kind, tmp_path):
     model, tok = tiny_model(kind)
     adapter = ModelAdapter(model)
