@@ -57,16 +57,11 @@ def _ft_text(p: Params, loss: str) -> str:
 
 
 _CLOSED_FORM = dict(needs_z=True, needs_covariance=True, per_fact=False, trained_editor=False, layer_param=None)
-_FINETUNE = dict(
-    needs_z=False,
-    needs_covariance=False,
-    selects_columns=False,
-    clusters=False,
-    use_cache=False,
-    per_fact=False,
-    trained_editor=False,
-    layer_param="ft",
+# Methods that write from gradients of the edit prompts: no z, no C0, no column selection, no cache P.
+_GRADIENT = dict(
+    needs_z=False, needs_covariance=False, selects_columns=False, clusters=False, use_cache=False, per_fact=False
 )
+_FINETUNE = dict(**_GRADIENT, trained_editor=False, layer_param="ft")
 
 REGISTRY: dict[str, MethodSpec] = {
     s.name: s
@@ -136,12 +131,7 @@ REGISTRY: dict[str, MethodSpec] = {
         MethodSpec(
             "ultraedit",
             "one forward/backward per batch, lifelong-normalised features, ridge solve on its own late layers",
-            needs_z=False,
-            needs_covariance=False,
-            selects_columns=False,
-            clusters=False,
-            use_cache=False,
-            per_fact=False,
+            **_GRADIENT,
             trained_editor=False,
             layer_param=None,
             layers_param="ultraedit",
@@ -151,12 +141,7 @@ REGISTRY: dict[str, MethodSpec] = {
         MethodSpec(
             "mend",
             "a trained editor network transforms the edit prompt's gradient of W_out (last blocks)",
-            needs_z=False,
-            needs_covariance=False,
-            selects_columns=False,
-            clusters=False,
-            use_cache=False,
-            per_fact=False,
+            **_GRADIENT,
             trained_editor=True,
             layer_param=None,
             layers_param="mend",
