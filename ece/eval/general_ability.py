@@ -239,7 +239,8 @@ def perplexity(
     nll, count = torch.zeros(len(batches), dtype=torch.float64), torch.zeros(len(batches), dtype=torch.int64)
     for j in distributed.shard(range(len(batches))):
         x, mask = right_padded(tok, rows[batches[j] : batches[j] + batch_size])
-        logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+        x, mask = x.to(device), mask.to(device)  # the logits stay where the model is: only the sums leave
+        logits = model(input_ids=x, attention_mask=mask).logits.float()
         labels = x[:, 1:].clone()
         labels[mask[:, 1:] == 0] = -100
         nll[j] = float(
