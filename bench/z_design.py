@@ -10,6 +10,7 @@ of z, mean ‖δ‖/‖h‖, and efficacy / generalization / specificity / score
     python bench/z_design.py --grid design    # shared-phase designs at the chosen step rule (reports/z_design.md)
     python bench/z_design.py --grid design --only ece-object memit
     python bench/z_design.py --grid loop --batch-size 25 100   # ECE's z in one loop vs two phases (reports/z_loop.md)
+    python bench/z_design.py --grid dtype --batch-size 100     # z's descent in float32 vs a bfloat16 copy (reports/z_dtype.md)
 
 Rows already in reports/z_<grid>.json are kept and skipped (rerun a row with --redo), so a killed run
 resumes; --tag T runs them again as new rows named "... (T)". Every row runs in a process of its own (the loop grid's two-phase rows run the zvec of
@@ -113,14 +114,28 @@ DESIGNS: dict[str, list[str]] = {
 
 
 def _loop_grid(batch_sizes: list[int]) -> dict[str, Config]:
-    """MEMIT, ECE's two phases (TWO_PHASE_REV's zvec) and ECE's one loop, at params.yaml's z, per batch
-    size; the order alternates between batch sizes so that a drift in the machine's load does not
-    favour one row."""
+    """MEMIT, ECE's two phases (TWO_PHASE_REV's zvec) and ECE's one loop, at params.yaml's z, per batch size."""
     rows = {
         "memit (same step rule)": Config(MEMIT_Z),
         f"ece, two phases ({TWO_PHASE_REV})": Config(["method=ece"], TWO_PHASE_REV),
         "ece, one loop": Config(["method=ece"]),
     }
+    return _per_batch_size(rows, batch_sizes)
+
+
+def _dtype_grid(batch_sizes: list[int]) -> dict[str, Config]:
+    """ECE and MEMIT (same step rule) with z's descent in the float32 model and in a bfloat16 copy."""
+    rows = {
+        f"{name}, z {dtype}": Config([*overrides, f"z.dtype={dtype}"])
+        for name, overrides in (("ece", ["method=ece"]), ("memit (same step rule)", MEMIT_Z))
+        for dtype in ("float32", "bfloat16")
+    }
+    return _per_batch_size(rows, batch_sizes)
+
+
+def _per_batch_size(rows: dict[str, Config], batch_sizes: list[int]) -> dict[str, Config]:
+    """Every row at every batch size; the order alternates between batch sizes so that a drift in the
+    machine's load does not favour one row."""
     grid = {}
     for k, batch in enumerate(batch_sizes):
         for name, row in list(rows.items())[:: (-1) ** k]:
@@ -238,6 +253,14 @@ def render(grid: str, results: dict[str, Any]) -> str:
 
 
 NOTES = {
+    "dtype": [
+        "z's descent in the float32 model (z.dtype float32) and in a bfloat16 copy of it (z.dtype bfloat16: δ "
+        "from the copy, h, keys, the update and the edited weights in float32; ece/editing/zvec.py z_adapter). "
+        "Rows ran one after the other in the order listed, each in a process of its own with z computed from "
+        "nothing; z s is the sum of the batches' z wall seconds, z CPU s the CPU seconds of the row's process "
+        "in the precompute_z stage (model load and problem set-up included). Wall seconds depend on the "
+        "machine's load (the 1-minute load average before each row is listed): compare only within this table.",
+    ],
     "loop": [
         "ECE's z with the instance phase run after the whole shared phase (the zvec of "
         f"{TWO_PHASE_REV}, through bench/code_at.py) and in one loop, where a member joins as soon as its own "
@@ -249,7 +272,7 @@ NOTES = {
         "Wall seconds depend on the machine's load (the 1-minute load average before each row is listed), "
         "CPU seconds much less (one thread, but caches and memory bandwidth are shared): compare either only "
         "within this table. Row-steps do not depend on load.",
-    ]
+    ],
 }
 
 
@@ -260,7 +283,7 @@ def save(out: Path, grid: str, results: dict[str, Any]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", choices=["step", "design", "loop"])
+    ap.add_argument("--grid", choices=["step", "design", "loop", "dtype"])
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # one row, run by run_worker in its own process
     ap.add_argument("--only", nargs="*", default=None, help="run only configs whose name starts with one of these")
     ap.add_argument("--step", default="", help="design grid: space-separated step-rule overrides for every row")
@@ -276,15 +299,16 @@ def main() -> None:
         row["zvec_sha256"] = hashlib.sha256(zvec_source).hexdigest()[:12]
         Path(job["out"]).write_text(json.dumps(row))
         return
-    if args.grid is None or (args.grid != "loop" and len(args.batch_size) != 1):
-        ap.error("--grid is required; --batch-size takes several sizes only with --grid loop")
-    if args.grid == "loop":
-        grid = _loop_grid(args.batch_size)
+    per_size = {"loop": _loop_grid, "dtype": _dtype_grid}
+    if args.grid is None or (args.grid not in per_size and len(args.batch_size) != 1):
+        ap.error("--grid is required; --batch-size takes several sizes only with --grid loop or dtype")
+    if args.grid in per_size:
+        grid = per_size[args.grid](args.batch_size)
     else:
         rows = _step_grid() if args.grid == "step" else {k: [*v, *args.step.split()] for k, v in DESIGNS.items()}
         grid = {k: Config(v) for k, v in rows.items()}
     common = [f"data.n_facts={args.n_facts}"] + (
-        [] if args.grid == "loop" else [f"edit.batch_size={args.batch_size[0]}"]
+        [] if args.grid in per_size else [f"edit.batch_size={args.batch_size[0]}"]
     )
     out = ROOT / "reports" / f"z_{args.grid}"
     results = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"rows": []}

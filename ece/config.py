@@ -97,6 +97,7 @@ class ZCfg:
     warm_start: str = "cluster"  # what a member starts from: cluster (its neuron cluster's anchor),
     # object (the first fact of the batch with the same target_new), cluster_object (both), none
     facts_per_pass: int = 0  # 0: a batch's z in one batched descent; N: N facts at a time (reference: 1)
+    dtype: str = "model"  # z's forward/backward passes: model (the model's dtype) | bfloat16 | float32
 
 
 @dataclass
@@ -317,6 +318,7 @@ def validate(p: Params) -> None:
     )
     _choice("z.lr_scale", p.z.lr_scale, LR_SCALES)
     _choice("z.warm_start", p.z.warm_start, WARM_STARTS)
+    _choice("z.dtype", p.z.dtype, ("model", *DTYPES))
     for name, bound, inclusive, hint in _LOWER_BOUNDS:
         section, key = name.split(".")
         value = getattr(getattr(p, section), key)

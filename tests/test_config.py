@@ -92,6 +92,7 @@ UNKNOWN_CHOICES = {
     "z.warm_start": "random",
     "train_editor.format": "xml",
     "model.dtype": "float8",
+    "z.dtype": "int8",
     "model.device_map": "balanced",
 }
 

@@ -30,9 +30,10 @@ from transformers import PreTrainedTokenizerBase
 
 from ece.config import Params, ZCfg
 from ece.data.facts import Fact
-from ece.editing.keys import templated
+from ece.editing.keys import keys_and_hidden, templated
 from ece.methods import Method
 from ece.model.adapter import KV, ModelAdapter
+from ece.model.loading import DTYPES
 from ece.model.prompts import at_positions, encode, target_ids
 from ece.model.workbench import Workbench
 
@@ -419,14 +420,31 @@ def z_groups(p: Params, method: Method, cluster_rows: list[dict[str, Any]], batc
     )
 
 
+def z_adapter(adapter: ModelAdapter, dtype: str) -> ModelAdapter:
+    """The adapter z's descent runs on: the model's own, or a copy in `z.dtype`.
+
+    Only δ comes from the copy; the weights, keys and the update stay in the model's precision. That is
+    the point of a bfloat16 copy of a float32 model: on CPUs with bfloat16 matrix units (AMX) its
+    matmuls are several times faster, while holding the weights in bfloat16 would round most of an
+    update's ΔW away (ΔW's entries are far below W's bfloat16 spacing).
+    """
+    if dtype == "model" or DTYPES[dtype] == adapter.dtype:
+        return adapter
+    return adapter.cast(DTYPES[dtype])
+
+
 def batch_z(wb: Workbench, p: Params, method: Method, batch: list[Fact], labels: Tensor, anchors: Tensor) -> ZResult:
     """z of one batch at the method's last edited layer, computed on that layer's device and returned on the
     CPU. Every tensor z's code creates goes to that device through torch's default-device context, so
     no function here names a device (on the CPU the context changes nothing)."""
     layer = method.layers[-1]
     device = wb.adapter.layer_device(layer)
+    adapter = z_adapter(wb.adapter, p.z.dtype)
     with torch.device(device):
-        res = compute_z(wb.adapter, wb.tok, batch, layer, wb.templates, labels.to(device), anchors.to(device), p.z)
+        res = compute_z(adapter, wb.tok, batch, layer, wb.templates, labels.to(device), anchors.to(device), p.z)
+        if adapter is not wb.adapter:  # z = h + δ with the h that keys and the update see
+            _, h = keys_and_hidden(wb.adapter, wb.tok, batch, wb.templates[:1], [], layer)
+            res = replace(res, z=h + res.delta, h=h)
     losses = FactLosses(res.losses.total.cpu(), res.losses.nll.cpu(), res.losses.kl.cpu())
     return ZResult(res.z.cpu(), res.delta.cpu(), res.h.cpu(), losses, res.steps.cpu())
 

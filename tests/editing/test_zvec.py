@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ece.config import ZCfg
+from ece.config import EditCfg, Params, ZCfg
 from ece.data.facts import Fact
 from ece.editing import zvec
 from ece.editing.keys import keys_and_hidden
@@ -26,8 +26,10 @@ from ece.editing.zvec import (
     two_step_z,
     warm_start_groups,
 )
+from ece.methods import method_of
 from ece.model.adapter import ModelAdapter
 from ece.model.prompts import document_start
+from ece.model.workbench import Workbench
 
 LAYER = 2
 TEMPLATES = ["{}", "Once upon a time. {}"]
@@ -654,3 +656,26 @@ def test_facts_per_pass_equals_the_batched_descent(setup):
     assert torch.allclose(batched.z, one_by_one.z, atol=ATOL)
     assert torch.allclose(batched.losses.total, one_by_one.losses.total, atol=ATOL)
     assert batched.steps.tolist() == one_by_one.steps.tolist() == [4] * n
+
+
+@pytest.mark.parametrize("kind_fixture", ["tiny_llama", "tiny_gpt2"])
+def test_z_descent_in_a_bfloat16_copy(request, kind_fixture, facts):
+    """z.dtype bfloat16: δ from a bfloat16 copy, h (hence z = h + δ) from the float32 model, the model untouched."""
+    model, tok = request.getfixturevalue(kind_fixture)
+    p = Params(edit=EditCfg(layers=[LAYER]), z=cfg(shared=0, instance=6, lr=0.5, dtype="bfloat16"))
+    wb = Workbench.of(model, tok, replace(p, z=replace(p.z, n_context=1)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    each = torch.arange(len(facts))
+    low = zvec.batch_z(wb, p, method_of(p), facts, each, each)
+    full = zvec.batch_z(wb, replace(p, z=replace(p.z, dtype="model")), method_of(p), facts, each, each)
+    assert all(torch.equal(v, model.state_dict()[k]) and v.dtype == torch.float32 for k, v in before.items())
+    for i, f in enumerate(facts):  # h by hand: the block output at the subject's last token of the bare prompt
+        head = f.prompt[: f.prompt.index("{}")] + f.subject
+        ids = document_start(tok) + tok(f.prompt.format(f.subject), add_special_tokens=False).input_ids
+        pos = len(document_start(tok) + tok(head, add_special_tokens=False).input_ids) - 1
+        with torch.no_grad():
+            h = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0, pos]
+        assert torch.allclose(low.h[i], h, atol=1e-5)
+    assert torch.equal(low.z, low.h + low.delta)
+    assert not torch.equal(low.delta, full.delta)  # the copy's passes did run in bfloat16 ...
+    assert F.cosine_similarity(low.delta, full.delta, dim=1).min() > 0.9  # ... and follow the float32 descent
