@@ -4,6 +4,8 @@
     python bench/experiments.py start [-j 1]        # run the queue in the background (DVC's workers)
     python bench/experiments.py wait                # block until the queue is empty; exit 1 if a run failed
     python bench/experiments.py results scale-      # metrics.json + curve.json of finished experiments, as JSON
+    ARGS=$(python bench/experiments.py args configs/llama3-8b.yaml model.name=/data/llama3) && dvc exp run $ARGS
+                                                    # a model config (configs/*.yaml) as checked -S overrides
 
 Queued experiments run in a temporary copy of the repository (.dvc/tmp/exps/), where dvc.yaml's
 `python stages/...` must find this environment's interpreter: `start` puts the directory of the
@@ -26,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ece.config import load_params
+from ece.errors import EceError
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 
@@ -50,6 +55,50 @@ def add(name: str, overrides: list[str]) -> None:
     """Queue one experiment; an existing one of the same name is replaced (its results dropped)."""
     dvc("exp", "remove", name, check=False)
     dvc("exp", "run", "--queue", "-n", name, *[a for o in overrides for a in ("-S", o)])
+
+
+def _override_value(value: Any) -> str:
+    """A YAML value as `dvc exp run -S` and OmegaConf's dotlist both read it: lists without spaces (so
+    that `$(…)` keeps one override one word), booleans and null in YAML's spelling."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return str(value)
+
+
+def read_overrides(path: str | Path) -> list[str]:
+    """The `key=value` overrides of a model config (configs/*.yaml: dotted param names → values). Here,
+    not in ece.config: every stage depends on that file, so a change there would rerun every stage.
+    Unknown keys and bad values are left to `load_params`, which names them."""
+    path = Path(path)
+    if not path.exists():
+        raise EceError(f"config file not found: {path}", "name one of the files in configs/")
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(loaded, dict) or not all(isinstance(k, str) and "." in k for k in loaded):
+        raise EceError(
+            f"{path} is not a mapping of dotted param names to values",
+            "write one `section.key: value` per line, e.g. `edit.layers: [4, 5, 6, 7, 8]`",
+        )
+    return [f"{key}={_override_value(value)}" for key, value in loaded.items()]
+
+
+def config_args(path: str, extra: list[str]) -> list[str]:
+    """`-S key=value` for each override of the model config `path`, then of `extra` (`key=value`; one for a
+    key the file sets replaces it there), validated against params.yaml first so that a typo fails here
+    instead of in a queued run. Refuses whitespace: `$(…)` would split that override in two."""
+    bare = [o for o in extra if "=" not in o]
+    if bare:
+        raise EceError(f"not key=value: {bare}", "write e.g. model.name=/path/to/the/model")
+    merged = dict(o.split("=", 1) for o in [*read_overrides(path), *extra])
+    overrides = [f"{key}={value}" for key, value in merged.items()]
+    load_params("params.yaml", overrides)
+    spaced = [o for o in overrides if any(c.isspace() for c in o)]
+    if spaced:
+        raise EceError(f"overrides with whitespace: {spaced}", "pass such a value as its own -S after the $(...)")
+    return [a for o in overrides for a in ("-S", o)]
 
 
 def start(jobs: int = 1) -> None:
@@ -117,11 +166,19 @@ def main() -> None:
     s = sub.add_parser("start", help="run the queue in the background")
     s.add_argument("-j", "--jobs", type=int, default=1, help="parallel runs (1 on a 2-core machine)")
     sub.add_parser("wait", help="wait until the queue is empty")
+    c = sub.add_parser("args", help="print a model config's -S overrides, checked against params.yaml")
+    c.add_argument("config", help="configs/<model>.yaml")
+    c.add_argument("extra", nargs="*", help="more key=value overrides, e.g. model.name=/path/to/the/model")
     r = sub.add_parser("results", help="finished experiments' metrics as JSON")
     r.add_argument("prefix", nargs="?", default="")
     args = ap.parse_args()
     if args.cmd == "add":
         add(args.name, args.overrides)
+    elif args.cmd == "args":
+        try:
+            print(" ".join(config_args(args.config, args.extra)))
+        except EceError as err:
+            raise SystemExit(f"error: {err}") from None
     elif args.cmd == "start":
         start(args.jobs)
     elif args.cmd == "wait":
