@@ -19,6 +19,7 @@ phase run after the whole shared phase (tested); only how the rows are packed in
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -430,7 +431,19 @@ def z_adapter(adapter: ModelAdapter, dtype: str) -> ModelAdapter:
     """
     if dtype == "model" or DTYPES[dtype] == adapter.dtype:
         return adapter
+    if adapter.device.type == "cpu" and DTYPES[dtype] == torch.bfloat16 and not native_cpu_bfloat16():
+        warnings.warn(
+            "z.dtype bfloat16 on a CPU without bfloat16 matrix instructions (AVX512-BF16 / AMX) runs, "
+            "emulated and slower than float32: set z.dtype: model on this machine",
+            stacklevel=2,
+        )
     return adapter.cast(DTYPES[dtype])
+
+
+def native_cpu_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (torch's own probe; private, hence guarded)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def batch_z(wb: Workbench, p: Params, method: Method, batch: list[Fact], labels: Tensor, anchors: Tensor) -> ZResult:

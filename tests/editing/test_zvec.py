@@ -679,3 +679,11 @@ def test_z_descent_in_a_bfloat16_copy(request, kind_fixture, facts):
     assert torch.equal(low.z, low.h + low.delta)
     assert not torch.equal(low.delta, full.delta)  # the copy's passes did run in bfloat16 ...
     assert F.cosine_similarity(low.delta, full.delta, dim=1).min() > 0.9  # ... and follow the float32 descent
+
+
+def test_bfloat16_z_on_a_cpu_without_bfloat16_units_warns(monkeypatch, tiny_llama):
+    adapter = ModelAdapter(tiny_llama[0])
+    monkeypatch.setattr(zvec, "native_cpu_bfloat16", lambda: False)
+    with pytest.warns(UserWarning, match="emulated and slower"):
+        assert zvec.z_adapter(adapter, "bfloat16").dtype == torch.bfloat16
+    assert zvec.z_adapter(adapter, "model") is adapter and zvec.z_adapter(adapter, "float32") is adapter
