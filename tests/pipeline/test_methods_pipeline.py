@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ece.model.loading import tiny_model
 
-METHODS = ("ece", "memit", "alphaedit", "rome", "ft-l", "ft-m", "ultraedit", "mend")
+METHODS = ("ece", "memit", "alphaedit", "rome", "ft-l", "ft-m", "ultraedit", "mend", "serac")
 SINGLE_LAYER = 2  # rome.layer and ft.layer: one of the scratch project's edit.layers
 # The tiny model's C0 eigenvalues all lie below AlphaEdit's 2e-2 (largest ~5e-4), which makes the null
 # space the whole space and the null-space check empty; 1e-5 splits the 64 directions roughly in half.
@@ -58,8 +58,10 @@ class Edited:
 
 
 def expected_layers(params: dict) -> list[int]:
-    """ROME and fine-tuning write one layer (rome.layer / ft.layer), MEND and UltraEdit their own `layers`, the
-    others every edit.layers."""
+    """ROME and fine-tuning write one layer (rome.layer / ft.layer), MEND and UltraEdit their own `layers`,
+    SERAC none (it answers through its edit memory), the others every edit.layers."""
+    if params["method"] == "serac":
+        return []
     single = {"rome": params["rome"]["layer"], "ft-l": params["ft"]["layer"], "ft-m": params["ft"]["layer"]}
     if params["method"] in ("mend", "ultraedit"):
         return list(params[params["method"]]["layers"])
@@ -120,7 +122,8 @@ def test_edited_model_loads_and_only_the_methods_w_out_changed(edited: Callable[
 def test_ledger_has_one_row_per_batch_and_layer(edited: Callable[[str], Edited], method: str) -> None:
     run = edited(method)
     ledger = run.ledger()
-    assert sorted(zip(ledger["batch"], ledger["layer"])) == [(b, l) for b in range(N_BATCHES) for l in run.layers]
+    written = run.layers or [None]  # a method that writes no layer (SERAC): one row per batch, no layer
+    assert list(zip(ledger["batch"], ledger["layer"])) == [(b, l) for b in range(N_BATCHES) for l in written]
     assert set(ledger["method"]) == {method}
     batch_size = run.params["edit"]["batch_size"]
     for r in ledger.iter_rows(named=True):
