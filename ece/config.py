@@ -376,7 +376,7 @@ def validate(p: Params) -> None:
         "e.g. [10000, 19999]: CounterFact records never edited by the default runs",
     )
     _check(
-        t.eval_every % p.mend.accumulate == 0,
+        REGISTRY[p.method].layers_param != "mend" or t.eval_every % p.mend.accumulate == 0,
         f"train_editor.eval_every ({t.eval_every}) must be a multiple of mend.accumulate ({p.mend.accumulate})",
         "a checkpoint is taken after an optimiser step, so that a resumed run continues exactly",
     )

@@ -164,4 +164,4 @@ def test_facts_per_pass_needs_facts_that_are_their_own_anchor() -> None:
 
 def test_mend_checkpoints_only_after_an_optimiser_step() -> None:
     """A checkpoint in the middle of an accumulation would lose the accumulated gradients on resume."""
-    expect_error(["train_editor.eval_every=15"], "must be a multiple of mend.accumulate (10)")
+    expect_error(["method=mend", "train_editor.eval_every=15"], "must be a multiple of mend.accumulate (10)")
