@@ -62,6 +62,12 @@ INVALID = {
     "mend.c_loc": -1.0,
     "mend.accumulate": 0,
     "mend.grad_clip": 0.0,
+    "serac.embed_layer": -1,
+    "serac.dim": 0,
+    "serac.temperature": 0.0,
+    "serac.lr": 0.0,
+    "serac.batch_records": 1,
+    "serac.threshold": 1.0,
     "evaluate.batch_size": 0,
     "evaluate.n_general": -1,
     "evaluate.ppl_tokens": 0,
@@ -77,6 +83,7 @@ INVALID = {
 }
 MORE_INVALID = {  # further bounds of params already in INVALID, and lists of numbers
     "ece.neuron_threshold": 0.0,
+    "serac.threshold": 0.0,
     "z.n_context": -1,
     "edit.layers": [-1, 2],
     "mend.layers": [0, 2],  # MEND reads the activations below its first layer
