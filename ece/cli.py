@@ -250,7 +250,8 @@ def render_fact(r: dict[str, Any], con: Console, top_texts: int = 10) -> None:
             own,
             tops,
         )
-    con.print(t)
+    if r["layers"]:  # a method that answers through its memory (SERAC) wrote no layer
+        con.print(t)
 
 
 def render_neuron(r: dict[str, Any], con: Console) -> None:
