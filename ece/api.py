@@ -36,11 +36,13 @@ from ece.editing.clustering import cluster_batch, neuron_sets
 from ece.editing.covariance import estimate_covariance, load_covariance
 from ece.editing.editor import Editor, LayerChange
 from ece.editing.selection import attribute_batch, update_columns
-from ece.editing.trained import load_trained
+from ece.editing.serac import EditMemory, MemoryRouter, open_router
+from ece.editing.trained import edit_memory, load_trained
 from ece.editing.zvec import batch_z, z_groups, z_rows
 from ece.errors import EceError
 from ece.eval.run import evaluate_model
 from ece.methods import Method, method_of
+from ece.model.adapter import ModelAdapter
 from ece.model.workbench import Workbench
 from ece.sequence import BatchPlan, Log, apply_plans
 
@@ -57,6 +59,7 @@ class EditResult:
     ledger: pl.DataFrame  # one row per (batch, layer), ece.audit.ledger.LEDGER_SCHEMA
     runs: list[dict[str, Any]]  # per batch: seconds per phase, session, finish time
     layers: list[dict[str, Any]] = field(default_factory=list)  # per (batch, layer): columns changed, ‖ΔW‖
+    memory: EditMemory | None = None  # SERAC: the edits it answers from (the weights are unchanged)
 
 
 def plan(wb: Workbench, p: Params, facts: pl.DataFrame, log: Log = print) -> list[BatchPlan]:
@@ -156,17 +159,18 @@ def edit(
     df = as_table(facts, p.data.max_chars)
     wb = Workbench.of(model, tokenizer, p)
     m = method_of(p)
-    editor = Editor(
+    trained = load_trained(wb, p, df, Path(editor))
+    editing = Editor(
         wb.adapter,
         wb.tok,
         m,
         wb.templates,
         covariance_for(wb, p, m, covariance),
         max_update_norm=p.update.max_update_norm,
-        trained=load_trained(wb, p, df, Path(editor)),
+        trained=trained,
     )
     plans = plan(wb, p, df, log)
-    changes, stored = apply_plans(editor, p, plans, wb.fingerprint, dataset_hash(df), log=log)
+    changes, stored = apply_plans(editing, p, plans, wb.fingerprint, dataset_hash(df), log=log)
     ledger = pl.DataFrame([row for r in stored for row in r["ledger"]], schema=LEDGER_SCHEMA)
     return EditResult(
         model,
@@ -177,6 +181,7 @@ def edit(
         ledger,
         [r["run"] for r in stored],
         [row for r in stored for row in r["layers"]],
+        edit_memory(trained, wb, p, [bp.facts for bp in plans]),
     )
 
 
@@ -186,11 +191,22 @@ def evaluate(
     facts: pl.DataFrame | Sequence[Fact | dict[str, Any]],
     params: Params | str | Path = "params.yaml",
     overrides: Sequence[str] = (),
+    memory: EditMemory | str | Path | None = None,
 ) -> dict[str, Any]:
     """The evaluate stage's metrics of one model on `facts` (efficacy, generalization, specificity, score,
     fluency where the facts have generation prompts, general ability and perplexity as params say):
-    {"summary": {metric: value}, "per_fact": table, "seconds": {part: s}}. Consistency references are
-    the stage's business (they need the dataset files); here they are left out."""
+    {"summary": {metric: value}, "per_fact": table, "seconds": {part: s}, "routing": table or None}.
+    `memory`: the model answers through an edit memory (SERAC): `EditResult.memory`, or the edited model
+    folder that holds one; "routing" then says which entry answered each text. Consistency references
+    are the stage's business (they need the dataset files); here they are left out."""
     p = params if isinstance(params, Params) else load_params(params, list(overrides))
-    summary, per_fact, seconds = evaluate_model(model, tokenizer, as_table(facts, p.data.max_chars), p, None)
-    return {"summary": summary, "per_fact": per_fact, "seconds": seconds}
+    router = (
+        None
+        if memory is None
+        else MemoryRouter(memory, ModelAdapter(model), tokenizer)
+        if isinstance(memory, EditMemory)
+        else open_router(Path(memory), model, tokenizer)
+    )
+    summary, per_fact, seconds = evaluate_model(model, tokenizer, as_table(facts, p.data.max_chars), p, None, router)
+    routing = router.routing() if router is not None else None
+    return {"summary": summary, "per_fact": per_fact, "seconds": seconds, "routing": routing}

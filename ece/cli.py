@@ -10,7 +10,8 @@
     ece edit --subject S --prompt "{} is located in the city of" --new Rome [--model M] [--out DIR]
                                         edit one fact into a model in seconds; before/after completions
     ece generate --prompt TEXT [--model A] [--compare B]
-                                        greedy completions of two models side by side
+                                        greedy completions of two models side by side (a folder with an
+                                        edit memory, SERAC's, answers through it and names the entry used)
 
 Every command reads params.yaml and the artifacts of the project it runs in (`-C DIR` to point at
 another one), prints rich tables, or JSON with `--json`, and exits with status 2 and a one-line
@@ -41,8 +42,11 @@ from ece.audit.ledger import (
 from ece.audit.queries import EDITED_MODEL, audit_diff, audit_fact, audit_neuron, do_rollback
 from ece.config import Params, load_params
 from ece.editing.covariance import load_covariance
+from ece.editing.serac import MEMORY_DIR, MemoryRouter, open_router
 from ece.errors import EceError
+from ece.eval.scoring import routed
 from ece.methods import REGISTRY, edited_layers
+from ece.model.adapter import ModelAdapter
 from ece.model.loading import load_for, model_fingerprint, save_model
 from ece.model.prompts import greedy
 
@@ -110,9 +114,12 @@ def do_edit(
         log=lambda _: None,
     )
     seconds = time.perf_counter() - start
-    after = greedy(model, tok, texts, max_new_tokens)
+    router = MemoryRouter(result.memory, ModelAdapter(model), tok) if result.memory is not None else None
+    after = greedy(model, tok, routed(texts, router), max_new_tokens)
     if out is not None:
         save_model(model, tok, out)
+        if result.memory is not None:
+            result.memory.save(out / MEMORY_DIR)
         write_provenance(
             out,
             {
@@ -150,14 +157,25 @@ def do_generate(
     a = model_a or p.model.name
     b = model_b if model_b is not None else (str(EDITED_MODEL) if EDITED_MODEL.exists() else None)
     names = [a] + ([b] if b and b.lower() != "none" else [])
-    columns = {}
+    columns, memory = {}, {}
     for name in names:
         model, tok = load_for(p, name)
-        columns[name] = greedy(model, tok, prompts, max_new_tokens)
+        # a folder with an edit memory (SERAC) answers through it: each prompt after its retrieved edit
+        router = open_router(Path(name), model, tok) if (Path(name) / MEMORY_DIR).is_dir() else None
+        columns[name] = greedy(model, tok, routed(prompts, router), max_new_tokens)
+        if router is not None:
+            memory[name] = dict(router.routing().select("text", "memory_id").iter_rows())
         del model
     return {
         "models": names,
-        "completions": [{"prompt": pr, **{n: columns[n][i] for n in names}} for i, pr in enumerate(prompts)],
+        "completions": [
+            {
+                "prompt": pr,
+                **{n: columns[n][i] for n in names},
+                **{f"{n} memory entry": memory[n][pr] for n in memory},
+            }
+            for i, pr in enumerate(prompts)
+        ],
     }
 
 
@@ -184,7 +202,7 @@ def _z_steps(r: dict[str, Any]) -> str:
     return f"{r['z_steps']} (started from {start})"
 
 
-def render_fact(r: dict[str, Any], con: Console) -> None:
+def render_fact(r: dict[str, Any], con: Console, top_texts: int = 10) -> None:
     pairs = [("fact", r["fact"])]
     if "request" in r:
         q = r["request"]
@@ -203,6 +221,11 @@ def render_fact(r: dict[str, Any], con: Console) -> None:
         ("git revision", (r["git_revision"] or "unknown")[:12]),
         ("params hash", r["params_hash"][:16]),
     ]
+    if "memory" in r:
+        m = r["memory"]
+        answered = "not evaluated yet" if m["answered"] is None else f"answered {len(m['answered'])} evaluated texts"
+        pairs.append(("edit memory", f"batch {m['batch']}: {m['statement']!r}; {answered}"))
+        pairs += [("  answered", text) for text in (m["answered"] or [])[:top_texts]]
     con.print(_kv(f"ece audit --fact {r['fact']}", pairs))
     t = Table(title="layers (the batch's change; the fact's own attributed neurons)")
     for c in (
@@ -227,7 +250,8 @@ def render_fact(r: dict[str, Any], con: Console) -> None:
             own,
             tops,
         )
-    con.print(t)
+    if r["layers"]:  # a method that answers through its memory (SERAC) wrote no layer
+        con.print(t)
 
 
 def render_neuron(r: dict[str, Any], con: Console) -> None:
@@ -315,8 +339,11 @@ def render_generate(r: dict[str, Any], con: Console) -> None:
     t.add_column("prompt")
     for name in r["models"]:
         t.add_column(name)
+    routed_by = [k for k in (r["completions"][0] if r["completions"] else {}) if k.endswith(" memory entry")]
+    for name in routed_by:
+        t.add_column(name)
     for row in r["completions"]:
-        t.add_row(row["prompt"], *[row[n] for n in r["models"]])
+        t.add_row(row["prompt"], *[row[n] for n in r["models"]], *[str(row[k] or "none") for k in routed_by])
     con.print(t)
 
 

@@ -16,7 +16,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ece.errors import EceError
-from ece.methods import NOT_YET_SUPPORTED, REGISTRY
+from ece.methods import REGISTRY
 
 SCORERS = ("as", "wi", "wi_static", "rs")  # ece.scorer; ece.editing.attribution implements each
 AGGREGATIONS = ("sum", "union")  # ece.aggregation
@@ -162,6 +162,19 @@ class MendCfg:
 
 
 @dataclass
+class SeracCfg:
+    """SERAC (Mitchell et al., ICML 2022): the scope classifier (trained by train_editor) and the routing
+    threshold (used by apply_edits, stored with the edit memory)."""
+
+    embed_layer: int = 15  # block whose output, mean-pooled, embeds a text (the base model is frozen)
+    dim: int = 256  # width of the trained projection
+    temperature: float = 0.1  # initial τ of cos/τ + b (τ and b are trained)
+    lr: float = 1e-3  # Adam step of the projection
+    batch_records: int = 32  # training records per step (their statements × all their queries)
+    threshold: float = 0.5  # a query is in scope of its best memory entry when the probability exceeds this
+
+
+@dataclass
 class EvaluateCfg:
     batch_size: int = 16  # prompts per forward pass (scoring, general ability, generation)
     n_general: int = 20  # first N examples of each general-ability task (0 = all)
@@ -202,6 +215,7 @@ class Params:
     ultraedit: UltraEditCfg = field(default_factory=UltraEditCfg)
     train_editor: TrainEditorCfg = field(default_factory=TrainEditorCfg)
     mend: MendCfg = field(default_factory=MendCfg)
+    serac: SeracCfg = field(default_factory=SeracCfg)
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
 
 
@@ -256,6 +270,11 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("mend.c_loc", 0, True, "MEND: 1.0"),
     ("mend.accumulate", 1, True, "MEND: 10"),
     ("mend.grad_clip", 0, False, "MEND: 100"),
+    ("serac.embed_layer", 0, True, "e.g. 15 (a middle block of SmolLM2's 30)"),
+    ("serac.dim", 1, True, "e.g. 256"),
+    ("serac.temperature", 0, False, "e.g. 0.1"),
+    ("serac.lr", 0, False, "e.g. 1e-3"),
+    ("serac.batch_records", 2, True, "e.g. 32 (the other records of a step are its negatives)"),
     ("evaluate.batch_size", 1, True, "e.g. 16"),
     ("evaluate.n_general", 0, True, "0 means every example"),
     ("evaluate.ppl_tokens", 1, True, "e.g. 4096"),
@@ -300,11 +319,6 @@ def validate(p: Params) -> None:
     Each is caught here, when params.yaml is read, with a message naming the param, instead of as a
     NaN, an empty selection or a stack trace in the middle of a stage.
     """
-    if p.method in NOT_YET_SUPPORTED:
-        raise EceError(
-            f"method '{p.method}' is not yet supported (it needs an editor trained on edit data)",
-            f"use one of {', '.join(METHODS)}",
-        )
     _choice("method", p.method, METHODS)
     _choice("ece.scorer", p.ece.scorer, SCORERS)
     _choice("ece.aggregation", p.ece.aggregation, AGGREGATIONS)
@@ -364,9 +378,14 @@ def validate(p: Params) -> None:
         "e.g. [10000, 19999]: CounterFact records never edited by the default runs",
     )
     _check(
-        t.eval_every % p.mend.accumulate == 0,
+        REGISTRY[p.method].layers_param != "mend" or t.eval_every % p.mend.accumulate == 0,
         f"train_editor.eval_every ({t.eval_every}) must be a multiple of mend.accumulate ({p.mend.accumulate})",
         "a checkpoint is taken after an optimiser step, so that a resumed run continues exactly",
+    )
+    _check(
+        0.0 < p.serac.threshold < 1.0,
+        f"serac.threshold must be in (0, 1), got {p.serac.threshold}",
+        "0.5: a query goes to its best memory entry when the classifier says in scope",
     )
     e = p.evaluate
     bad_tasks = [t for t in e.general_tasks if t not in GENERAL_TASKS]

@@ -4,8 +4,8 @@ Every method runs through the same stages and library functions (keys and z of e
 covariance, the solves of ece.editing.solve, the sequential ece.editing.editor.Editor). A method is only a
 registry entry: which layers it writes, whether it needs z and the covariance statistics, whether it
 restricts the columns (ECE's attribution) and clusters z (ECE's two steps), how the solve is
-regularised, whether it remembers earlier batches' keys (the cache P), and whether it needs an editor
-trained beforehand. The stages, the CLI and the programmatic API read these fields; none branches on a
+regularised, whether it remembers earlier batches' keys (the cache P), whether it needs an editor
+trained beforehand, and whether it answers through an edit memory instead of changed weights (SERAC). The stages, the CLI and the programmatic API read these fields; none branches on a
 method's name. Adding a method = its update code under ece/editing/ + one entry in REGISTRY.
 
 This module imports no torch and no other wing, so ece.config can validate `method` against it.
@@ -38,6 +38,9 @@ class MethodSpec:
     settings: Callable[[Params], dict[str, Any]]  # mom2_weight, nullspace_threshold, l2, ft, target_only, ultraedit
     describe: Callable[[Params], str]  # the update settings, for reports
     layers_param: str | None = None  # a params section whose `layers` are the layers written (mend, ultraedit)
+    memory: bool = (
+        False  # SERAC: writes no weight; answers through an edit memory that evaluation routes prompts through
+    )
 
 
 def _ridge(p: Params) -> dict[str, Any]:
@@ -148,11 +151,20 @@ REGISTRY: dict[str, MethodSpec] = {
             settings=lambda p: {"mom2_weight": 0.0},
             describe=lambda p: f"MEND editor on layers {list(p.mend.layers)}, rank {p.mend.rank}",
         ),
+        MethodSpec(
+            "serac",
+            "an edit memory, a trained scope classifier, the base model with the retrieved edit in its context",
+            **_GRADIENT,
+            trained_editor=True,
+            layer_param=None,
+            memory=True,
+            settings=lambda p: {"mom2_weight": 0.0},
+            describe=lambda p: (
+                f"scope classifier on layer {p.serac.embed_layer} (dim {p.serac.dim}), threshold {p.serac.threshold:g}"
+            ),
+        ),
     ]
 }
-
-# Named by the ECE paper, not implemented yet: it needs an editor trained on edit data.
-NOT_YET_SUPPORTED = ("serac",)
 
 
 @dataclass(frozen=True)
@@ -166,6 +178,7 @@ class Method:
     needs_z: bool
     needs_covariance: bool
     trained_editor: bool
+    memory: bool
     mom2_weight: float  # λ of λ·C0 in the solve (AlphaEdit: 0, it projects instead)
     use_cache: bool
     per_fact: bool
@@ -177,9 +190,11 @@ class Method:
 
 
 def edited_layers(p: Params) -> list[int]:
-    """The layers the chosen method writes: its `layers_param` section's layers, its `layer_param`
-    section's layer, or edit.layers."""
+    """The layers the chosen method writes: none for a method that answers through a memory, its
+    `layers_param` section's layers, its `layer_param` section's layer, or edit.layers."""
     spec = REGISTRY[p.method]
+    if spec.memory:
+        return []
     if spec.layers_param:
         return list(getattr(p, spec.layers_param).layers)
     return [getattr(p, spec.layer_param).layer] if spec.layer_param else list(p.edit.layers)
@@ -195,6 +210,7 @@ def method_of(p: Params) -> Method:
         needs_z=spec.needs_z,
         needs_covariance=spec.needs_covariance,
         trained_editor=spec.trained_editor,
+        memory=spec.memory,
         use_cache=spec.use_cache,
         per_fact=spec.per_fact,
         **spec.settings(p),

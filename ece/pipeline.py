@@ -56,6 +56,7 @@ from ece.data.io import (
 )
 from ece.data.loaders import dataset_hash
 from ece.editing.selection import update_columns
+from ece.editing.serac import MEMORY_DIR, EditMemory
 from ece.editing.zcache import read_z
 from ece.methods import Method, method_of
 from ece.model.loading import save_model
@@ -130,10 +131,16 @@ def read_dataset_hash(df: pl.DataFrame) -> str:
 
 
 def write_edited(
-    wb: Workbench, p: Params, checkpoint: Checkpoint, stored: list[dict[str, Any]], n_facts: int
+    wb: Workbench,
+    p: Params,
+    checkpoint: Checkpoint,
+    stored: list[dict[str, Any]],
+    n_facts: int,
+    memory: EditMemory | None = None,
 ) -> dict[str, float]:
-    """artifacts/edited (model, per-batch deltas, ledger, tables) in one atomic rename, then the
-    uncached reports (ledger runs, ledger.md, timings.json); total seconds per phase."""
+    """artifacts/edited (model, per-batch deltas, ledger, tables; a memory method's edit memory inside the
+    model folder, which then holds the whole edited model) in one atomic rename, then the uncached
+    reports (ledger runs, ledger.md, timings.json); total seconds per phase."""
     runs = [r["run"] for r in stored]
     ledger = pl.DataFrame([row for r in stored for row in r["ledger"]], schema=LEDGER_SCHEMA)
     with atomic_dir(EDITED) as tmp:
@@ -149,6 +156,8 @@ def write_edited(
                 "checkpoint_key": checkpoint.prefix_keys[-1],
             },
         )
+        if memory is not None:
+            memory.save(tmp / "model" / MEMORY_DIR)
         pl.DataFrame([row for r in stored for row in r["layers"]]).write_parquet(tmp / "layers.parquet")
         pl.DataFrame([r["batch"] for r in stored]).write_parquet(tmp / "batches.parquet")
         ledger.write_parquet(tmp / LEDGER.name)

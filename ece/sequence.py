@@ -163,4 +163,7 @@ def _batch_rows(b: int, bp: BatchPlan, changes: dict[int, LayerChange], log: Log
         summary = layer_summary(c)
         layer_rows.append({"batch": b, "layer": l, "n_cols": summary["n_neurons"], "delta_norm": summary["delta_norm"]})
         ledger_rows.append({"batch": b, "layer": l, **fact_info, **summary, "cond": c.cond})
+    if not changes:  # no weight written (SERAC: the facts went into its edit memory); the facts are still audited
+        no_change = {"neurons": [], "n_neurons": 0, "delta_norm": 0.0, "col_norms": [], "cond": float("nan")}
+        ledger_rows.append({"batch": b, "layer": None, **fact_info, **no_change})
     return {"batch": {"batch": b, "n_facts": len(bp.facts)}, "layers": layer_rows, "ledger": ledger_rows}

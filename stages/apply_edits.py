@@ -2,7 +2,8 @@
 
 Per batch and edited layer: keys on the current model, the residual spread over the remaining layers,
 the method's update (as its ece.methods registry entry says; MEND: its trained editor's transformed
-gradient of the batch's prompts), and for ECE and AlphaEdit the cache P += K Kᵀ: ece.sequence.apply_plans, fed with the plans the upstream stages stored
+gradient of the batch's prompts; SERAC: no weight, its facts go into the edit memory saved inside the model folder),
+and for ECE and AlphaEdit the cache P += K Kᵀ: ece.sequence.apply_plans, fed with the plans the upstream stages stored
 (ece.pipeline.read_plans), computed on the original weights.
 
 After every batch its changes are committed to the checkpoint of the run's lineage (ece.audit.checkpoint,
@@ -25,7 +26,7 @@ from ece.data.codehash import code_hash
 from ece.data.facts import read_facts
 from ece.editing.covariance import load_covariance
 from ece.editing.editor import Editor
-from ece.editing.trained import load_trained
+from ece.editing.trained import edit_memory, load_trained
 from ece.methods import method_of
 from ece.model.workbench import Workbench
 from ece.pipeline import CHECKPOINT, lineage_key, read_dataset_hash, read_plans, write_edited
@@ -44,7 +45,8 @@ def main(p: Params) -> None:
     lineage = lineage_key(p, method, wb.fingerprint, code_hash(__file__))
     checkpoint = Checkpoint(CHECKPOINT / lineage[:24], prefix_keys(lineage, plans))
     _, stored = apply_plans(editor, p, plans, wb.fingerprint, read_dataset_hash(df), checkpoint)
-    totals = write_edited(wb, p, checkpoint, stored, len(facts))
+    memory = edit_memory(trained, wb, p, [bp.facts for bp in plans])  # SERAC's edits; None: the weights hold them
+    totals = write_edited(wb, p, checkpoint, stored, len(facts), memory)
     print(f"apply_edits: {len(facts)} facts in {len(plans)} batches; seconds {totals}; ledger in {LEDGER_MD}")
 
 

@@ -4,7 +4,9 @@ summary and plots in ece.eval.report.
 
 Outputs: reports/per_fact.parquet (one row per fact and phase), reports/edit_metrics.json (the headline
 metrics, first in `dvc exp show`), reports/metrics.json,
-reports/summary.md, reports/curve.json, reports/plots/{metrics,curve}.png.
+reports/summary.md, reports/curve.json, reports/plots/{metrics,curve}.png, and reports/routing.parquet: for a
+method that answers through an edit memory (SERAC), which memory entry answered each text of the post
+phase (null: the base model alone); empty for the others.
 
 `torchrun --nproc_per_node N -m stages.evaluate` shares the forward batches out over N processes
 (ece.model.distributed) with the same numbers; rank 0 alone writes.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ece.artifacts import EDITED, PREPARED
+from ece.artifacts import EDITED, PREPARED, ROUTING
 from ece.config import Params
 from ece.data.facts import read_facts
 from ece.data.io import atomic_path, write_json, write_text
@@ -41,6 +43,8 @@ def main(p: Params) -> None:
         return
     with atomic_path(PER_FACT) as tmp:
         evaluation.per_fact.write_parquet(tmp)
+    with atomic_path(ROUTING) as tmp:
+        evaluation.routing.write_parquet(tmp)
     write_json(METRICS, evaluation.metrics)
     write_text(EDIT_METRICS, headline(evaluation.metrics))
     write_json(CURVE, round_floats(evaluation.curve))

@@ -1,4 +1,5 @@
-"""Stage `train_editor`: the editor a method trains before it edits (MEND), or a fixed marker.
+"""Stage `train_editor`: the editor a method trains before it edits (MEND; SERAC's scope classifier), or a
+fixed marker.
 
 For a method whose registry entry has `trained_editor`, its trainer (ece.editing.trained) learns the
 editor from the records train_editor.id_range selects in train_editor.data (never facts being
@@ -18,7 +19,7 @@ from ece.config import Params
 from ece.data.codehash import code_hash
 from ece.data.io import write_json
 from ece.editing.editor_io import write_marker
-from ece.editing.trained import train_editor
+from ece.editing.trained import TRAINERS, train_editor
 from ece.eval.plotting import plot_training_curve
 from ece.methods import REGISTRY
 from ece.model.workbench import Workbench
@@ -35,7 +36,7 @@ def main(p: Params) -> None:
     result = train_editor(Workbench.open(p), p, code_hash(__file__))
     c = result.config
     write_json(EDITOR_CURVE, {"method": p.method, "trained_editor": True, **c, "curve": result.curve})
-    plot_training_curve(result.curve, f"{p.method} editor, {p.model.name}", EDITOR_PLOT)
+    plot_training_curve(result.curve, f"{p.method} editor, {p.model.name}", EDITOR_PLOT, TRAINERS[p.method].loss)
     seconds = result.curve[-1]["seconds"] if result.curve else 0.0
     print(
         f"train_editor: {c['steps']} steps in {seconds} s; best held-out loss {c['heldout_loss']:.4f} at step {c['best_step']}"

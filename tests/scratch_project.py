@@ -101,6 +101,7 @@ def write_params(work: Path, changes: dict[str, dict] | None = None) -> None:
         data="data/train.jsonl", id_range=[100, 199], heldout=2, max_steps=4, eval_every=2, patience=0
     )
     params["mend"].update(layers=[2, 3], rank=8, accumulate=2)
+    params["serac"].update(embed_layer=2, dim=8, batch_records=4)
     params["ultraedit"].update(layers=[2, 3])  # its own window, not edit.layers (as in params.yaml)
     params["evaluate"].update(
         batch_size=4,

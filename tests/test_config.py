@@ -62,6 +62,12 @@ INVALID = {
     "mend.c_loc": -1.0,
     "mend.accumulate": 0,
     "mend.grad_clip": 0.0,
+    "serac.embed_layer": -1,
+    "serac.dim": 0,
+    "serac.temperature": 0.0,
+    "serac.lr": 0.0,
+    "serac.batch_records": 1,
+    "serac.threshold": 1.0,
     "evaluate.batch_size": 0,
     "evaluate.n_general": -1,
     "evaluate.ppl_tokens": 0,
@@ -77,6 +83,7 @@ INVALID = {
 }
 MORE_INVALID = {  # further bounds of params already in INVALID, and lists of numbers
     "ece.neuron_threshold": 0.0,
+    "serac.threshold": 0.0,
     "z.n_context": -1,
     "edit.layers": [-1, 2],
     "mend.layers": [0, 2],  # MEND reads the activations below its first layer
@@ -165,4 +172,4 @@ def test_facts_per_pass_needs_facts_that_are_their_own_anchor() -> None:
 
 def test_mend_checkpoints_only_after_an_optimiser_step() -> None:
     """A checkpoint in the middle of an accumulation would lose the accumulated gradients on resume."""
-    expect_error(["train_editor.eval_every=15"], "must be a multiple of mend.accumulate (10)")
+    expect_error(["method=mend", "train_editor.eval_every=15"], "must be a multiple of mend.accumulate (10)")

@@ -7,7 +7,8 @@ Files (all written by stages/apply_edits.py, atomically, at the end of the stage
   float32, the columns right before and right after batch XXXX). Applying `new` batch after batch onto
   the original weights gives the edited model bit for bit; putting back `old` in reverse order undoes
   batches bit for bit.
-- artifacts/edited/ledger.parquet: one row per (batch, edited layer), schema `LEDGER_SCHEMA`: the
+- artifacts/edited/ledger.parquet: one row per (batch, edited layer) (a batch that wrote no layer, SERAC's:
+  one row with a null layer), schema `LEDGER_SCHEMA`: the
   batch's facts (ids, content hashes, clusters, anchors, z losses), the inputs (dataset hash, params
   hash, model fingerprint), the layer's selected neurons, ‖ΔW‖ (Frobenius), the per-column norms of
   ΔW (aligned with `neurons`), the condition number of the solved system. Only what follows from the
@@ -255,7 +256,7 @@ def ledger_markdown(table: pl.DataFrame, runs: dict[int, dict[str, Any]]) -> str
         f"- params hash: `{first['params_hash']}`",
         f"- checkpoint key: `{first['checkpoint_key']}`",
         f"- batches: {batches.height}, facts: {int(batches['n_facts'].sum())}, "
-        f"layers: {sorted(set(table['layer'].to_list()))}",
+        f"layers: {sorted(set(table['layer'].drop_nulls().to_list()))}",
         "",
         "## Batches",
         "",
@@ -278,7 +279,7 @@ def ledger_markdown(table: pl.DataFrame, runs: dict[int, dict[str, Any]]) -> str
         "| batch | layer | neurons | ‖ΔW‖_F | max column ‖Δ‖ | condition number |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in table.sort("batch", "layer").iter_rows(named=True):
+    for r in table.filter(pl.col("layer").is_not_null()).sort("batch", "layer").iter_rows(named=True):
         top = max(r["col_norms"]) if r["col_norms"] else 0.0
         flag = " (ill-conditioned)" if r["cond"] > COND_WARN else ""
         lines.append(

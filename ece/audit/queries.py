@@ -11,7 +11,7 @@ from typing import Any
 import polars as pl
 import torch
 
-from ece.artifacts import ATTRIBUTION, EDITED, PREPARED
+from ece.artifacts import ATTRIBUTION, EDITED, PREPARED, ROUTING
 from ece.audit.ledger import (
     LEDGER,
     delta_files,
@@ -24,6 +24,7 @@ from ece.audit.ledger import (
     write_provenance,
 )
 from ece.config import Params
+from ece.editing.serac import MEMORY_DIR
 from ece.errors import EceError
 from ece.model.adapter import ModelAdapter
 from ece.model.loading import load_for, load_model, model_fingerprint, save_model
@@ -84,7 +85,7 @@ def audit_fact(fact_id: str, top: int = 5) -> dict[str, Any]:
             result["request"] = {k: r[k] for k in ("subject", "prompt", "target_new", "target_true")}
     selections = _fact_selections()
     layers = []
-    for r in rows.iter_rows(named=True):
+    for r in rows.filter(pl.col("layer").is_not_null()).iter_rows(named=True):  # null: a batch that wrote no layer
         norms = dict(zip(r["neurons"], r["col_norms"]))
         own = None
         if selections is not None:
@@ -105,6 +106,17 @@ def audit_fact(fact_id: str, top: int = 5) -> dict[str, Any]:
             }
         )
     result["layers"] = layers
+    memory = EDITED_MODEL / MEMORY_DIR / "memory.parquet"
+    if memory.exists():  # SERAC: the fact is a memory entry; which evaluated texts it answered
+        entry = pl.read_parquet(memory).filter(pl.col("id") == fact_id)
+        routing = pl.read_parquet(ROUTING) if ROUTING.exists() else None
+        result["memory"] = {
+            "statement": entry["statement"][0] if entry.height else None,
+            "batch": entry["batch"][0] if entry.height else None,
+            "answered": routing.filter(pl.col("memory_id") == fact_id)["text"].to_list()
+            if routing is not None
+            else None,
+        }
     result["batch_delta_norm"] = math.sqrt(sum(l["delta_norm"] ** 2 for l in layers))
     return result
 

@@ -1,4 +1,4 @@
-"""The records a trained editor (MEND) learns from: selected by id from a dataset file, split into
+"""The records a trained editor (MEND, SERAC) learns from: selected by id from a dataset file, split into
 training and held-out records, and kept apart from the facts being edited.
 
 An editor that has seen an edited fact in training (its prompt, its paraphrase, its target) would
@@ -33,6 +33,8 @@ class TrainingRecord:
     paraphrase: str  # full text with the subject written out
     neighborhood: str  # full text about another subject
     neighborhood_answer: str
+    paraphrases: tuple[str, ...] = ()  # every paraphrase of the record (SERAC's in-scope queries)
+    neighborhoods: tuple[str, ...] = ()  # every neighbourhood prompt (SERAC's hard out-of-scope queries)
 
 
 def id_number(fact_id: str) -> int | None:
@@ -97,6 +99,8 @@ def training_records(df: pl.DataFrame) -> list[TrainingRecord]:
             r["paraphrase_prompts"][0],
             r["neighborhood_prompts"][0],
             r["neighborhood_target"] or r["target_true"],
+            tuple(r["paraphrase_prompts"]),
+            tuple(r["neighborhood_prompts"]),
         )
         for r in df.iter_rows(named=True)
     ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -98,6 +99,15 @@ def read_editor(
     if bad:
         raise EceError(f"the editor in {folder} has NaN or Inf in {bad}", FIX)
     return tensors, config, train_facts
+
+
+@dataclass
+class Trained:
+    """What a method's trainer returns: the editor to save, its config, its training curve."""
+
+    tensors: dict[str, Tensor]  # the editor with the lowest held-out loss
+    config: dict[str, Any]  # what rebuilds it, and where training stopped
+    curve: list[dict[str, float]]  # per evaluation: step, train and held-out losses, seconds
 
 
 class TrainingCheckpoint:

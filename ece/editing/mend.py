@@ -41,7 +41,7 @@ from ece.config import Params
 from ece.data.editor_data import TrainingRecord
 from ece.data.facts import Fact
 from ece.data.io import sha256_json
-from ece.editing.editor_io import TrainingCheckpoint, load_optimizer, optimizer_tensors
+from ece.editing.editor_io import Trained, TrainingCheckpoint, load_optimizer, optimizer_tensors
 from ece.model.adapter import ModelAdapter
 from ece.model.prompts import document_start, right_padded, target_ids
 
@@ -208,13 +208,6 @@ def edit_losses(editor: MendEditor, adapter: ModelAdapter, record: Encoded, obse
         l_edit = target_nll(adapter, below, paraphrase).mean()
         post = _logits(adapter, below, unrelated)[0].log_softmax(-1)
     return l_edit, (base.exp() * (base - post)).sum(-1).mean()
-
-
-@dataclass
-class Trained:
-    tensors: dict[str, Tensor]  # the editor with the lowest held-out loss
-    config: dict[str, Any]  # what rebuilds it, and where training stopped
-    curve: list[dict[str, float]]  # per evaluation: step, train and held-out losses, seconds
 
 
 def train(

@@ -1,5 +1,6 @@
 """Editors trained before editing: training one (stage train_editor) and loading it, checked, for the
-edit sequence (apply_edits, ece.edit).
+edit sequence (apply_edits, ece.edit); for a method that answers through an edit memory (SERAC), the
+memory the edited facts make.
 
 Generic over methods: each method whose registry entry says `trained_editor` has a `Trainer` here (its
 training function, how its editor is rebuilt from its tensors, the params section that configures
@@ -21,10 +22,11 @@ from torch import Tensor
 from ece.artifacts import EDITOR, SCRATCH
 from ece.config import Params
 from ece.data.editor_data import FIX, check_disjoint, fact_keys, training_records, training_table
+from ece.data.facts import Fact
 from ece.data.io import sha256_file, sha256_json
 from ece.data.loaders import source_format
-from ece.editing import mend
-from ece.editing.editor_io import TrainedEditor, TrainingCheckpoint, read_editor, save_editor
+from ece.editing import mend, serac
+from ece.editing.editor_io import Trained, TrainedEditor, TrainingCheckpoint, read_editor, save_editor
 from ece.errors import EceError
 from ece.methods import REGISTRY
 from ece.model.workbench import Workbench
@@ -33,11 +35,18 @@ from ece.model.workbench import Workbench
 @dataclass(frozen=True)
 class Trainer:
     section: str  # the params section that configures the editor (part of what it was trained from)
-    train: Callable[..., mend.Trained]
+    train: Callable[..., Trained]
     load: Callable[[dict[str, Tensor], dict[str, Any]], TrainedEditor]
+    loss: str  # what its training curve plots
+    apply_only: tuple[str, ...] = ()  # keys of the section used when editing, not in training
 
 
-TRAINERS: dict[str, Trainer] = {"mend": Trainer("mend", mend.train, mend.MendEditor.from_tensors)}
+TRAINERS: dict[str, Trainer] = {
+    "mend": Trainer("mend", mend.train, mend.MendEditor.from_tensors, "c_edit·edit loss + c_loc·locality KL"),
+    "serac": Trainer(
+        "serac", serac.train, serac.SeracEditor.from_tensors, "scope classifier BCE (balanced)", ("threshold",)
+    ),
+}
 # Dataset shapes that hold the same kind of facts: an editor trained on one family edits that family.
 FAMILIES = {"counterfact": "counterfact", "counterfact_compact": "counterfact", "zsre": "zsre"}
 
@@ -46,12 +55,13 @@ def editor_inputs(p: Params) -> dict[str, Any]:
     """What a trained editor is a function of besides the model and the code; stored with it, and
     compared with params.yaml when it is loaded."""
     data = Path(p.train_editor.data)
-    section = TRAINERS[p.method].section
+    trainer = TRAINERS[p.method]
+    settings = {k: v for k, v in asdict(getattr(p, trainer.section)).items() if k not in trainer.apply_only}
     return {
         "method": p.method,
         "train_editor": asdict(p.train_editor),
         "data_sha256": sha256_file(data) if data.is_file() else None,
-        section: asdict(getattr(p, section)),
+        trainer.section: settings,
     }
 
 
@@ -62,7 +72,7 @@ def train_editor(
     folder: Path = EDITOR,
     log: Callable[[str], None] = print,
     on_step: Callable[[int], None] | None = None,
-) -> mend.Trained:
+) -> Trained:
     """Train the method's editor on the records train_editor selects (the last `heldout` held out) and
     write it to `folder`. Resumable: the state after each evaluation is kept under the scratch folder,
     keyed by the inputs, the model and the `code` hash, and deleted once the editor is written."""
@@ -107,3 +117,14 @@ def load_trained(wb: Workbench, p: Params, edits: pl.DataFrame, folder: Path = E
         )
     check_disjoint(set(facts["fact_key"].to_list()), edits)
     return TRAINERS[p.method].load(tensors, config)
+
+
+def edit_memory(
+    trained: TrainedEditor | None, wb: Workbench, p: Params, batches: list[list[Fact]]
+) -> serac.EditMemory | None:
+    """The edit memory a method that answers through one (SERAC) holds after `batches`, in order; None
+    for a method that writes weights."""
+    if not REGISTRY[p.method].memory:
+        return None
+    assert isinstance(trained, serac.SeracEditor), "a memory method's trained editor builds its memory"
+    return trained.memory(wb.adapter, wb.tok, batches, p.serac.threshold)

@@ -37,7 +37,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ece.config import GENERAL_TASKS
 from ece.errors import EceError
-from ece.eval.scoring import continuation_scores
+from ece.eval.scoring import Router, continuation_scores
 from ece.model import distributed
 from ece.model.loading import device_of
 from ece.model.prompts import document_start, right_padded
@@ -124,14 +124,20 @@ def load_task(data_dir: str | Path, task: str, n: int) -> list[Example]:
 
 
 def label_scores(
-    model: nn.Module, tok: PreTrainedTokenizerBase, examples: list[Example], batch_size: int = 16
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    examples: list[Example],
+    batch_size: int = 16,
+    router: Router | None = None,
 ) -> list[list[float]]:
     """Mean per-token log-probability of every label of every example, as a continuation of its prompt.
 
     Every (prompt, label) pair goes to `continuation_scores`, which runs a prompt whose labels are all
     one token (all six templates with the SmolLM2 and GPT-2 tokenizers) once for all its labels."""
     pairs = [(e.prompt, label) for e in examples for label in e.labels]
-    logprob, _ = continuation_scores(model, tok, [p for p, _ in pairs], [label for _, label in pairs], batch_size)
+    logprob, _ = continuation_scores(
+        model, tok, [p for p, _ in pairs], [label for _, label in pairs], batch_size, router
+    )
     flat = logprob.tolist()
     out, s = [], 0
     for e in examples:
@@ -140,9 +146,16 @@ def label_scores(
     return out
 
 
-def predict(model: nn.Module, tok: PreTrainedTokenizerBase, examples: list[Example], batch_size: int = 16) -> list[int]:
+def predict(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    examples: list[Example],
+    batch_size: int = 16,
+    router: Router | None = None,
+) -> list[int]:
     """Index of the most likely label of each example (ties: the first label)."""
-    return [max(range(len(row)), key=lambda j: (row[j], -j)) for row in label_scores(model, tok, examples, batch_size)]
+    scores = label_scores(model, tok, examples, batch_size, router)
+    return [max(range(len(row)), key=lambda j: (row[j], -j)) for row in scores]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,13 +204,19 @@ def task_metrics(task: str, pred: list[int], gold: list[int]) -> dict[str, float
 
 
 def general_ability(
-    model: nn.Module, tok: PreTrainedTokenizerBase, data_dir: str | Path, tasks: list[str], n: int, batch_size: int = 16
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    data_dir: str | Path,
+    tasks: list[str],
+    n: int,
+    batch_size: int = 16,
+    router: Router | None = None,
 ) -> dict[str, dict[str, float | int]]:
-    """Per task: n, accuracy, f1 (and mcc for CoLA)."""
+    """Per task: n, accuracy, f1 (and mcc for CoLA); `router`: each prompt is read after its context."""
     out = {}
     for task in tasks:
         examples = load_task(data_dir, task, n)
-        pred = predict(model, tok, examples, batch_size)
+        pred = predict(model, tok, examples, batch_size, router)
         out[task] = task_metrics(task, pred, [e.gold for e in examples])
     return out
 
@@ -227,13 +246,22 @@ def _start_ids(tok: PreTrainedTokenizerBase) -> list[int]:
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, tok: PreTrainedTokenizerBase, ids: list[int], window: int, batch_size: int = 4
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    ids: list[int],
+    window: int,
+    batch_size: int = 4,
+    router: Router | None = None,
 ) -> float:
-    """exp(mean NLL) of `ids` read in consecutive windows of `window` tokens, each after the document start."""
+    """exp(mean NLL) of `ids` read in consecutive windows of `window` tokens, each after the document start
+    (`router`: and after the context it gives the window's text; only the window's tokens are scored)."""
     if not ids:
         raise EceError("no tokens to compute perplexity on", "check evaluate.ppl_corpus and evaluate.ppl_tokens")
     start = _start_ids(tok)
-    rows = [start + ids[s : s + window] for s in range(0, len(ids), window)]
+    windows = [ids[s : s + window] for s in range(0, len(ids), window)]
+    contexts = router([tok.decode(w) for w in windows]) if router is not None else [""] * len(windows)
+    prefixes = [start + (tok(c, add_special_tokens=False).input_ids if c else []) for c in contexts]
+    rows = [pre + w for pre, w in zip(prefixes, windows)]
     batches, device = range(0, len(rows), batch_size), device_of(model)
     # per batch, zero for other processes' batches (ece.model.distributed), summed in batch order below
     nll, count = torch.zeros(len(batches), dtype=torch.float64), torch.zeros(len(batches), dtype=torch.int64)
@@ -243,6 +271,8 @@ def perplexity(
         logits = model(input_ids=x, attention_mask=mask).logits.float()
         labels = x[:, 1:].clone()
         labels[mask[:, 1:] == 0] = -100
+        for r, pre in enumerate(prefixes[batches[j] : batches[j] + batch_size]):
+            labels[r, : max(len(pre) - 1, 0)] = -100  # the context's tokens are read, not scored
         nll[j] = float(
             F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"

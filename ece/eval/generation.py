@@ -56,6 +56,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ece.errors import EceError
+from ece.eval.scoring import Router, routed
 from ece.model.loading import device_of
 from ece.model.prompts import document_start
 
@@ -76,8 +77,10 @@ def generate(
     seed: int = 0,
     batch_size: int = 16,
     top_k: int = 5,
+    router: Router | None = None,
 ) -> list[str]:
-    """One sampled continuation per prompt; returns prompt + continuation as text, in prompt order.
+    """One sampled continuation per prompt; returns prompt + continuation as text, in prompt order
+    (`router`: the model reads each prompt after its context, which the returned text leaves out).
 
     Prompts are batched in order of length (less padding); the order of the returned texts is the
     order of `prompts`.
@@ -85,7 +88,7 @@ def generate(
     if not prompts:
         return []
     start = document_start(tok)
-    rows = [start + list(tok(p).input_ids) for p in prompts]
+    rows = [start + list(tok(p).input_ids) for p in routed(prompts, router)]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out: list[str] = [""] * len(prompts)
@@ -382,6 +385,7 @@ def generation_metrics(
     top_k: int = 5,
     seed: int = 0,
     batch_size: int = 16,
+    router: Router | None = None,
 ) -> tuple[list[float | None], list[float | None], list[list[str]]]:
     """Per fact: fluency (×100), consistency, and the generated texts; None for a fact without prompts.
 
@@ -389,7 +393,7 @@ def generation_metrics(
     of all facts are sampled in one batched run.
     """
     flat = [q for qs in prompts for q in qs]
-    texts = generate(model, tok, flat, max_new_tokens, seed, batch_size, top_k)
+    texts = generate(model, tok, flat, max_new_tokens, seed, batch_size, top_k, router)
     flu: list[float | None] = []
     con: list[float | None] = []
     gens: list[list[str]] = []

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ece.data.loaders import source_format
-from ece.eval.scoring import continuation_scores
+from ece.eval.scoring import Router, continuation_scores
 
 REWRITE_METRICS = ("efficacy", "generalization", "specificity")
 COMPARISON, ACCURACY = "comparison", "accuracy"
@@ -99,13 +99,14 @@ def queries(df: pl.DataFrame, fams: list[str]) -> list[Query]:
 
 
 def fact_metrics(
-    model: nn.Module, tok: PreTrainedTokenizerBase, df: pl.DataFrame, batch_size: int = 32
+    model: nn.Module, tok: PreTrainedTokenizerBase, df: pl.DataFrame, batch_size: int = 32, router: Router | None = None
 ) -> pl.DataFrame:
     """Per-fact efficacy / generalization / specificity (null where a fact has no such prompt) and the
-    family each fact was scored with."""
+    family each fact was scored with; `router`: the model answers through an edit memory (SERAC)."""
     fams = families(df)
     qs = queries(df, fams)
-    logprob, accuracy = continuation_scores(model, tok, [q.text for q in qs], [q.target for q in qs], batch_size)
+    texts, targets = [q.text for q in qs], [q.target for q in qs]
+    logprob, accuracy = continuation_scores(model, tok, texts, targets, batch_size, router)
     per: dict[tuple[int, str], list[float]] = {}
     j = 0
     while j < len(qs):

@@ -29,7 +29,7 @@ def save_png(fig: Any, path: Path) -> None:
     pyplot().close(fig)
 
 
-def plot_training_curve(curve: list[dict[str, Any]], title: str, path: Path) -> None:
+def plot_training_curve(curve: list[dict[str, Any]], title: str, path: Path, loss: str = "loss") -> None:
     """Train and held-out loss against training steps (an empty curve: the axes and the title only, for
     a method that trains nothing, so the stage's declared plot always exists)."""
     plt = pyplot()
@@ -37,7 +37,7 @@ def plot_training_curve(curve: list[dict[str, Any]], title: str, path: Path) -> 
     steps = [c["step"] for c in curve]
     for key, label, color in (("train_loss", "train", "#8c9eb5"), ("heldout_loss", "held-out", "#d9534f")):
         ax.plot(steps, [c[key] for c in curve], marker="o", label=label, color=color)
-    ax.set(title=title, xlabel="training steps (edits)", ylabel="c_edit·edit loss + c_loc·locality KL")
+    ax.set(title=title, xlabel="training steps (edits)", ylabel=loss)
     if curve:
         ax.legend()
     fig.tight_layout()

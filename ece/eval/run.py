@@ -41,10 +41,13 @@ from ece.audit.ledger import delta_files, load_deltas, put_columns
 from ece.config import Params
 from ece.data.codehash import code_hash
 from ece.data.io import atomic_dir, sha256_json, sha256_tree, write_json
+from ece.editing.serac import ROUTING_SCHEMA, MemoryRouter, open_router
 from ece.eval.general_ability import general_ability, perplexity, read_tokens
 from ece.eval.generation import References, fact_references, generation_metrics, spread
 from ece.eval.metrics import REWRITE_METRICS, fact_metrics, family_of, summarise
 from ece.eval.report import APPROX, fmt_floats, render_summary, round_floats
+from ece.eval.scoring import Router
+from ece.methods import REGISTRY
 from ece.model import distributed
 from ece.model.adapter import ModelAdapter
 from ece.model.loading import load_for, model_fingerprint
@@ -64,12 +67,20 @@ class Evaluation:
     curve: list[dict[str, Any]]  # after 0 facts, every curve_every-th batch and the last; full precision
     seconds: dict[str, dict[str, float]]  # per phase and part
     summary: str  # the markdown report
+    routing: pl.DataFrame  # a memory method (SERAC): per text of the post phase, the memory entry that answered it
 
 
 def evaluate_model(
-    model: nn.Module, tok: PreTrainedTokenizerBase, df: pl.DataFrame, p: Params, refs: References | None
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    df: pl.DataFrame,
+    p: Params,
+    refs: References | None,
+    router: Router | None = None,
 ) -> tuple[dict[str, Any], pl.DataFrame, dict[str, float]]:
-    """Every metric of one model: (summary, per-fact table, seconds per part).
+    """Every metric of one model: (summary, per-fact table, seconds per part). With `router` the model
+    answers through an edit memory (SERAC): every prompt, generation prompt, general-ability prompt and
+    perplexity window is routed, and read after the context the router gives it.
 
     Under torchrun the forward batches of the rewrite metrics, general ability and perplexity are shared
     out (ece.model.distributed); the generations are sampled whole by rank 0 and sent to the others: the
@@ -78,7 +89,7 @@ def evaluate_model(
     e = p.evaluate
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    per_fact = fact_metrics(model, tok, df, e.batch_size)
+    per_fact = fact_metrics(model, tok, df, e.batch_size, router)
     summary: dict[str, Any] = summarise(per_fact)
     seconds["rewrite"] = time.perf_counter() - t
 
@@ -90,7 +101,9 @@ def evaluate_model(
     ]
     if refs is not None and any(prompts):
         flu, con, gens = distributed.from_rank(
-            generation_metrics(model, tok, prompts, refs, e.gen_max_new_tokens, e.gen_top_k, e.seed, e.batch_size)
+            generation_metrics(
+                model, tok, prompts, refs, e.gen_max_new_tokens, e.gen_top_k, e.seed, e.batch_size, router
+            )
             if distributed.is_main()
             else None,
             0,
@@ -107,12 +120,14 @@ def evaluate_model(
     seconds["generation"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    summary["general"] = general_ability(model, tok, e.general_dir, list(e.general_tasks), e.n_general, e.batch_size)
+    summary["general"] = general_ability(
+        model, tok, e.general_dir, list(e.general_tasks), e.n_general, e.batch_size, router
+    )
     seconds["general"] = time.perf_counter() - t
 
     t = time.perf_counter()
     ids = read_tokens(tok, e.ppl_corpus, e.ppl_tokens)
-    summary["perplexity"] = perplexity(model, tok, ids, e.ppl_window, max(1, e.batch_size // 4))
+    summary["perplexity"] = perplexity(model, tok, ids, e.ppl_window, max(1, e.batch_size // 4), router)
     summary["perplexity_tokens"] = len(ids)
     seconds["perplexity"] = time.perf_counter() - t
     return summary, per_fact, seconds
@@ -178,11 +193,17 @@ def facts_per_batch(edited_dir: Path, n_batches: int, n_facts: int) -> list[int]
 
 @torch.no_grad()
 def replay_curve(
-    model: nn.Module, tok: PreTrainedTokenizerBase, df: pl.DataFrame, p: Params, edited_dir: Path
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    df: pl.DataFrame,
+    p: Params,
+    edited_dir: Path,
+    router: MemoryRouter | None = None,
 ) -> tuple[list[dict[str, Any]], dict[int, Tensor]]:
     """Write the stored batches into the (original) model one by one; rewrite metrics of ALL facts
-    after every `curve_every`-th batch and after the last. Returns the points and the replayed
-    weights of the touched layers (to check them against the saved edited model)."""
+    after every `curve_every`-th batch and after the last (a memory method: through its memory as it
+    stood after that batch). Returns the points and the replayed weights of the touched layers (to check
+    them against the saved edited model)."""
     deltas = load_deltas(edited_dir)
     adapter = ModelAdapter(model)
     cumulative = facts_per_batch(edited_dir, len(deltas), df.height)
@@ -191,7 +212,8 @@ def replay_curve(
         put_columns(adapter, changes, "new")
         if (b + 1) % p.evaluate.curve_every == 0 or b == len(deltas) - 1:
             t = time.perf_counter()
-            point = summarise(fact_metrics(model, tok, df, p.evaluate.batch_size))
+            at = router.upto(b) if router is not None else None
+            point = summarise(fact_metrics(model, tok, df, p.evaluate.batch_size, at))
             points.append({"batch": b + 1, "facts_edited": cumulative[b], **point})
             print(
                 f"evaluate curve: after batch {b + 1} ({cumulative[b]} facts) "
@@ -241,10 +263,15 @@ def run_evaluation(p: Params, df: pl.DataFrame, meta: dict[str, Any], edited_dir
     curve: list[dict[str, Any]] = []
     replayed: dict[int, Tensor] = {}
     replay_diff: float | None = None
+    memory = REGISTRY[p.method].memory  # the edited model answers through an edit memory (SERAC)
+    router: MemoryRouter | None = None
     for phase, name in (("pre", p.model.name), ("post", str(edited_dir / "model"))):
         model, tok = load_for(p, name)
-        measure = evaluate_pre if phase == "pre" else evaluate_model
-        results[phase], per_fact, seconds[phase] = measure(model, tok, df, p, refs)
+        if phase == "pre":
+            results[phase], per_fact, seconds[phase] = evaluate_pre(model, tok, df, p, refs)
+        else:
+            router = open_router(edited_dir / "model", model, tok) if memory else None
+            results[phase], per_fact, seconds[phase] = evaluate_model(model, tok, df, p, refs, router)
         tables.append(
             per_fact.with_columns(
                 pl.lit(phase).alias("phase"),
@@ -256,7 +283,8 @@ def run_evaluation(p: Params, df: pl.DataFrame, meta: dict[str, Any], edited_dir
             curve.append({"batch": 0, "facts_edited": 0, **{m: results["pre"][m] for m in (*REWRITE_METRICS, "score")}})
             if e.curve_every > 0:
                 t = time.perf_counter()
-                points, replayed = replay_curve(model, tok, df, p, edited_dir)
+                curve_router = open_router(edited_dir / "model", model, tok) if memory else None
+                points, replayed = replay_curve(model, tok, df, p, edited_dir, curve_router)
                 curve += points
                 seconds["pre"]["curve"] = time.perf_counter() - t
         elif replayed:
@@ -284,4 +312,8 @@ def run_evaluation(p: Params, df: pl.DataFrame, meta: dict[str, Any], edited_dir
         **({"curve_replay_max_abs_diff": replay_diff} if replay_diff is not None else {}),
     }
     summary = render_summary(p, df, meta, edited_dir, results, approximate, seconds, curve, replay_diff)
-    return Evaluation(metrics, results, pl.concat(tables), curve, seconds, summary)
+    routing = router.routing() if router is not None else pl.DataFrame(schema=ROUTING_SCHEMA)
+    if router is not None:
+        answered = routing["memory_id"].is_not_null().sum()
+        print(f"evaluate post: {answered} of {routing.height} distinct texts answered from the edit memory")
+    return Evaluation(metrics, results, pl.concat(tables), curve, seconds, summary, routing)

@@ -11,6 +11,9 @@ per token), so no token is run twice:
 - only the positions that are read go through the output layer (`logits_to_keep`, where the model
   takes it): the vocabulary projection is a fifth of SmolLM2's compute per token.
 The numbers are those of one unpadded forward per row up to float rounding (tests/test_scoring.py).
+A model that answers through an edit memory (SERAC) reads each text after the context its `Router`
+puts before it: the text alone is routed, never text + continuation, so the answer cannot leak into the
+choice of the edit.
 Under torchrun each process runs every world_size-th batch (ece.model.distributed) and the rows are
 summed over processes: each batch is the one a single process runs, so the numbers are identical.
 """
@@ -18,6 +21,7 @@ summed over processes: each batch is the one a single process runs, so the numbe
 from __future__ import annotations
 
 import inspect
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,18 @@ from ece.model.loading import device_of
 from ece.model.prompts import document_start, right_padded, target_ids
 
 Ids = tuple[int, ...]
+
+
+class Router(Protocol):
+    """How a model that answers through an edit memory reads texts: per text the context put before it
+    ("" = none). ece.editing.serac.MemoryRouter is one; a model whose weights hold the edits has none."""
+
+    def __call__(self, texts: list[str]) -> list[str]: ...
+
+
+def routed(texts: list[str], router: Router | None) -> list[str]:
+    """The texts as the model reads them: after their contexts, if it answers through a memory."""
+    return texts if router is None else [c + t for c, t in zip(router(texts), texts)]
 
 
 def covering_inputs(inputs: set[Ids]) -> dict[Ids, Ids]:
@@ -64,13 +80,18 @@ def distinct_inputs(
 
 @torch.no_grad()
 def continuation_scores(
-    model: nn.Module, tok: PreTrainedTokenizerBase, texts: list[str], continuations: list[str], batch_size: int = 32
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    texts: list[str],
+    continuations: list[str],
+    batch_size: int = 32,
+    router: Router | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mean per-token log-probability of each continuation after its text, and the share of its tokens
     that are the greedy (top-1) prediction under teacher forcing (MEMIT's zsRE accuracy). Both (n,).
 
-    `batch_size` counts distinct model inputs per forward pass."""
-    rows, readers = distinct_inputs(tok, texts, continuations)
+    `batch_size` counts distinct model inputs per forward pass; `router`: each text is read after its context."""
+    rows, readers = distinct_inputs(tok, routed(texts, router), continuations)
     keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     logprob, accuracy = torch.zeros(len(rows)), torch.zeros(len(rows))  # zeros: other processes' rows
     run = sorted(readers, key=lambda x: (len(x), x))  # similar lengths share a batch: little padding

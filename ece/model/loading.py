@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -353,7 +354,16 @@ def model_fingerprint(model: nn.Module) -> str:
     can miss. sha256 over SmolLM2-135M's 650 MB takes under a second.
     """
     config = {k: v for k, v in model.config.to_dict().items() if k not in _LOCATION_KEYS}
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    return _hash_tensors(hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()), model)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """The identity of a model's tensors alone: equal for a model and its saved-and-reloaded copy, whose
+    config gains entries (architectures, dtype) that `model_fingerprint` counts."""
+    return _hash_tensors(hashlib.sha256(), model)
+
+
+def _hash_tensors(h: Any, model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         h.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())

@@ -24,7 +24,7 @@ def new_object_always_wins(monkeypatch, tiny_llama) -> pl.DataFrame:
     df = facts_table()
     new = set(df["target_new"].to_list())
 
-    def fake(model, tok, texts, conts, batch_size=32):
+    def fake(model, tok, texts, conts, batch_size=32, router=None):
         wins = torch.tensor([0.0 if c in new else -3.0 for c in conts])
         return wins, (wins == 0).float()
 

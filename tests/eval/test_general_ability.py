@@ -75,7 +75,7 @@ def test_predict_picks_the_most_likely_label(monkeypatch, tiny_llama):
     examples = [Example("p1", ("yes", "no"), 0), Example("p2", ("A", "B", "C", "D"), 2)]
     favoured = {("p1", "no"), ("p2", "C")}
 
-    def fake(model, tok, texts, conts, batch_size=32):
+    def fake(model, tok, texts, conts, batch_size=32, router=None):
         return torch.tensor([0.0 if (t, c) in favoured else -5.0 for t, c in zip(texts, conts)]), torch.zeros(
             len(texts)
         )

@@ -31,6 +31,7 @@ import re
 import runpy
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,7 @@ def fails(work: Path, stage: str, capsys: pytest.CaptureFixture, report: str | N
         run_stage(main)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
+    err = err[err.find("error: ") :] if "error: " in err else err  # after transformers' loading bars, if any
     assert err.startswith("error: ") and "\n  hint: " in err, err
     after = snapshot(work)
     if report is not None:
@@ -98,19 +100,29 @@ def fails(work: Path, stage: str, capsys: pytest.CaptureFixture, report: str | N
 # --- trained editor (MEND) ---------------------------------------------------------------------------
 
 
+TRAINED = ("mend", "serac")  # the methods with a trained editor
+
+
 @pytest.fixture(scope="module")
-def mend_finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = method_project(tmp_path_factory, "bad_inputs_mend", {"method": "mend"})
-    run_stage_inprocess(work, "apply_edits")
-    return work
+def trained_finished(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """method → its project after apply_edits, built once per module on first use."""
+    built: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in built:
+            built[method] = method_project(tmp_path_factory, f"bad_inputs_{method}", {"method": method})
+            run_stage_inprocess(built[method], "apply_edits")
+        return built[method]
+
+    return get
 
 
-@pytest.fixture
-def mend_project(mend_finished: Path, tmp_path: Path) -> Path:
+@pytest.fixture(params=TRAINED)
+def trained_project(trained_finished: Callable[[str], Path], tmp_path: Path, request: pytest.FixtureRequest) -> Path:
     import shutil
 
-    work = tmp_path / "mend_project"
-    shutil.copytree(mend_finished, work)
+    work = tmp_path / f"{request.param}_project"
+    shutil.copytree(trained_finished(request.param), work)
     return work
 
 
@@ -149,8 +161,8 @@ def _trained_on_an_edited_fact(work: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "expected"),
     [
-        (_remove, "no trained editor in artifacts/editor (method mend needs one)"),
-        (_marker, "holds no editor trained for method mend"),
+        (_remove, "no trained editor in artifacts/editor (method {method} needs one)"),
+        (_marker, "holds no editor trained for method {method}"),
         (_truncate, "the editor in artifacts/editor is missing or damaged"),
         (_other_model, "was trained for another model (fingerprint 0123456789abcdef"),
         (_other_settings, "trained from other data or settings than params.yaml names now: train_editor:"),
@@ -159,11 +171,34 @@ def _trained_on_an_edited_fact(work: Path) -> None:
     ids=lambda x: getattr(x, "__name__", "")[1:] or None,
 )
 def test_bad_trained_editor_stops_before_anything_is_edited(
-    mend_project: Path, capsys: pytest.CaptureFixture, damage, expected: str
+    trained_project: Path, capsys: pytest.CaptureFixture, damage, expected: str
 ) -> None:
-    damage(mend_project)
-    err = fails(mend_project, "apply_edits", capsys)
-    assert expected in err and "dvc repro train_editor" in err, err
+    method = yaml.safe_load((trained_project / "params.yaml").read_text())["method"]
+    damage(trained_project)
+    err = fails(trained_project, "apply_edits", capsys)
+    assert expected.format(method=method) in err and "dvc repro train_editor" in err, err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "other_model"])
+def test_bad_edit_memory_stops_the_evaluation(
+    trained_finished: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture, damage: str
+) -> None:
+    """SERAC's edit memory damaged, or built on other weights than the folder's: evaluate stops, names
+    apply_edits as the fix, and writes no report."""
+    import shutil
+
+    work = tmp_path / "serac_project"
+    shutil.copytree(trained_finished("serac"), work)
+    folder = work / "artifacts/edited/model/edit_memory"
+    if damage == "truncate":
+        path = folder / "memory.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        path = folder / "memory.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "base_weights": "0123456789abcdef"}))
+    err = fails(work, "evaluate", capsys)
+    assert ("no readable edit memory" if damage == "truncate" else "was built on another model") in err, err
+    assert "dvc repro apply_edits" in err, err
 
 
 # --- params ---------------------------------------------------------------------------------------
@@ -191,7 +226,7 @@ def test_wrong_type_through_the_command_line(project: Path) -> None:
         ("edit", "layers", "three", "at 'edit.layers'"),
         ("z", "lr", [0.5], "at 'z.lr'"),
         ("method", None, "magic", "unknown method 'magic'"),
-        ("method", None, "serac", "method 'serac' is not yet supported"),
+        ("serac", "threshold", 1.0, "serac.threshold must be in (0, 1)"),
         ("ece", "scorer", "gradient", "unknown ece.scorer 'gradient'"),
         ("ece", "aggregation", "mean", "unknown ece.aggregation 'mean'"),
         ("update", "max_update_norm", 0.0, "update.max_update_norm must be > 0"),
@@ -209,7 +244,7 @@ def test_params_wrong_type_or_unknown_choice(
     with pytest.raises(EceError) as info:
         load_params(project / "params.yaml")
     assert expected in str(info.value) and info.value.hint
-    if "unknown" in expected or "not yet" in expected:
+    if "unknown" in expected:
         assert "use one of" in info.value.hint  # the valid choices are listed
 
 

@@ -8,7 +8,8 @@ against what the stage code computed: the edited folder loads with plain transfo
 the edited ones; the ledger has one row per batch and layer; and per method: ECE changed only the
 columns its attribution selected (as the ledger records them), ROME writes rank one per fact, AlphaEdit's
 updates lie in C0's null space, FT-L/FT-M keep every entry of a batch's update within ±ft.norm_constraint,
-UltraEdit computes no z and changes every column, and its checkpoint carries its feature moments.
+UltraEdit computes no z and changes every column, and its checkpoint carries its feature moments;
+SERAC changes no weight and answers through the edit memory saved inside the edited folder.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ece.model.loading import tiny_model
 
-METHODS = ("ece", "memit", "alphaedit", "rome", "ft-l", "ft-m", "ultraedit", "mend")
+METHODS = ("ece", "memit", "alphaedit", "rome", "ft-l", "ft-m", "ultraedit", "mend", "serac")
 SINGLE_LAYER = 2  # rome.layer and ft.layer: one of the scratch project's edit.layers
 # The tiny model's C0 eigenvalues all lie below AlphaEdit's 2e-2 (largest ~5e-4), which makes the null
 # space the whole space and the null-space check empty; 1e-5 splits the 64 directions roughly in half.
@@ -58,8 +59,10 @@ class Edited:
 
 
 def expected_layers(params: dict) -> list[int]:
-    """ROME and fine-tuning write one layer (rome.layer / ft.layer), MEND and UltraEdit their own `layers`, the
-    others every edit.layers."""
+    """ROME and fine-tuning write one layer (rome.layer / ft.layer), MEND and UltraEdit their own `layers`,
+    SERAC none (it answers through its edit memory), the others every edit.layers."""
+    if params["method"] == "serac":
+        return []
     single = {"rome": params["rome"]["layer"], "ft-l": params["ft"]["layer"], "ft-m": params["ft"]["layer"]}
     if params["method"] in ("mend", "ultraedit"):
         return list(params[params["method"]]["layers"])
@@ -120,7 +123,8 @@ def test_edited_model_loads_and_only_the_methods_w_out_changed(edited: Callable[
 def test_ledger_has_one_row_per_batch_and_layer(edited: Callable[[str], Edited], method: str) -> None:
     run = edited(method)
     ledger = run.ledger()
-    assert sorted(zip(ledger["batch"], ledger["layer"])) == [(b, l) for b in range(N_BATCHES) for l in run.layers]
+    written = run.layers or [None]  # a method that writes no layer (SERAC): one row per batch, no layer
+    assert list(zip(ledger["batch"], ledger["layer"])) == [(b, l) for b in range(N_BATCHES) for l in written]
     assert set(ledger["method"]) == {method}
     batch_size = run.params["edit"]["batch_size"]
     for r in ledger.iter_rows(named=True):
@@ -270,19 +274,50 @@ def test_api_edit_equals_the_stages(edited: Callable[[str], Edited], method: str
         "model_fingerprint",
     ]
     assert result.ledger.select(same).equals(run.ledger().select(same))
+    if result.memory is not None:  # SERAC: the same edit memory as the stage saved
+        from ece.editing.serac import EditMemory
+
+        saved = EditMemory.load(run.work / "artifacts/edited/model/edit_memory")
+        assert (result.memory.ids, result.memory.batches) == (saved.ids, saved.batches)
+        assert torch.equal(result.memory.keys, saved.keys)
 
 
-def test_api_evaluate_equals_the_evaluate_stage(edited: Callable[[str], Edited]) -> None:
-    """`ece.evaluate` on the edited folder gives the stage's post-edit rewrite metrics (reports/metrics.json)."""
+def test_serac_answers_through_a_memory_that_grows_batch_by_batch(edited: Callable[[str], Edited]) -> None:
+    """No weight changed (checked above for every method); the edited folder holds the memory: one entry
+    per fact, in dataset order, tagged with the batch that appended it, its statement the filled prompt and
+    the new object; reports/routing.parquet names, for every evaluated text, the entry that answered it
+    (or none), and only entries of the memory."""
+    run = edited("serac")
+    memory = pl.read_parquet(run.work / "artifacts/edited/model/edit_memory/memory.parquet")
+    batch_size = run.params["edit"]["batch_size"]
+    assert memory["id"].to_list() == [f["id"] for f in FACTS]
+    assert memory["batch"].to_list() == [i // batch_size for i in range(len(FACTS))]
+    assert memory["statement"].to_list() == [
+        f["prompt"].replace("{}", f["subject"]) + " " + f["target_new"] for f in FACTS
+    ]
+    routing = pl.read_parquet(run.work / "reports/routing.parquet")
+    assert {f["prompt"].replace("{}", f["subject"]) for f in FACTS} <= set(routing["text"])
+    assert set(routing["memory_id"].drop_nulls()) <= set(memory["id"])
+    assert routing["probability"].is_between(0, 1).all()
+    others = pl.read_parquet(edited("memit").work / "reports/routing.parquet")
+    assert others.height == 0  # a method that edits weights routes nothing
+
+
+@pytest.mark.parametrize("method", ["ece", "serac"])
+def test_api_evaluate_equals_the_evaluate_stage(edited: Callable[[str], Edited], method: str) -> None:
+    """`ece.evaluate` on the edited folder gives the stage's post-edit rewrite metrics (reports/metrics.json);
+    SERAC's through the edit memory the folder holds."""
     import ece
     from ece.config import load_params
 
-    run = edited("ece")
+    run = edited(method)
+    memory = "artifacts/edited/model" if method == "serac" else None
     with inside(run.work):
         p = load_params("params.yaml")
         model = AutoModelForCausalLM.from_pretrained("artifacts/edited/model")
         tok = AutoTokenizer.from_pretrained("artifacts/edited/model")
-        got = ece.evaluate(model, tok, pl.read_parquet("artifacts/prepared/edits.parquet"), params=p)["summary"]
+        facts = pl.read_parquet("artifacts/prepared/edits.parquet")
+        got = ece.evaluate(model, tok, facts, params=p, memory=memory)["summary"]
     post = json.loads((run.work / "reports/metrics.json").read_text())["post"]
     for metric in ("efficacy", "generalization", "specificity"):
         assert got[metric] == pytest.approx(post[metric], abs=1e-4), metric

@@ -1,0 +1,423 @@
+"""SERAC (Mitchell et al., ICML 2022, "Memory-Based Model Editing at Scale"): edits are kept in a memory,
+not written into the weights. The edited model is the unchanged base model plus
+
+- an edit memory: per edited fact its edit statement ("{prompt with the subject} {target_new}"), the batch
+  that added it and its embedding. Batch b appends its facts, so the memory after batch b holds the facts
+  of batches 0..b (`EditMemory.upto`);
+- a scope classifier, the paper's embedding variant: a text's embedding is the mean over its tokens (the
+  document start left out: an attention sink, the same for every text) of the FROZEN base model's hidden
+  state after block `serac.embed_layer`, centred on the training texts' mean, projected by a trained W
+  (dim × d) and normalised; p(query q is in the scope of edit e) = σ(cos(e, q)/τ + b), W, τ, b trained;
+- a counterfactual model: the base model with the retrieved edit statement in its context,
+  "{statement}. {query}". The paper fine-tunes a separate sequence model for this; the base model reading
+  the edit in context needs no training beyond the classifier's, which is what a 2-core CPU affords.
+
+A query goes to the counterfactual model with the memory entry of highest probability when that
+probability exceeds `serac.threshold`, to the base model alone otherwise (`MemoryRouter`: it returns the
+context to put before each text and records which entry answered which text, for the audit).
+
+Training (stage train_editor, `train`): per training record, the positives are its statement paired with
+its own prompt and each paraphrase; the negatives its statement paired with its neighbourhood prompts
+(same relation and object, another subject: the hard cases) and with every query of the step's other
+records. The base model is frozen, so every training text is embedded once, before the first step, and
+only W, τ and b train (Adam); the loss is binary cross-entropy with the positive and the negative pairs
+weighted equally (they are about 1:30 in number).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from ece.config import Params
+from ece.data.editor_data import TrainingRecord
+from ece.data.facts import Fact
+from ece.data.io import sha256_json, write_json
+from ece.editing.editor_io import Trained, TrainingCheckpoint, load_optimizer, optimizer_tensors
+from ece.errors import EceError
+from ece.model.adapter import ModelAdapter
+from ece.model.loading import weights_fingerprint
+from ece.model.prompts import document_start, right_padded
+
+MEMORY_DIR = "edit_memory"  # inside the edited model folder: the folder alone is the whole edited model
+FIX = "rerun apply_edits (`dvc repro apply_edits`) for this model"
+Log = Callable[[str], None]
+
+
+def statement(fact: Fact) -> str:
+    """The edit as a sentence: the prompt with its subject, then the new object."""
+    return fact.prompt.replace("{}", fact.subject) + " " + fact.target_new
+
+
+def context(edit_statement: str) -> str:
+    """What the counterfactual model reads before a query answered by that edit."""
+    return edit_statement + ". "
+
+
+@torch.no_grad()
+def pooled_states(
+    adapter: ModelAdapter, tok: PreTrainedTokenizerBase, texts: list[str], layer: int, batch_size: int = 32
+) -> Tensor:
+    """(n, d) float32: per text, the mean over its tokens after the document start of block `layer`'s
+    output. Rows are right-padded (positions do not depend on the batch) and batched by length."""
+    start = document_start(tok)
+    skip = len(start) + len(tok("").input_ids)  # the separator we add, or the tokenizer's own BOS
+    rows = [start + list(tok(t).input_ids) for t in texts]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = torch.zeros(len(rows), adapter.hidden_size)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        ids, mask = right_padded(tok, [rows[i] for i in idx])
+        hidden = adapter.trace(ids, mask, out_layers=[layer])[1][layer].cpu()
+        weight = mask.float()
+        weight[:, :skip] = 0
+        out[idx] = (hidden * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)
+    return out
+
+
+class ScopeClassifier(nn.Module):
+    """p(in scope) = σ(exp(log_scale)·cos(W(e − c), W(q − c)) + bias) of two pooled states e, q."""
+
+    def __init__(self, d: int, dim: int, temperature: float) -> None:
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(dim, d) / math.sqrt(d))
+        self.log_scale = nn.Parameter(torch.tensor(-math.log(temperature)))  # 1/τ
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.register_buffer("center", torch.zeros(d))
+
+    def embed(self, pooled: Tensor) -> Tensor:
+        return F.normalize((pooled - self.center) @ self.proj.T, dim=-1)
+
+    def logits(self, edits: Tensor, queries: Tensor) -> Tensor:
+        """(n_edits, n_queries) logits of embedded edits and queries."""
+        return self.log_scale.exp() * edits @ queries.T + self.bias
+
+
+@dataclass
+class Split:
+    """The pooled states of some records' texts: one statement per record, their queries with the
+    record each belongs to and whether it is in that record's scope (own prompt, paraphrase) or not."""
+
+    statements: Tensor  # (n, d)
+    queries: Tensor  # (q, d)
+    owner: Tensor  # (q,) record index
+    in_scope: Tensor  # (q,) bool
+
+
+def _split(adapter: ModelAdapter, tok: PreTrainedTokenizerBase, layer: int, records: list[TrainingRecord]) -> Split:
+    statements = [statement(r.fact) for r in records]
+    queries, owner, in_scope = [], [], []
+    for i, r in enumerate(records):
+        scoped = [r.fact.prompt.replace("{}", r.fact.subject), *(r.paraphrases or (r.paraphrase,))]
+        for text, inside in [(q, True) for q in scoped] + [(q, False) for q in r.neighborhoods or (r.neighborhood,)]:
+            queries.append(text)
+            owner.append(i)
+            in_scope.append(inside)
+    texts = list(dict.fromkeys(statements + queries))
+    pooled = pooled_states(adapter, tok, texts, layer)
+    row = {t: i for i, t in enumerate(texts)}
+    return Split(
+        pooled[[row[t] for t in statements]],
+        pooled[[row[t] for t in queries]],
+        torch.tensor(owner),
+        torch.tensor(in_scope),
+    )
+
+
+def pair_losses(clf: ScopeClassifier, data: Split, records: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """Balanced BCE of every (statement of `records`, query of `records`) pair, and for the own
+    queries: the share of in-scope ones above 0.5 (recall) and of neighbourhood ones above 0.5."""
+    chosen = torch.isin(data.owner, records)
+    logits = clf.logits(clf.embed(data.statements[records]), clf.embed(data.queries[chosen]))
+    owner, scoped = data.owner[chosen], data.in_scope[chosen]
+    own = owner[None, :] == records[:, None]
+    labels = own & scoped[None, :]
+    bce = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
+    loss = 0.5 * (bce[labels].mean() + bce[~labels].mean())
+    above = logits.detach() > 0
+    return loss, {
+        "recall": float(above[labels].float().mean()),
+        "hard_in_scope": float(above[own & ~scoped[None, :]].float().mean()),
+    }
+
+
+def train(
+    adapter: ModelAdapter,
+    tok: PreTrainedTokenizerBase,
+    p: Params,
+    records: list[TrainingRecord],
+    heldout: list[TrainingRecord],
+    checkpoint: TrainingCheckpoint,
+    log: Log = print,
+    on_step: Callable[[int], None] | None = None,
+) -> Trained:
+    """Train the scope classifier for `train_editor.max_steps` steps of `serac.batch_records` records
+    each (every record once per epoch, in a seeded order); every `eval_every` steps the held-out loss, a
+    curve point and a checkpoint (a rerun resumes from it); stop after `patience` evaluations without a
+    lower held-out loss. The pooled states are recomputed on a resume (seconds): they are a pure
+    function of the frozen model."""
+    cfg, t = p.serac, p.train_editor
+    if not cfg.embed_layer < adapter.n_layers:
+        raise EceError(
+            f"serac.embed_layer {cfg.embed_layer} is out of range: the model has {adapter.n_layers} layers",
+            f"set serac.embed_layer in params.yaml to one of 0..{adapter.n_layers - 1}",
+        )
+    start = time.perf_counter()
+    data, held = (_split(adapter, tok, cfg.embed_layer, rs) for rs in (records, heldout))
+    embed_seconds = time.perf_counter() - start
+    log(f"train_editor: {len(data.queries) + len(data.statements)} training texts embedded in {embed_seconds:.1f} s")
+    torch.manual_seed(t.seed)
+    clf = ScopeClassifier(adapter.hidden_size, cfg.dim, cfg.temperature)
+    clf.center.copy_(torch.cat([data.statements, data.queries]).mean(0))
+    opt = torch.optim.Adam(clf.parameters(), lr=cfg.lr)
+    state: dict[str, Any] = {"step": 0, "curve": [], "best_loss": None, "best_step": 0, "since_best": 0, "seconds": 0.0}
+    best = {k: v.clone() for k, v in clf.state_dict().items()}
+    restored = checkpoint.load()
+    if restored is not None:
+        tensors, state = restored
+        clf.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("clf.")})
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        load_optimizer(opt, tensors, "opt")
+        log(f"train_editor: resuming from the checkpoint at step {state['step']}")
+    n, m = len(records), min(cfg.batch_records, len(records))
+    per_epoch = -(-n // m)
+    orders: dict[int, list[int]] = {}
+    losses: list[float] = []
+    clock = time.perf_counter() - state["seconds"]
+    for step in range(state["step"], state["step"] if state.get("stopped") else t.max_steps):
+        epoch, i = divmod(step, per_epoch)
+        if epoch not in orders:
+            seed = int(sha256_json([t.seed, epoch])[:15], 16)
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        loss, _ = pair_losses(clf, data, torch.tensor(orders[epoch][i * m : (i + 1) * m]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        done = step + 1
+        if done % t.eval_every == 0 or done == t.max_steps:
+            with torch.no_grad():
+                held_loss, rates = pair_losses(clf, held, torch.arange(len(heldout)))
+            state["seconds"] = time.perf_counter() - clock
+            point = {"train_loss": sum(losses) / len(losses), "heldout_loss": float(held_loss)}
+            point |= {f"heldout_{k}": v for k, v in rates.items()}
+            state["curve"].append({"step": done, **point, "seconds": round(state["seconds"], 1)})
+            losses = []
+            if state["best_loss"] is None or point["heldout_loss"] < state["best_loss"]:
+                state.update(best_loss=point["heldout_loss"], best_step=done, since_best=0)
+                best = {k: v.clone() for k, v in clf.state_dict().items()}
+            else:
+                state["since_best"] += 1
+            state["step"] = done
+            state["stopped"] = bool(t.patience and state["since_best"] >= t.patience)
+            log(
+                f"train_editor: step {done}, train {point['train_loss']:.4f}, held-out {point['heldout_loss']:.4f} "
+                f"(recall {rates['recall']:.3f}, neighbourhood prompts in scope {rates['hard_in_scope']:.3f})"
+            )
+            checkpoint.save(
+                {
+                    **{f"clf.{k}": v for k, v in clf.state_dict().items()},
+                    **{f"best.{k}": v for k, v in best.items()},
+                    **optimizer_tensors(opt, "opt"),
+                },
+                state,
+            )
+            if state["stopped"]:
+                log(f"train_editor: no lower held-out loss in {t.patience} evaluations; stopping at step {done}")
+                break
+        if on_step is not None:
+            on_step(done)
+    config = {
+        "embed_layer": cfg.embed_layer,
+        "d": adapter.hidden_size,
+        "dim": cfg.dim,
+        "steps": state["step"],
+        "best_step": state["best_step"],
+        "heldout_loss": state["best_loss"],
+        "stopped_early": bool(state.get("stopped")),
+        "records_per_step": m,
+        "texts_embedded": len(data.statements) + len(data.queries) + len(held.statements) + len(held.queries),
+        "embed_seconds": round(embed_seconds, 1),
+    }
+    return Trained(best, config, state["curve"])
+
+
+def _classifier(tensors: dict[str, Tensor], config: dict[str, Any]) -> ScopeClassifier:
+    clf = ScopeClassifier(config["d"], config["dim"], 1.0)
+    clf.load_state_dict(tensors)
+    return clf
+
+
+class SeracEditor:
+    """SERAC's trained part as the Editor sees it: it writes no weight (no layers, no deltas); what a
+    batch adds is its entries of the edit memory (`memory`)."""
+
+    def __init__(self, classifier: ScopeClassifier, embed_layer: int) -> None:
+        self.layers: list[int] = []
+        self.classifier = classifier
+        self.embed_layer = embed_layer
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], config: dict[str, Any]) -> SeracEditor:
+        return cls(_classifier(tensors, config), config["embed_layer"])
+
+    def deltas(self, adapter: ModelAdapter, tok: PreTrainedTokenizerBase, facts: list[Fact]) -> dict[int, Tensor]:
+        return {}
+
+    @torch.no_grad()
+    def memory(
+        self, adapter: ModelAdapter, tok: PreTrainedTokenizerBase, batches: list[list[Fact]], threshold: float
+    ) -> EditMemory:
+        """The edit memory after the batches, in order: batch b's facts appended after batch b−1's."""
+        facts = [(b, f) for b, batch in enumerate(batches) for f in batch]
+        texts = [statement(f) for _, f in facts]
+        keys = self.classifier.embed(pooled_states(adapter, tok, texts, self.embed_layer))
+        return EditMemory(
+            [f.id for _, f in facts],
+            [b for b, _ in facts],
+            texts,
+            keys,
+            self.classifier,
+            self.embed_layer,
+            threshold,
+            weights_fingerprint(adapter.model),
+        )
+
+
+@dataclass
+class EditMemory:
+    """The edits SERAC answers from, with the classifier that routes to them."""
+
+    ids: list[str]
+    batches: list[int]
+    statements: list[str]
+    keys: Tensor  # (n, dim) embedded statements
+    classifier: ScopeClassifier
+    embed_layer: int
+    threshold: float
+    base_weights: str  # fingerprint of the weights the embeddings were computed with (and that answer)
+
+    def upto(self, batch: int) -> EditMemory:
+        """The memory as it stood right after `batch`."""
+        n = sum(b <= batch for b in self.batches)
+        return EditMemory(
+            self.ids[:n],
+            self.batches[:n],
+            self.statements[:n],
+            self.keys[:n],
+            self.classifier,
+            self.embed_layer,
+            self.threshold,
+            self.base_weights,
+        )
+
+    def save(self, folder: Path) -> None:
+        """Into `folder` (inside an atomic write of the edited model): the table, the tensors, the config."""
+        folder.mkdir(parents=True)
+        pl.DataFrame({"id": self.ids, "batch": self.batches, "statement": self.statements}).write_parquet(
+            folder / "memory.parquet"
+        )
+        tensors = {"keys": self.keys, **{f"classifier.{k}": v for k, v in self.classifier.state_dict().items()}}
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / "memory.safetensors"))
+        d = self.classifier.proj.shape[1]
+        config = {"method": "serac", "embed_layer": self.embed_layer, "threshold": self.threshold, "d": d}
+        write_json(folder / "memory.json", {**config, "dim": self.keys.shape[1], "base_weights": self.base_weights})
+
+    @classmethod
+    def load(cls, folder: Path) -> EditMemory:
+        try:
+            config = json.loads((folder / "memory.json").read_text())
+            table = pl.read_parquet(folder / "memory.parquet")
+            tensors = load_file(str(folder / "memory.safetensors"))
+            clf = _classifier({k[11:]: v for k, v in tensors.items() if k.startswith("classifier.")}, config)
+        except Exception as exc:  # json, parquet and safetensors raise several types for a damaged file
+            raise EceError(f"no readable edit memory in {folder} ({type(exc).__name__}: {exc})", FIX) from None
+        if tensors["keys"].shape[0] != table.height or not torch.isfinite(tensors["keys"]).all():
+            raise EceError(f"the edit memory in {folder} is damaged (keys do not match its table)", FIX)
+        return cls(
+            table["id"].to_list(),
+            table["batch"].to_list(),
+            table["statement"].to_list(),
+            tensors["keys"],
+            clf,
+            config["embed_layer"],
+            config["threshold"],
+            config["base_weights"],
+        )
+
+
+class MemoryRouter:
+    """Routes texts through an edit memory: per text the context the counterfactual model reads before
+    it ("" = the base model alone), each decision kept (text → memory entry, probability) for the audit."""
+
+    def __init__(self, memory: EditMemory, adapter: ModelAdapter, tok: PreTrainedTokenizerBase) -> None:
+        self.memory, self.adapter, self.tok = memory, adapter, tok
+        self.decisions: dict[str, tuple[int | None, float | None]] = {}
+
+    @torch.no_grad()
+    def probabilities(self, texts: list[str]) -> Tensor:
+        """(n_entries, n_texts) p(text in the scope of entry)."""
+        m = self.memory
+        queries = m.classifier.embed(pooled_states(self.adapter, self.tok, texts, m.embed_layer))
+        return torch.sigmoid(m.classifier.logits(m.keys, queries))
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        new = [t for t in dict.fromkeys(texts) if t not in self.decisions]
+        if new and self.memory.ids:
+            best, entry = self.probabilities(new).max(0)
+            for t, pr, e in zip(new, best.tolist(), entry.tolist()):
+                self.decisions[t] = (e if pr > self.memory.threshold else None, pr)
+        else:
+            self.decisions.update(dict.fromkeys(new, (None, None)))
+        return ["" if (e := self.decisions[t][0]) is None else context(self.memory.statements[e]) for t in texts]
+
+    def upto(self, batch: int) -> MemoryRouter:
+        return MemoryRouter(self.memory.upto(batch), self.adapter, self.tok)
+
+    def routing(self) -> pl.DataFrame:
+        """One row per text routed so far: the memory entry that answered it (null: the base model), its
+        batch, and the classifier's best probability."""
+        rows = [
+            {
+                "text": t,
+                "memory_id": None if e is None else self.memory.ids[e],
+                "memory_batch": None if e is None else self.memory.batches[e],
+                "probability": pr,
+            }
+            for t, (e, pr) in self.decisions.items()
+        ]
+        return pl.DataFrame(rows, schema=ROUTING_SCHEMA)
+
+
+ROUTING_SCHEMA: dict[str, pl.DataType] = {
+    "text": pl.Utf8(),
+    "memory_id": pl.Utf8(),
+    "memory_batch": pl.Int64(),
+    "probability": pl.Float64(),
+}
+
+
+def open_router(folder: Path, model: nn.Module, tok: PreTrainedTokenizerBase) -> MemoryRouter:
+    """The router of the edited model in `folder` (its MEMORY_DIR), refused when its memory was built on
+    other weights than `model`'s."""
+    memory = EditMemory.load(Path(folder) / MEMORY_DIR)
+    found = weights_fingerprint(model)
+    if found != memory.base_weights:
+        raise EceError(
+            f"the edit memory in {folder} was built on another model (fingerprint {memory.base_weights}, "
+            f"this one is {found})",
+            FIX,
+        )
+    return MemoryRouter(memory, ModelAdapter(model), tok)
