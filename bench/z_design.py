@@ -260,6 +260,12 @@ NOTES = {
         "nothing; z s is the sum of the batches' z wall seconds, z CPU s the CPU seconds of the row's process "
         "in the precompute_z stage (model load and problem set-up included). Wall seconds depend on the "
         "machine's load (the 1-minute load average before each row is listed): compare only within this table.",
+        "",
+        "Run of 2026-12-02: the first row ran while two other benchmark processes shared the two cores (load "
+        "4.5), which inflates its seconds, CPU seconds included (the same configuration took 265–291 z CPU s "
+        "at lower load, reports/z_loop.md); the MEMIT pair ran back to back at load 1.1: 315.6 vs 131.2 z CPU "
+        "s, 2.4x. The zvec.py hash differs between the pairs because a warning (bfloat16 on a CPU without "
+        "bfloat16 units) was added in between; the computation is the same.",
     ],
     "loop": [
         "ECE's z with the instance phase run after the whole shared phase (the zvec of "
