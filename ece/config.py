@@ -171,6 +171,9 @@ class SeracCfg:
     temperature: float = 0.1  # initial τ of cos/τ + b (τ and b are trained)
     lr: float = 1e-3  # Adam step of the projection
     batch_records: int = 32  # training records per step (their statements × all their queries)
+    general_texts: int = 1000  # windows of covariance.corpus embedded once as general-text negatives
+    general_words: list[int] = field(default_factory=lambda: [8, 96])  # a window's length in words: [min, max]
+    general_negatives: int = 64  # general texts per step, each a negative of every statement of the step
     threshold: float = 0.5  # a query is in scope of its best memory entry when the probability exceeds this
 
 
@@ -275,6 +278,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("serac.temperature", 0, False, "e.g. 0.1"),
     ("serac.lr", 0, False, "e.g. 1e-3"),
     ("serac.batch_records", 2, True, "e.g. 32 (the other records of a step are its negatives)"),
+    ("serac.general_texts", 0, True, "e.g. 1000 (0: no general-text negatives)"),
+    ("serac.general_negatives", 0, True, "e.g. 64 (0: no general-text negatives)"),
     ("evaluate.batch_size", 1, True, "e.g. 16"),
     ("evaluate.n_general", 0, True, "0 means every example"),
     ("evaluate.ppl_tokens", 1, True, "e.g. 4096"),
@@ -386,6 +391,12 @@ def validate(p: Params) -> None:
         0.0 < p.serac.threshold < 1.0,
         f"serac.threshold must be in (0, 1), got {p.serac.threshold}",
         "0.5: a query goes to its best memory entry when the classifier says in scope",
+    )
+    words = list(p.serac.general_words)
+    _check(
+        len(words) == 2 and 1 <= words[0] <= words[1],
+        f"serac.general_words must be [min, max] with 1 <= min <= max, got {words}",
+        "e.g. [8, 96]: from prompt-length to paragraph-length windows",
     )
     e = p.evaluate
     bad_tasks = [t for t in e.general_tasks if t not in GENERAL_TASKS]

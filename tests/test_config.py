@@ -67,6 +67,8 @@ INVALID = {
     "serac.temperature": 0.0,
     "serac.lr": 0.0,
     "serac.batch_records": 1,
+    "serac.general_texts": -1,
+    "serac.general_negatives": -1,
     "serac.threshold": 1.0,
     "evaluate.batch_size": 0,
     "evaluate.n_general": -1,
@@ -89,6 +91,7 @@ MORE_INVALID = {  # further bounds of params already in INVALID, and lists of nu
     "mend.layers": [0, 2],  # MEND reads the activations below its first layer
     "ultraedit.layers": [21, 20],
     "train_editor.id_range": [5, 1],
+    "serac.general_words": [9, 8],
 }
 UNKNOWN_CHOICES = {
     "method": "magic",

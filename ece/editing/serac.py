@@ -18,16 +18,23 @@ context to put before each text and records which entry answered which text, for
 
 Training (stage train_editor, `train`): per training record, the positives are its statement paired with
 its own prompt and each paraphrase; the negatives its statement paired with its neighbourhood prompts
-(same relation and object, another subject: the hard cases) and with every query of the step's other
-records. The base model is frozen, so every training text is embedded once, before the first step, and
-only W, τ and b train (Adam); the loss is binary cross-entropy with the positive and the negative pairs
-weighted equally (they are about 1:30 in number).
+(same relation and object, another subject: the hard cases), with every query of the step's other
+records, and with `serac.general_negatives` general texts drawn for the step: windows of
+`covariance.corpus` (`general_windows`), texts about no edited fact such as the general-ability prompts
+and perplexity windows the evaluation routes too. Trained on CounterFact prompts alone, the classifier
+had never seen such texts and sent almost all of them to the memory. The base model is frozen, so every
+training text is embedded once, before the first step, and only W, τ and b train (Adam); the loss is
+binary cross-entropy with the positive and the negative pairs weighted equally (they are about 1:30 in
+number). On the held-out records (their statements as the memory, their queries and a held-out share of
+the windows as queries) `heldout_routing` says which share of each kind of text a threshold would send
+to the memory: what `serac.threshold` is chosen from, never from the facts being evaluated.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +52,7 @@ from ece.config import Params
 from ece.data.editor_data import TrainingRecord
 from ece.data.facts import Fact
 from ece.data.io import sha256_json, write_json
+from ece.editing.covariance import corpus_texts
 from ece.editing.editor_io import Trained, TrainingCheckpoint, load_optimizer, optimizer_tensors
 from ece.errors import EceError
 from ece.model.adapter import ModelAdapter
@@ -54,6 +62,8 @@ from ece.model.prompts import document_start, right_padded
 MEMORY_DIR = "edit_memory"  # inside the edited model folder: the folder alone is the whole edited model
 FIX = "rerun apply_edits (`dvc repro apply_edits`) for this model"
 Log = Callable[[str], None]
+KINDS = ("own prompt", "paraphrase", "neighbourhood")  # Split.kind codes 0, 1, 2; "general text" apart
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # the held-out routing table's rows
 
 
 def statement(fact: Fact) -> str:
@@ -105,52 +115,97 @@ class ScopeClassifier(nn.Module):
         return self.log_scale.exp() * edits @ queries.T + self.bias
 
 
+def general_windows(path: str | Path, n: int, words: list[int], seed: int) -> list[str]:
+    """One window of whole words from each of the first `n` documents of the corpus, its length drawn
+    uniformly from [words[0], words[1]] and its start uniformly within the document (seeded): texts from
+    prompt length to paragraph length, as the evaluation routes, about no edited fact."""
+    rng = random.Random(seed)
+    out = []
+    for text in corpus_texts(path):
+        if len(out) == n:
+            break
+        tokens = text.split()
+        length = rng.randint(words[0], words[1])
+        start = rng.randint(0, max(0, len(tokens) - length))
+        out.append(" ".join(tokens[start : start + length]))
+    return out
+
+
 @dataclass
 class Split:
     """The pooled states of some records' texts: one statement per record, their queries with the
-    record each belongs to and whether it is in that record's scope (own prompt, paraphrase) or not."""
+    record each belongs to and its kind (0 own prompt, 1 paraphrase: in that record's scope; 2 neighbourhood
+    prompt: not), and general texts (in no record's scope)."""
 
     statements: Tensor  # (n, d)
     queries: Tensor  # (q, d)
     owner: Tensor  # (q,) record index
-    in_scope: Tensor  # (q,) bool
+    kind: Tensor  # (q,) index into KINDS
+    general: Tensor  # (g, d)
+
+    @property
+    def in_scope(self) -> Tensor:
+        return self.kind < 2
 
 
-def _split(adapter: ModelAdapter, tok: PreTrainedTokenizerBase, layer: int, records: list[TrainingRecord]) -> Split:
+def _split(
+    adapter: ModelAdapter, tok: PreTrainedTokenizerBase, layer: int, records: list[TrainingRecord], general: list[str]
+) -> Split:
     statements = [statement(r.fact) for r in records]
-    queries, owner, in_scope = [], [], []
+    queries, owner, kind = [], [], []
     for i, r in enumerate(records):
-        scoped = [r.fact.prompt.replace("{}", r.fact.subject), *(r.paraphrases or (r.paraphrase,))]
-        for text, inside in [(q, True) for q in scoped] + [(q, False) for q in r.neighborhoods or (r.neighborhood,)]:
-            queries.append(text)
-            owner.append(i)
-            in_scope.append(inside)
-    texts = list(dict.fromkeys(statements + queries))
+        groups = [[r.fact.prompt.replace("{}", r.fact.subject)], r.paraphrases or (r.paraphrase,)]
+        for k, texts in enumerate([*groups, r.neighborhoods or (r.neighborhood,)]):
+            queries += texts
+            owner += [i] * len(texts)
+            kind += [k] * len(texts)
+    texts = list(dict.fromkeys(statements + queries + general))
     pooled = pooled_states(adapter, tok, texts, layer)
     row = {t: i for i, t in enumerate(texts)}
     return Split(
         pooled[[row[t] for t in statements]],
         pooled[[row[t] for t in queries]],
         torch.tensor(owner),
-        torch.tensor(in_scope),
+        torch.tensor(kind),
+        pooled[torch.tensor([row[t] for t in general], dtype=torch.long)],
     )
 
 
-def pair_losses(clf: ScopeClassifier, data: Split, records: Tensor) -> tuple[Tensor, dict[str, float]]:
-    """Balanced BCE of every (statement of `records`, query of `records`) pair, and for the own
-    queries: the share of in-scope ones above 0.5 (recall) and of neighbourhood ones above 0.5."""
+def pair_losses(clf: ScopeClassifier, data: Split, records: Tensor, general: Tensor) -> Tensor:
+    """Balanced BCE of every (statement of `records`, query of `records` or general text `general`) pair:
+    the mean over the in-scope pairs and the mean over all the others, averaged."""
     chosen = torch.isin(data.owner, records)
-    logits = clf.logits(clf.embed(data.statements[records]), clf.embed(data.queries[chosen]))
-    owner, scoped = data.owner[chosen], data.in_scope[chosen]
-    own = owner[None, :] == records[:, None]
-    labels = own & scoped[None, :]
+    statements = clf.embed(data.statements[records])
+    logits = torch.cat(
+        [
+            clf.logits(statements, clf.embed(data.queries[chosen])),
+            clf.logits(statements, clf.embed(data.general[general])),
+        ],
+        dim=1,
+    )
+    own = data.owner[chosen][None, :] == records[:, None]
+    labels = torch.cat(
+        [own & data.in_scope[chosen][None, :], torch.zeros(len(records), len(general), dtype=torch.bool)], 1
+    )
     bce = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
-    loss = 0.5 * (bce[labels].mean() + bce[~labels].mean())
-    above = logits.detach() > 0
-    return loss, {
-        "recall": float(above[labels].float().mean()),
-        "hard_in_scope": float(above[own & ~scoped[None, :]].float().mean()),
-    }
+    return 0.5 * (bce[labels].mean() + bce[~labels].mean())
+
+
+@torch.no_grad()
+def heldout_routing(clf: ScopeClassifier, data: Split, thresholds: tuple[float, ...] = THRESHOLDS) -> list[dict]:
+    """Per threshold, with `data`'s statements as the memory (the router's rule: a text goes to its most
+    probable entry when that probability exceeds the threshold): the share of own prompts and of
+    paraphrases answered by their own record's entry, and of neighbourhood prompts and general texts
+    answered by any entry."""
+    statements = clf.embed(data.statements)
+    best, entry = torch.sigmoid(clf.logits(statements, clf.embed(data.queries))).max(0)
+    general = torch.sigmoid(clf.logits(statements, clf.embed(data.general))).amax(0)
+    rows = []
+    for t in thresholds:
+        routed = (best > t) & ((entry == data.owner) | ~data.in_scope)
+        row = {"threshold": t} | {k: float(routed[data.kind == i].float().mean()) for i, k in enumerate(KINDS)}
+        rows.append(row | {"general text": float((general > t).float().mean()) if len(general) else None})
+    return rows
 
 
 def train(
@@ -175,12 +230,20 @@ def train(
             f"set serac.embed_layer in params.yaml to one of 0..{adapter.n_layers - 1}",
         )
     start = time.perf_counter()
-    data, held = (_split(adapter, tok, cfg.embed_layer, rs) for rs in (records, heldout))
+    general = (
+        general_windows(p.covariance.corpus, cfg.general_texts, cfg.general_words, t.seed)
+        if cfg.general_negatives
+        else []
+    )
+    n_held = round(len(general) * len(heldout) / (len(records) + len(heldout)))  # the records' split
+    data = _split(adapter, tok, cfg.embed_layer, records, general[: len(general) - n_held])
+    held = _split(adapter, tok, cfg.embed_layer, heldout, general[len(general) - n_held :])
     embed_seconds = time.perf_counter() - start
-    log(f"train_editor: {len(data.queries) + len(data.statements)} training texts embedded in {embed_seconds:.1f} s")
+    texts = len(data.queries) + len(data.statements) + len(data.general)
+    log(f"train_editor: {texts} training texts ({len(data.general)} general) embedded in {embed_seconds:.1f} s")
     torch.manual_seed(t.seed)
     clf = ScopeClassifier(adapter.hidden_size, cfg.dim, cfg.temperature)
-    clf.center.copy_(torch.cat([data.statements, data.queries]).mean(0))
+    clf.center.copy_(torch.cat([data.statements, data.queries, data.general]).mean(0))
     opt = torch.optim.Adam(clf.parameters(), lr=cfg.lr)
     state: dict[str, Any] = {"step": 0, "curve": [], "best_loss": None, "best_step": 0, "since_best": 0, "seconds": 0.0}
     best = {k: v.clone() for k, v in clf.state_dict().items()}
@@ -201,7 +264,9 @@ def train(
         if epoch not in orders:
             seed = int(sha256_json([t.seed, epoch])[:15], 16)
             orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-        loss, _ = pair_losses(clf, data, torch.tensor(orders[epoch][i * m : (i + 1) * m]))
+        draw = torch.Generator().manual_seed(int(sha256_json([t.seed, "general", step])[:15], 16))
+        drawn = torch.randperm(len(data.general), generator=draw)[: cfg.general_negatives]
+        loss = pair_losses(clf, data, torch.tensor(orders[epoch][i * m : (i + 1) * m]), drawn)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -209,10 +274,11 @@ def train(
         done = step + 1
         if done % t.eval_every == 0 or done == t.max_steps:
             with torch.no_grad():
-                held_loss, rates = pair_losses(clf, held, torch.arange(len(heldout)))
+                held_loss = pair_losses(clf, held, torch.arange(len(heldout)), torch.arange(len(held.general)))
             state["seconds"] = time.perf_counter() - clock
             point = {"train_loss": sum(losses) / len(losses), "heldout_loss": float(held_loss)}
-            point |= {f"heldout_{k}": v for k, v in rates.items()}
+            rates = heldout_routing(clf, held, (0.5,))[0]
+            point |= {f"heldout_routed_{k.replace(' ', '_')}": v for k, v in rates.items() if k != "threshold"}
             state["curve"].append({"step": done, **point, "seconds": round(state["seconds"], 1)})
             losses = []
             if state["best_loss"] is None or point["heldout_loss"] < state["best_loss"]:
@@ -224,7 +290,8 @@ def train(
             state["stopped"] = bool(t.patience and state["since_best"] >= t.patience)
             log(
                 f"train_editor: step {done}, train {point['train_loss']:.4f}, held-out {point['heldout_loss']:.4f} "
-                f"(recall {rates['recall']:.3f}, neighbourhood prompts in scope {rates['hard_in_scope']:.3f})"
+                "; routed at p > 0.5: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in rates.items() if isinstance(v, float) and k != "threshold")
             )
             checkpoint.save(
                 {
@@ -239,6 +306,7 @@ def train(
                 break
         if on_step is not None:
             on_step(done)
+    clf.load_state_dict(best)
     config = {
         "embed_layer": cfg.embed_layer,
         "d": adapter.hidden_size,
@@ -248,8 +316,11 @@ def train(
         "heldout_loss": state["best_loss"],
         "stopped_early": bool(state.get("stopped")),
         "records_per_step": m,
-        "texts_embedded": len(data.statements) + len(data.queries) + len(held.statements) + len(held.queries),
+        "general_texts": {"train": len(data.general), "heldout": len(held.general)},
+        "texts_embedded": texts + len(held.statements) + len(held.queries) + len(held.general),
         "embed_seconds": round(embed_seconds, 1),
+        # the saved classifier on the held-out records: what serac.threshold is chosen from
+        "heldout_routing": heldout_routing(clf, held),
     }
     return Trained(best, config, state["curve"])
 

@@ -39,12 +39,18 @@ class Trainer:
     load: Callable[[dict[str, Tensor], dict[str, Any]], TrainedEditor]
     loss: str  # what its training curve plots
     apply_only: tuple[str, ...] = ()  # keys of the section used when editing, not in training
+    reads_corpus: bool = False  # trains on covariance.corpus too (SERAC's general-text negatives)
 
 
 TRAINERS: dict[str, Trainer] = {
     "mend": Trainer("mend", mend.train, mend.MendEditor.from_tensors, "c_edit·edit loss + c_loc·locality KL"),
     "serac": Trainer(
-        "serac", serac.train, serac.SeracEditor.from_tensors, "scope classifier BCE (balanced)", ("threshold",)
+        "serac",
+        serac.train,
+        serac.SeracEditor.from_tensors,
+        "scope classifier BCE (balanced)",
+        ("threshold",),
+        reads_corpus=True,
     ),
 }
 # Dataset shapes that hold the same kind of facts: an editor trained on one family edits that family.
@@ -57,12 +63,16 @@ def editor_inputs(p: Params) -> dict[str, Any]:
     data = Path(p.train_editor.data)
     trainer = TRAINERS[p.method]
     settings = {k: v for k, v in asdict(getattr(p, trainer.section)).items() if k not in trainer.apply_only}
-    return {
+    inputs = {
         "method": p.method,
         "train_editor": asdict(p.train_editor),
         "data_sha256": sha256_file(data) if data.is_file() else None,
         trainer.section: settings,
     }
+    if trainer.reads_corpus:
+        corpus = Path(p.covariance.corpus)
+        inputs["corpus_sha256"] = sha256_file(corpus) if corpus.is_file() else None
+    return inputs
 
 
 def train_editor(

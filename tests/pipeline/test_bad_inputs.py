@@ -179,6 +179,26 @@ def test_bad_trained_editor_stops_before_anything_is_edited(
     assert expected.format(method=method) in err and "dvc repro train_editor" in err, err
 
 
+@pytest.mark.parametrize("change", ["corpus", "general_negatives"])
+def test_serac_classifier_trained_on_other_general_texts_is_refused(
+    trained_finished: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture, change: str
+) -> None:
+    """SERAC's classifier also learnt from covariance.corpus (its general-text negatives): another corpus,
+    or another number of them per step, and apply_edits refuses it with the train_editor fix."""
+    import shutil
+
+    work = tmp_path / "serac_project"
+    shutil.copytree(trained_finished("serac"), work)
+    if change == "corpus":
+        with open(work / "data/corpus.txt", "a") as f:
+            f.write("\n\nOne more document about lakes.")
+    else:
+        set_params(work, "serac", "general_negatives", 1)
+    err = fails(work, "apply_edits", capsys)
+    assert "trained from other data or settings" in err and "dvc repro train_editor" in err, err
+    assert ("corpus_sha256:" if change == "corpus" else "serac: {") in err, err
+
+
 @pytest.mark.parametrize("damage", ["truncate", "other_model"])
 def test_bad_edit_memory_stops_the_evaluation(
     trained_finished: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture, damage: str
