@@ -174,7 +174,7 @@ class SeracCfg:
     general_texts: int = 1000  # windows of covariance.corpus embedded once as general-text negatives
     general_words: list[int] = field(default_factory=lambda: [8, 96])  # a window's length in words: [min, max]
     general_negatives: int = 64  # general texts per step, each a negative of every statement of the step
-    threshold: float = 0.5  # a query is in scope of its best memory entry when the probability exceeds this
+    threshold: float = 0.95  # a query is in scope of its best memory entry when the probability exceeds this
 
 
 @dataclass
@@ -390,7 +390,7 @@ def validate(p: Params) -> None:
     _check(
         0.0 < p.serac.threshold < 1.0,
         f"serac.threshold must be in (0, 1), got {p.serac.threshold}",
-        "0.5: a query goes to its best memory entry when the classifier says in scope",
+        "e.g. 0.95 (chosen on held-out records, params.yaml): a query goes to its best memory entry above it",
     )
     words = list(p.serac.general_words)
     _check(
