@@ -1,4 +1,6 @@
-"""A trained editor on disk, checked before use, and the resumable state of its training.
+"""A trained editor on disk, checked before use, the resumable state of its training, and the training
+bookkeeping every trained editor shares (TrainingRun: seeded record order, curve, best editor, patience,
+checkpoint), so that a method's `train` holds only its data, loss and optimiser step.
 
 artifacts/editor/ holds, for a method with a trained editor (MEND):
 - `editor.safetensors`: the editor's tensors;
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,11 +30,12 @@ from typing import Any, Protocol
 import polars as pl
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from ece.config import TrainEditorCfg
 from ece.data.facts import Fact
-from ece.data.io import atomic_dir, write_json
+from ece.data.io import atomic_dir, sha256_json, write_json
 from ece.errors import EceError
 from ece.model.adapter import ModelAdapter
 
@@ -133,6 +138,99 @@ class TrainingCheckpoint:
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class TrainingRun:
+    """The bookkeeping every trained editor's training shares, around the method's own data, loss and
+    optimiser step: the steps left (resumed from `checkpoint`), each step's records in a seeded order
+    (every record once per epoch, the same order on a resume), and after each evaluation the curve
+    point, the best editor so far, the patience count, the log line and the checkpoint."""
+
+    def __init__(
+        self,
+        t: TrainEditorCfg,
+        editor: nn.Module,
+        name: str,
+        optimizers: dict[str, torch.optim.Optimizer],
+        checkpoint: TrainingCheckpoint,
+        log: Callable[[str], None],
+    ) -> None:
+        self.t, self.editor, self.name, self.optimizers = t, editor, name, optimizers
+        self.checkpoint, self.log = checkpoint, log
+        self.state: dict[str, Any] = {
+            "step": 0,
+            "curve": [],
+            "best_loss": None,
+            "best_step": 0,
+            "since_best": 0,
+            "seconds": 0.0,
+        }
+        self.best = {k: v.clone() for k, v in editor.state_dict().items()}
+        restored = checkpoint.load()
+        if restored is not None:
+            tensors, self.state = restored
+            editor.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
+            self.best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+            for prefix, opt in optimizers.items():
+                load_optimizer(opt, tensors, prefix)
+            log(f"train_editor: resuming from the checkpoint at step {self.state['step']}")
+        self._orders: dict[int, list[int]] = {}
+        self._clock = time.perf_counter() - self.state["seconds"]
+
+    def steps(self) -> range:
+        """The steps still to train: none once a run stopped early."""
+        return range(self.state["step"], self.state["step"] if self.state.get("stopped") else self.t.max_steps)
+
+    def batch(self, step: int, n: int, size: int) -> list[int]:
+        """The indices of the records (of `n`) step `step` trains on: `size` consecutive ones of its
+        epoch's permutation, seeded by (seed, epoch) alone so a resumed run draws the same."""
+        epoch, i = divmod(step, -(-n // size))
+        if epoch not in self._orders:
+            seed = int(sha256_json([self.t.seed, epoch])[:15], 16)
+            self._orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        return self._orders[epoch][i * size : (i + 1) * size]
+
+    def due(self, done: int) -> bool:
+        """Whether the run evaluates after `done` steps: every `eval_every` and at the last step."""
+        return done % self.t.eval_every == 0 or done == self.t.max_steps
+
+    def evaluated(self, done: int, point: dict[str, float], note: str = "", save: bool = True) -> bool:
+        """Record the evaluation `point` (its `train_loss` and `heldout_loss` and the method's own fields)
+        after `done` steps, keep the editor when its held-out loss is the lowest yet, log, and (when
+        `save`: nothing half-accumulated would be lost) write the checkpoint. True when the run stops."""
+        state = self.state
+        state["seconds"] = time.perf_counter() - self._clock
+        state["curve"].append({"step": done, **point, "seconds": round(state["seconds"], 1)})
+        if state["best_loss"] is None or point["heldout_loss"] < state["best_loss"]:
+            state.update(best_loss=point["heldout_loss"], best_step=done, since_best=0)
+            self.best = {k: v.clone() for k, v in self.editor.state_dict().items()}
+        else:
+            state["since_best"] += 1
+        state["step"] = done
+        state["stopped"] = bool(self.t.patience and state["since_best"] >= self.t.patience)
+        self.log(
+            f"train_editor: step {done}, train {point['train_loss']:.4f}, held-out {point['heldout_loss']:.4f}{note}"
+        )
+        if save:
+            tensors = {
+                **{f"{self.name}.{k}": v for k, v in self.editor.state_dict().items()},
+                **{f"best.{k}": v for k, v in self.best.items()},
+            }
+            for prefix, opt in self.optimizers.items():
+                tensors |= optimizer_tensors(opt, prefix)
+            self.checkpoint.save(tensors, state)
+        if state["stopped"]:
+            self.log(f"train_editor: no lower held-out loss in {self.t.patience} evaluations; stopping at step {done}")
+        return state["stopped"]
+
+    def summary(self) -> dict[str, Any]:
+        """Where training ended, for the editor's config."""
+        return {
+            "steps": self.state["step"],
+            "best_step": self.state["best_step"],
+            "heldout_loss": self.state["best_loss"],
+            "stopped_early": bool(self.state.get("stopped")),
+        }
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, Tensor]:

@@ -27,7 +27,6 @@ each fact's edit by the batch size).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from ece.config import Params
 from ece.data.editor_data import TrainingRecord
 from ece.data.facts import Fact
-from ece.data.io import sha256_json
-from ece.editing.editor_io import Trained, TrainingCheckpoint, load_optimizer, optimizer_tensors
+from ece.editing.editor_io import Trained, TrainingCheckpoint, TrainingRun
 from ece.model.adapter import ModelAdapter
 from ece.model.prompts import document_start, right_padded, target_ids
 
@@ -232,28 +230,12 @@ def train(
     editor = MendEditor(list(cfg.layers), adapter.inner_size, adapter.hidden_size, cfg.rank, cfg.edit_lr)
     opt = torch.optim.Adam(editor.net.parameters(), lr=cfg.lr)
     lr_opt = torch.optim.Adam([editor.alpha], lr=cfg.lr_lr)
-    state: dict[str, Any] = {"step": 0, "curve": [], "best_loss": None, "best_step": 0, "since_best": 0, "seconds": 0.0}
-    best = {k: v.clone() for k, v in editor.state_dict().items()}
-    restored = checkpoint.load()
-    if restored is not None:
-        tensors, state = restored
-        editor.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("editor.")})
-        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-        load_optimizer(opt, tensors, "opt")
-        load_optimizer(lr_opt, tensors, "lr_opt")
-        log(f"train_editor: resuming from the checkpoint at step {state['step']}")
+    run = TrainingRun(t, editor, "editor", {"opt": opt, "lr_opt": lr_opt}, checkpoint, log)
     cache: dict[int, Encoded] = {}
     held = [encode_record(adapter, tok, below, r) for r in heldout]
     losses: list[tuple[float, float]] = []
-    orders: dict[int, list[int]] = {}
-    start = time.perf_counter() - state["seconds"]
-    for step in range(state["step"], state["step"] if state.get("stopped") else t.max_steps):
-        epoch, i = divmod(step, len(records))
-        if epoch not in orders:
-            orders[epoch] = torch.randperm(
-                len(records), generator=torch.Generator().manual_seed(_seed(t.seed, epoch))
-            ).tolist()
-        index = orders[epoch][i]
+    for step in run.steps():
+        [index] = run.batch(step, len(records), 1)
         if index not in cache:
             cache[index] = encode_record(adapter, tok, below, records[index])
         l_edit, l_loc = edit_losses(editor, adapter, cache[index], observe=True)
@@ -266,50 +248,20 @@ def train(
             opt.zero_grad()
             lr_opt.zero_grad()
         done = step + 1
-        if done % t.eval_every == 0 or done == t.max_steps:
+        if run.due(done):
             point = _evaluate(editor, adapter, held, losses, p)
-            state["seconds"] = time.perf_counter() - start
-            state["curve"].append({"step": done, **point, "seconds": round(state["seconds"], 1)})
             losses = []
-            if state["best_loss"] is None or point["heldout_loss"] < state["best_loss"]:
-                state.update(best_loss=point["heldout_loss"], best_step=done, since_best=0)
-                best = {k: v.clone() for k, v in editor.state_dict().items()}
-            else:
-                state["since_best"] += 1
-            state["step"] = done
-            state["stopped"] = bool(t.patience and state["since_best"] >= t.patience)
-            log(f"train_editor: step {done}, train {point['train_loss']:.4f}, held-out {point['heldout_loss']:.4f}")
-            if done % cfg.accumulate == 0:  # an optimiser step just ran: nothing half-accumulated is lost
-                checkpoint.save(_state_tensors(editor, best, opt, lr_opt), state)
-            if state["stopped"]:
-                log(f"train_editor: no lower held-out loss in {t.patience} evaluations; stopping at step {done}")
+            # a checkpoint only right after an optimiser step: nothing half-accumulated is lost
+            if run.evaluated(done, point, save=done % cfg.accumulate == 0):
                 break
         if on_step is not None:
             on_step(done)
     config = {
         "layers": editor.layers,
         "net": {"f": adapter.inner_size, "d": adapter.hidden_size, "rank": editor.net.U.shape[-1], "n_hidden": 1},
-        "steps": state["step"],
-        "best_step": state["best_step"],
-        "heldout_loss": state["best_loss"],
-        "stopped_early": bool(state.get("stopped")),
+        **run.summary(),
     }
-    return Trained(best, config, state["curve"])
-
-
-def _seed(seed: int, epoch: int) -> int:
-    return int(sha256_json([seed, epoch])[:15], 16)
-
-
-def _state_tensors(
-    editor: MendEditor, best: dict[str, Tensor], opt: torch.optim.Optimizer, lr_opt: torch.optim.Optimizer
-) -> dict[str, Tensor]:
-    return {
-        **{f"editor.{k}": v for k, v in editor.state_dict().items()},
-        **{f"best.{k}": v for k, v in best.items()},
-        **optimizer_tensors(opt, "opt"),
-        **optimizer_tensors(lr_opt, "lr_opt"),
-    }
+    return Trained(run.best, config, run.state["curve"])
 
 
 def _evaluate(

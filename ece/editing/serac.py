@@ -53,7 +53,7 @@ from ece.data.editor_data import TrainingRecord
 from ece.data.facts import Fact
 from ece.data.io import sha256_json, write_json
 from ece.editing.covariance import corpus_texts
-from ece.editing.editor_io import Trained, TrainingCheckpoint, load_optimizer, optimizer_tensors
+from ece.editing.editor_io import Trained, TrainingCheckpoint, TrainingRun
 from ece.errors import EceError
 from ece.model.adapter import ModelAdapter
 from ece.model.loading import weights_fingerprint
@@ -245,76 +245,38 @@ def train(
     clf = ScopeClassifier(adapter.hidden_size, cfg.dim, cfg.temperature)
     clf.center.copy_(torch.cat([data.statements, data.queries, data.general]).mean(0))
     opt = torch.optim.Adam(clf.parameters(), lr=cfg.lr)
-    state: dict[str, Any] = {"step": 0, "curve": [], "best_loss": None, "best_step": 0, "since_best": 0, "seconds": 0.0}
-    best = {k: v.clone() for k, v in clf.state_dict().items()}
-    restored = checkpoint.load()
-    if restored is not None:
-        tensors, state = restored
-        clf.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("clf.")})
-        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-        load_optimizer(opt, tensors, "opt")
-        log(f"train_editor: resuming from the checkpoint at step {state['step']}")
+    run = TrainingRun(t, clf, "clf", {"opt": opt}, checkpoint, log)
     n, m = len(records), min(cfg.batch_records, len(records))
-    per_epoch = -(-n // m)
-    orders: dict[int, list[int]] = {}
     losses: list[float] = []
-    clock = time.perf_counter() - state["seconds"]
-    for step in range(state["step"], state["step"] if state.get("stopped") else t.max_steps):
-        epoch, i = divmod(step, per_epoch)
-        if epoch not in orders:
-            seed = int(sha256_json([t.seed, epoch])[:15], 16)
-            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    for step in run.steps():
         draw = torch.Generator().manual_seed(int(sha256_json([t.seed, "general", step])[:15], 16))
         drawn = torch.randperm(len(data.general), generator=draw)[: cfg.general_negatives]
-        loss = pair_losses(clf, data, torch.tensor(orders[epoch][i * m : (i + 1) * m]), drawn)
+        loss = pair_losses(clf, data, torch.tensor(run.batch(step, n, m)), drawn)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
         done = step + 1
-        if done % t.eval_every == 0 or done == t.max_steps:
+        if run.due(done):
             with torch.no_grad():
                 held_loss = pair_losses(clf, held, torch.arange(len(heldout)), torch.arange(len(held.general)))
-            state["seconds"] = time.perf_counter() - clock
             point = {"train_loss": sum(losses) / len(losses), "heldout_loss": float(held_loss)}
             rates = heldout_routing(clf, held, (0.5,))[0]
             point |= {f"heldout_routed_{k.replace(' ', '_')}": v for k, v in rates.items() if k != "threshold"}
-            state["curve"].append({"step": done, **point, "seconds": round(state["seconds"], 1)})
             losses = []
-            if state["best_loss"] is None or point["heldout_loss"] < state["best_loss"]:
-                state.update(best_loss=point["heldout_loss"], best_step=done, since_best=0)
-                best = {k: v.clone() for k, v in clf.state_dict().items()}
-            else:
-                state["since_best"] += 1
-            state["step"] = done
-            state["stopped"] = bool(t.patience and state["since_best"] >= t.patience)
-            log(
-                f"train_editor: step {done}, train {point['train_loss']:.4f}, held-out {point['heldout_loss']:.4f} "
-                "; routed at p > 0.5: "
-                + ", ".join(f"{k} {v:.2f}" for k, v in rates.items() if isinstance(v, float) and k != "threshold")
+            note = "; routed at p > 0.5: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in rates.items() if isinstance(v, float) and k != "threshold"
             )
-            checkpoint.save(
-                {
-                    **{f"clf.{k}": v for k, v in clf.state_dict().items()},
-                    **{f"best.{k}": v for k, v in best.items()},
-                    **optimizer_tensors(opt, "opt"),
-                },
-                state,
-            )
-            if state["stopped"]:
-                log(f"train_editor: no lower held-out loss in {t.patience} evaluations; stopping at step {done}")
+            if run.evaluated(done, point, note):
                 break
         if on_step is not None:
             on_step(done)
-    clf.load_state_dict(best)
+    clf.load_state_dict(run.best)
     config = {
         "embed_layer": cfg.embed_layer,
         "d": adapter.hidden_size,
         "dim": cfg.dim,
-        "steps": state["step"],
-        "best_step": state["best_step"],
-        "heldout_loss": state["best_loss"],
-        "stopped_early": bool(state.get("stopped")),
+        **run.summary(),
         "records_per_step": m,
         "general_texts": {"train": len(data.general), "heldout": len(held.general)},
         "texts_embedded": texts + len(held.statements) + len(held.queries) + len(held.general),
@@ -322,7 +284,7 @@ def train(
         # the saved classifier on the held-out records: what serac.threshold is chosen from
         "heldout_routing": heldout_routing(clf, held),
     }
-    return Trained(best, config, state["curve"])
+    return Trained(run.best, config, run.state["curve"])
 
 
 def _classifier(tensors: dict[str, Tensor], config: dict[str, Any]) -> ScopeClassifier:

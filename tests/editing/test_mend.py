@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_records import records
 
 from ece.config import Params, load_params
-from ece.data.editor_data import TrainingRecord
-from ece.data.facts import Fact
 from ece.editing.editor_io import TrainingCheckpoint
 from ece.editing.mend import (
     MendEditor,
@@ -27,25 +26,6 @@ from ece.model.adapter import ModelAdapter
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = [2, 3]  # of the 4-layer tiny models
-
-
-def records() -> list[TrainingRecord]:
-    people = [
-        ("Anna Berg", "Oslo"),
-        ("Tom Hale", "Lima"),
-        ("Kim Soo", "Seoul"),
-        ("Joe Park", "Kyiv"),
-        ("Ida Holm", "Turku"),
-    ]
-    return [
-        TrainingRecord(
-            Fact(f"t{i}", s, "{} works in the city of", o),
-            f"The workplace of {s} is the city of",
-            "Ravi Shankar works in the city of",
-            "Delhi",
-        )
-        for i, (s, o) in enumerate(people)
-    ]
 
 
 def params(**train_editor: object) -> Params:

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from training_records import records
 
 from ece.config import Params, load_params
-from ece.data.editor_data import TrainingRecord
 from ece.data.facts import Fact
 from ece.editing.editor_io import TrainingCheckpoint
 from ece.editing.serac import (
@@ -60,27 +60,6 @@ def params(*serac: str, **train_editor: object) -> Params:
             *overrides,
         ],
     )
-
-
-def records() -> list[TrainingRecord]:
-    people = [
-        ("Anna Berg", "Oslo"),
-        ("Tom Hale", "Lima"),
-        ("Kim Soo", "Seoul"),
-        ("Joe Park", "Kyiv"),
-        ("Ida Holm", "Turku"),
-    ]
-    return [
-        TrainingRecord(
-            Fact(f"t{i}", s, "{} works in the city of", o),
-            f"The workplace of {s} is the city of",
-            f"Ravi Shankar{i} works in the city of",
-            "Delhi",
-            (f"The workplace of {s} is the city of", f"{s} is employed in the city of"),
-            (f"Ravi Shankar{i} works in the city of", f"Mo Li{i} works in the city of"),
-        )
-        for i, (s, o) in enumerate(people)
-    ]
 
 
 def classifier(d: int, seed: int = 1) -> ScopeClassifier:
