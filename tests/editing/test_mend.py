@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_records import records
+from training_records import assert_training_resumes_exactly, records
 
 from ece.config import Params, load_params
 from ece.editing.editor_io import TrainingCheckpoint
@@ -128,23 +128,5 @@ def test_one_training_step_lowers_the_loss(tiny_llama, tmp_path: Path) -> None:
 
 def test_interrupted_training_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path: Path) -> None:
     model, tok = tiny_llama
-    adapter = ModelAdapter(model)
     p = params(max_steps=6, eval_every=2, heldout=2, patience=0)
-    rec = records()
-    quiet = lambda _: None  # noqa: E731
-    whole = train(adapter, tok, p, rec[:3], rec[3:], TrainingCheckpoint(tmp_path / "a"), log=quiet)
-
-    def kill(step: int) -> None:
-        if step == 5:  # after the checkpoint of step 4, before the end
-            raise KeyboardInterrupt
-
-    checkpoint = TrainingCheckpoint(tmp_path / "b")
-    with pytest.raises(KeyboardInterrupt):
-        train(adapter, tok, p, rec[:3], rec[3:], checkpoint, log=quiet, on_step=kill)
-    logged: list[str] = []
-    resumed = train(adapter, tok, p, rec[:3], rec[3:], checkpoint, log=logged.append)
-    assert "train_editor: resuming from the checkpoint at step 4" in logged
-    assert sum("step" in m and "held-out" in m for m in logged) == 1  # only step 6 was trained again
-    assert whole.tensors.keys() == resumed.tensors.keys()
-    assert all(torch.equal(whole.tensors[k], resumed.tensors[k]) for k in whole.tensors)
-    assert [c["heldout_loss"] for c in whole.curve] == [c["heldout_loss"] for c in resumed.curve]
+    assert_training_resumes_exactly(train, ModelAdapter(model), tok, p, tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from training_records import records
+from training_records import assert_training_resumes_exactly, records
 
 from ece.config import Params, load_params
 from ece.data.facts import Fact
@@ -157,24 +157,8 @@ def test_training_learns_the_training_pairs(tiny_llama, tmp_path: Path) -> None:
 
 def test_interrupted_training_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path: Path) -> None:
     model, tok = tiny_llama
-    adapter = ModelAdapter(model)
     p = params(max_steps=6, eval_every=2, heldout=2, patience=0)
-    rec = records()
-    quiet = lambda _: None  # noqa: E731
-    whole = train(adapter, tok, p, rec[:3], rec[3:], TrainingCheckpoint(tmp_path / "a"), log=quiet)
-
-    def kill(step: int) -> None:
-        if step == 5:
-            raise KeyboardInterrupt
-
-    checkpoint = TrainingCheckpoint(tmp_path / "b")
-    with pytest.raises(KeyboardInterrupt):
-        train(adapter, tok, p, rec[:3], rec[3:], checkpoint, log=quiet, on_step=kill)
-    logged: list[str] = []
-    resumed = train(adapter, tok, p, rec[:3], rec[3:], checkpoint, log=logged.append)
-    assert "train_editor: resuming from the checkpoint at step 4" in logged
-    assert all(torch.equal(whole.tensors[k], resumed.tensors[k]) for k in whole.tensors)
-    assert [c["heldout_loss"] for c in whole.curve] == [c["heldout_loss"] for c in resumed.curve]
+    assert_training_resumes_exactly(train, ModelAdapter(model), tok, p, tmp_path)
 
 
 def test_routed_perplexity_scores_only_the_window_after_its_context(tiny_llama) -> None:
