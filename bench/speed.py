@@ -12,7 +12,7 @@ Configurations:
 - ece: params.yaml as it is (ECE's defaults);
 - memit: MEMIT with the same z step rule (lr, clamp, early stop) as ece, at most 25 steps per fact;
 - memit-published: MEMIT's released compute_z: lr 0.5, clamp 0.75, 25 forward passes (24 Adam
-  updates), stop at total loss < 5e-2, one fact at a time;
+  updates), stop at total loss < 5e-2, one fact at a time, in the model's float32;
 - ultraedit: UltraEdit with its defaults (no z: one forward/backward per batch, then the solves).
 
 Prints and writes reports/speed.md / .json: per batch size and configuration, seconds per batch split
@@ -48,6 +48,7 @@ CONFIGS = {
         "z.shared_steps=0",
         "z.instance_steps=24",
         "z.facts_per_pass=1",
+        "z.dtype=float32",
     ],
     "ultraedit": ["method=ultraedit"],
 }
@@ -88,7 +89,7 @@ def render(results: dict[str, Any]) -> str:
         "params.yaml defaults (edit layers 3-7); one batch of each size, from nothing (no cached z). Seconds per "
         "batch from the pipeline's own phase timings; update = keys + solve + cache P. memit uses ECE's z step "
         "rule; memit-published is MEMIT's released compute_z (lr 0.5, clamp 0.75, 24 updates, stop at total "
-        "loss < 5e-2, one fact at a time).",
+        "loss < 5e-2, one fact at a time, float32); ece and memit run z in params.yaml's z.dtype.",
         "",
         "| batch size | config | attribution | clustering | z | keys | solve | cache P | total | z row-steps | config / ECE |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
