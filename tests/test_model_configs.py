@@ -1,6 +1,6 @@
 """The shipped model configs (configs/*.yaml): each is what DVC and load_params read, every value has its
-source comment, its edited layers exist in the real model, and the Llama one edits a local HF folder end to
-end (a tiny random Llama with the real model's layer indices, not its width)."""
+source comment, its edited layers exist in the real model, and the Llama and Qwen2 ones edit a local HF folder
+end to end (a tiny random model of the family with the real model's layer indices, not its width)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from ece.model.loading import save_model, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Blocks of the real architectures, from their Hugging Face config.json: Meta-Llama-3-8B
-# "num_hidden_layers": 32, EleutherAI/gpt-j-6b "n_layer": 28.
-BLOCKS = {"llama3-8b.yaml": 32, "gpt-j-6b.yaml": 28}
+# "num_hidden_layers": 32, EleutherAI/gpt-j-6b "n_layer": 28, Qwen/Qwen2.5-7B "num_hidden_layers": 28.
+BLOCKS = {"llama3-8b.yaml": 32, "gpt-j-6b.yaml": 28, "qwen2.5-7b.yaml": 28}
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
@@ -88,15 +88,18 @@ def test_args_extra_overrides_win_and_whitespace_is_refused() -> None:
     assert spaced.returncode != 0 and "whitespace" in spaced.stderr and not spaced.stdout
 
 
-def test_llama3_config_edits_a_local_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Every value of configs/llama3-8b.yaml (bfloat16, device_map auto, layers 4-8, λ 15000, z as the
-    references) on a 10-block random Llama saved as an HF folder: apply_edits writes a bfloat16 folder in
-    which exactly W_out (mlp.down_proj) of blocks 4-8 moved."""
-    folder = tmp_path_factory.mktemp("llama") / "model"
-    model, tok = tiny_model("tiny-llama", seed=0, n_layers=10)
+@pytest.mark.parametrize("config, kind", [("llama3-8b.yaml", "tiny-llama"), ("qwen2.5-7b.yaml", "tiny-qwen2")])
+def test_config_edits_a_local_folder_of_its_family(
+    config: str, kind: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Every value of the config (bfloat16, device_map auto, layers 4-8, λ 15000, z as the references) on
+    a 10-block random model of its family saved as an HF folder: apply_edits writes a bfloat16 folder in
+    which exactly W_out (mlp.down_proj) of blocks 4-8 moved (Qwen2's q/k/v biases included in "the rest")."""
+    folder = tmp_path_factory.mktemp(kind) / "model"
+    model, tok = tiny_model(kind, seed=0, n_layers=10)
     save_model(model, tok, folder)
-    values = {**yaml.safe_load((ROOT / "configs/llama3-8b.yaml").read_text()), "model.name": str(folder)}
-    work = method_project(tmp_path_factory, "llama3_config", values)
+    values = {**yaml.safe_load((ROOT / "configs" / config).read_text()), "model.name": str(folder)}
+    work = method_project(tmp_path_factory, f"{kind}_config", values)
     run_stage_inprocess(work, "apply_edits")
     original = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     edited = load_file(work / "artifacts/edited/model/model.safetensors")

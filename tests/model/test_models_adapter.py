@@ -24,7 +24,7 @@ def _batch(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-KINDS = ["tiny-llama", "tiny-gpt2", "tiny-gemma3"]
+KINDS = ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gemma3"]
 TEXTS = ["The Eiffel Tower is in Paris.", "Hi there", "A much longer sentence that needs no padding at all."]
 
 
