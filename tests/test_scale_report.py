@@ -1,0 +1,60 @@
+"""bench/scale.py's report: ECE's row judged against the benchmark's targets from hand-made rows, each
+target flipping on exactly the number it names."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import scale  # noqa: E402
+
+PRE = {"efficacy": 0.26, "generalization": 0.20, "specificity": 0.74, "perplexity": 30.0, "score": 0.29}
+GOOD = {"efficacy": 0.995, "generalization": 0.91, "specificity": 0.72, "perplexity": 30.5, "score": 0.85}
+
+
+def _row(method: str, post: dict[str, float]) -> dict[str, Any]:
+    return {"method": method, "pre": PRE, "post": post}
+
+
+def _verdicts(dataset: str, rows: list[dict[str, Any]]) -> dict[str, str]:
+    lines = [line for line in scale.targets(dataset, rows) if line.startswith("- ")]
+    return dict(line[2:].split(": ", 1) for line in lines)
+
+
+def test_every_cf_target_met_by_a_row_that_meets_them() -> None:
+    rows = [_row("ece", GOOD), _row("memit", {**GOOD, "score": 0.80}), _row("alphaedit", {**GOOD, "score": 0.84})]
+    assert set(_verdicts("cf", rows).values()) == {"met"}
+
+
+@pytest.mark.parametrize(
+    "change, target",
+    [
+        ({"efficacy": 0.985}, "efficacy >= 0.99"),
+        ({"generalization": 0.89}, "generalization >= 0.90"),
+        ({"specificity": 0.70}, "specificity within 0.03 of unedited"),  # 0.74 - 0.70 = 0.04
+        ({"perplexity": 30.7}, "perplexity within 2 % of unedited"),  # 30 * 1.02 = 30.6
+        ({"score": 0.83}, "score ahead of MEMIT and AlphaEdit"),  # AlphaEdit has 0.84
+    ],
+)
+def test_each_cf_target_fails_on_its_own_number(change: dict[str, float], target: str) -> None:
+    rows = [
+        _row("ece", {**GOOD, **change}),
+        _row("memit", {**GOOD, "score": 0.80}),
+        _row("alphaedit", {**GOOD, "score": 0.84}),
+    ]
+    verdicts = _verdicts("cf", rows)
+    assert verdicts.pop(target) == "**NOT met**"
+    assert set(verdicts.values()) == {"met"}
+
+
+def test_score_target_waits_for_both_baselines_and_zsre_has_its_own() -> None:
+    assert (
+        "not judged" in _verdicts("cf", [_row("ece", GOOD), _row("memit", GOOD)])["score ahead of MEMIT and AlphaEdit"]
+    )
+    zsre = _verdicts("zsre", [_row("ece", {**GOOD, "efficacy": 0.96, "specificity": 0.735})])
+    assert zsre == {"efficacy >= 0.95": "met", "generalization >= 0.90": "met", "specificity >= unedited - 0.01": "met"}
+    assert scale.targets("cf", [_row("memit", GOOD)]) == []  # no ECE row, nothing to judge
