@@ -84,18 +84,18 @@ def tiny_model(kind: str, seed: int = 0, n_layers: int = 4) -> tuple[nn.Module, 
     """A randomly initialised model small enough to build in ~0.1 s."""
     tok = byte_tokenizer()
     torch.manual_seed(seed)
-    # the decoder-only families share one shape: width 32, 4 heads over 2 key/value heads, tied embeddings
+    ids = dict(
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id
+    )
+    # the Llama-like families share one shape: width 32, 4 heads over 2 key/value heads, tied embeddings
     decoder = dict(
-        vocab_size=len(tok),
+        **ids,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=n_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
         tie_word_embeddings=True,
     )
     if kind == "tiny-llama":
@@ -107,17 +107,7 @@ def tiny_model(kind: str, seed: int = 0, n_layers: int = 4) -> tuple[nn.Module, 
                 if name.endswith("_proj.bias"):
                     param.normal_(0.0, 0.5)
     elif kind == "tiny-gpt2":
-        cfg = GPT2Config(
-            vocab_size=len(tok),
-            n_embd=32,
-            n_inner=64,
-            n_layer=n_layers,
-            n_head=4,
-            n_positions=512,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.bos_token_id,
-        )
+        cfg = GPT2Config(**ids, n_embd=32, n_inner=64, n_layer=n_layers, n_head=4, n_positions=512)
         model = GPT2LMHeadModel(cfg)
     elif kind == "tiny-gemma3":
         cfg = Gemma3TextConfig(
