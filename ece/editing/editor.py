@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from ece.data.facts import Fact
 from ece.editing.editor_io import TrainedEditor
 from ece.editing.finetune import finetune_delta
-from ece.editing.keys import keys_and_hidden
+from ece.editing.keys import LayerKeys
 from ece.editing.solve import nullspace_basis, projected_update, restricted_update
 from ece.editing.ultraedit import RIDGE, Moments, pseudo_values, token_features, update_moments
 from ece.errors import EceError
@@ -84,11 +84,13 @@ class Editor:
         conditions: list[float],
         lifelong: tuple[Features, Moments] | None,
         trained: dict[int, Tensor] | None,
+        layer_keys: LayerKeys | None,
     ) -> tuple[Tensor, Tensor | None]:
         """The method's change of W_out[:, sel] of the i-th edited layer on the current weights, and
         the keys (n, f) it solved with (None for fine-tuning, UltraEdit and trained editors, which feed no
         cache). `lifelong`: UltraEdit's features and moments of the batch; `trained`: the trained editor's
-        changes of every layer, computed for the batch before its first layer is written."""
+        changes of every layer, computed for the batch before its first layer is written; `layer_keys`:
+        the group's keys layer after layer, for the methods that solve for z."""
         layer, m = self.layers[i], self.method
         if trained is not None:
             return trained[layer], None
@@ -102,10 +104,9 @@ class Editor:
                 values = pseudo_values(moments, keys, grads, m.ultraedit.lr)
                 ridge = RIDGE * torch.eye(self.adapter.inner_size, dtype=torch.float64)
                 return restricted_update(keys, values, ridge, sel, conditions), None
-        assert z is not None, f"method {m.name} needs z"
+        assert z is not None and layer_keys is not None, f"method {m.name} needs z"
         with self._timed("keys"):
-            keys, hidden = keys_and_hidden(self.adapter, self.tok, facts, self.templates, [layer], self.layers[-1])
-        assert hidden is not None
+            keys, hidden = layer_keys(layer)
         residuals = self.adapter.w_out_target(
             layer, keys[layer], (z.to(hidden.device).double() - hidden.double()) / (len(self.layers) - i)
         )
@@ -134,12 +135,13 @@ class Editor:
         cols: Tensor | None,
         lifelong: tuple[Features, Moments] | None,
         trained: dict[int, Tensor] | None,
+        layer_keys: LayerKeys | None,
     ) -> tuple[LayerChange, Tensor | None]:
         layer = self.layers[i]
         sel = cols if cols is not None else torch.arange(self.adapter.inner_size)
         conditions: list[float] = []
         try:
-            delta, keys = self._delta(facts, z, i, sel, conditions, lifelong, trained)
+            delta, keys = self._delta(facts, z, i, sel, conditions, lifelong, trained, layer_keys)
         except EceError as exc:
             raise EceError(f"layer {layer}: {exc.args[0]}", exc.hint) from None
         norm = float(delta.norm())
@@ -213,6 +215,9 @@ class Editor:
                 if self.trained is not None:  # MEND: every layer's change from one gradient, before any is written
                     with self._timed("solve"):
                         trained = self.trained.deltas(self.adapter, self.tok, group)
+                layer_keys = (
+                    LayerKeys(self.adapter, self.tok, group, self.templates, self.layers[-1]) if z is not None else None
+                )
                 for i, layer in enumerate(self.layers):
                     change, solved[layer] = self._apply_layer(
                         group,
@@ -221,6 +226,7 @@ class Editor:
                         cols[layer] if cols is not None else None,
                         lifelong,
                         trained,
+                        layer_keys,
                     )
                     changes.setdefault(layer, []).append(change)
         except BaseException:

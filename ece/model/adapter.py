@@ -161,6 +161,32 @@ class ModelAdapter:
         feed float64 solves), on the device of their layer. The blocks above are skipped, which is what
         makes covariance statistics and key computation cheap for early edited layers.
         """
+        ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
+        return self._traced(
+            lambda: self.model(input_ids=ids, attention_mask=mask, use_cache=False), key_layers, out_layers
+        )
+
+    def trace_from(
+        self,
+        start: int,
+        hidden: Tensor,
+        attention_mask: Tensor,
+        key_layers: list[int] = (),  # type: ignore[assignment]
+        out_layers: list[int] = (),  # type: ignore[assignment]
+    ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """`trace` from the residual stream entering block `start` (the output of block start − 1, as
+        `trace` returns it) instead of from the tokens: the blocks below `start` are not run again. Equal
+        to `trace` on the same rows up to float rounding, as long as those blocks have not changed."""
+        assert start >= 1 and all(l >= start for l in [*key_layers, *out_layers]), "layers below start are not run"
+        return self._traced(
+            lambda: self._run_above(start - 1, hidden, attention_mask, None, None), key_layers, out_layers
+        )
+
+    def _traced(
+        self, forward: Callable[[], object], key_layers: list[int], out_layers: list[int]
+    ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """Run `forward` with hooks that record W_out inputs at `key_layers` and block outputs at
+        `out_layers`, stopping after the highest of them."""
         keys: dict[int, Tensor] = {}
         outs: dict[int, Tensor] = {}
         last = max([*key_layers, *out_layers])
@@ -181,9 +207,7 @@ class ModelAdapter:
         for l in sorted({*out_layers, last}):
             handles.append(self.blocks[l].register_forward_hook(lambda m, i, o, l=l: on_block(m, i, o, l)))
         try:
-            self.model(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False
-            )
+            forward()
         except StopForward:
             pass
         finally:

@@ -7,10 +7,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ece.editing.keys import keys_and_hidden, templated
+from ece.editing.keys import LayerKeys, keys_and_hidden, templated
 from ece.errors import EceError
 from ece.model import prompts
 from ece.model.adapter import ModelAdapter
+from ece.model.loading import tiny_model
 from ece.model.prompts import context_templates, document_start, encode
 
 CASES = [  # (prompt, subject): subject at the start, in the middle, at the end
@@ -178,3 +179,45 @@ def test_keys_and_hidden_average_over_templates(request, kind_fixture, facts):
     no_hidden_keys, none = keys_and_hidden(adapter, tok, facts, templates, [1])
     assert none is None
     assert torch.allclose(no_hidden_keys[1], keys[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gemma3"])
+def test_layer_keys_equal_a_full_trace_while_the_layers_are_written(kind, facts):
+    """MEMIT's order: keys of layer l, write W_out of l, keys of l+1, …; LayerKeys (which reruns only the
+    blocks from the last written layer up) against `keys_and_hidden` (every block from the tokens) on the
+    same, progressively edited, model."""
+    model, tok = tiny_model(kind, seed=0, n_layers=6)
+    adapter = ModelAdapter(model)
+    templates = ["{}", "Once upon a time there was a story. {}", "Well. {}"]
+    layers, out_layer = [1, 2, 4], 4
+    walker = LayerKeys(adapter, tok, facts, templates, out_layer)
+    gen = torch.Generator().manual_seed(1)
+    for l in layers:
+        keys, hidden = walker(l)
+        full_keys, full_hidden = keys_and_hidden(adapter, tok, facts, templates, [l], out_layer)
+        assert torch.allclose(keys[l], full_keys[l], rtol=1e-5, atol=1e-5)
+        assert torch.allclose(hidden, full_hidden, rtol=1e-5, atol=1e-5)
+        weight = adapter.w_out_weight(l)
+        with torch.no_grad():  # an edit large enough that keys read on the unedited layer would differ
+            weight += 0.5 * torch.randn(weight.shape, generator=gen)
+
+
+def test_layer_keys_run_only_the_blocks_above_the_last_written_layer(facts):
+    """The saving is real: after the first layer, block 0 never runs again (so a change to it, which the
+    contract forbids, goes unseen), and each later call runs the blocks from the previous layer up."""
+    model, tok = tiny_model("tiny-llama", seed=0, n_layers=6)
+    adapter = ModelAdapter(model)
+    runs: list[int] = []
+    for b, block in enumerate(adapter.blocks):
+        block.register_forward_hook(lambda _m, _i, _o, b=b: runs.append(b))
+    walker = LayerKeys(adapter, tok, facts, ["{}", "Well. {}"], out_layer=4)
+    walker(2)
+    assert runs == [0, 1, 2] + [0, 1, 2, 3, 4]  # keys of every row to 2; z's layer on the bare rows
+    runs.clear()
+    walker(3)
+    assert runs == [2, 3] + [2, 3, 4]
+    runs.clear()
+    walker(4)
+    assert runs == [3, 4]  # z's layer is this one: one trace serves both
+    with pytest.raises(AssertionError, match="increasing"):
+        walker(4)
