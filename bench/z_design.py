@@ -11,6 +11,7 @@ of z, mean ‖δ‖/‖h‖, and efficacy / generalization / specificity / score
     python bench/z_design.py --grid design --only ece-object memit
     python bench/z_design.py --grid loop --batch-size 25 100   # ECE's z in one loop vs two phases (reports/z_loop.md)
     python bench/z_design.py --grid dtype --batch-size 100     # z's descent in float32 vs a bfloat16 copy (reports/z_dtype.md)
+    python bench/z_design.py --grid earlier --n-facts 400 --batch-size 100   # ECE anchors from earlier batches' δ (reports/z_earlier.md)
 
 Rows already in reports/z_<grid>.json are kept and skipped (rerun a row with --redo), so a killed run
 resumes; --tag T runs them again as new rows named "... (T)". Every row runs in a process of its own (the loop grid's two-phase rows run the zvec of
@@ -129,6 +130,17 @@ def _dtype_grid(batch_sizes: list[int]) -> dict[str, Config]:
         f"{name}, z {dtype}": Config([*overrides, f"z.dtype={dtype}"])
         for name, overrides in (("ece", ["method=ece"]), ("memit (same step rule)", MEMIT_Z))
         for dtype in ("float32", "bfloat16")
+    }
+    return _per_batch_size(rows, batch_sizes)
+
+
+def _earlier_grid(batch_sizes: list[int]) -> dict[str, Config]:
+    """ECE with and without z.warm_from_earlier (anchors start from the mean δ of earlier batches' facts
+    with the same new object), and MEMIT with the same step rule."""
+    rows = {
+        "memit (same step rule)": Config(MEMIT_Z),
+        "ece": Config(["method=ece", "z.warm_from_earlier=false"]),
+        "ece, warm from earlier batches": Config(["method=ece", "z.warm_from_earlier=true"]),
     }
     return _per_batch_size(rows, batch_sizes)
 
@@ -253,6 +265,13 @@ def render(grid: str, results: dict[str, Any]) -> str:
 
 
 NOTES = {
+    "earlier": [
+        "ECE's anchors from zero (within-batch warm starts only: members from their batch's anchor with the same "
+        "new object) and with z.warm_from_earlier (an anchor whose new object an earlier batch edited starts from "
+        "the mean final δ of those facts; every batch's z is computed on the original model, so they share one "
+        "space); MEMIT with the same step rule. Row-steps and metrics do not depend on the machine's load; "
+        "seconds do (the load average before each row is listed).",
+    ],
     "dtype": [
         "z's descent in the float32 model (z.dtype float32) and in a bfloat16 copy of it (z.dtype bfloat16: δ "
         "from the copy, h, keys, the update and the edited weights in float32; ece/editing/zvec.py z_adapter). "
@@ -289,7 +308,7 @@ def save(out: Path, grid: str, results: dict[str, Any]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", choices=["step", "design", "loop", "dtype"])
+    ap.add_argument("--grid", choices=["step", "design", "loop", "dtype", "earlier"])
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # one row, run by run_worker in its own process
     ap.add_argument("--only", nargs="*", default=None, help="run only configs whose name starts with one of these")
     ap.add_argument("--step", default="", help="design grid: space-separated step-rule overrides for every row")
@@ -305,9 +324,9 @@ def main() -> None:
         row["zvec_sha256"] = hashlib.sha256(zvec_source).hexdigest()[:12]
         Path(job["out"]).write_text(json.dumps(row))
         return
-    per_size = {"loop": _loop_grid, "dtype": _dtype_grid}
+    per_size = {"loop": _loop_grid, "dtype": _dtype_grid, "earlier": _earlier_grid}
     if args.grid is None or (args.grid not in per_size and len(args.batch_size) != 1):
-        ap.error("--grid is required; --batch-size takes several sizes only with --grid loop or dtype")
+        ap.error("--grid is required; --batch-size takes several sizes only with --grid loop, dtype or earlier")
     if args.grid in per_size:
         grid = per_size[args.grid](args.batch_size)
     else:

@@ -38,7 +38,7 @@ from ece.editing.editor import Editor, LayerChange
 from ece.editing.selection import attribute_batch, update_columns
 from ece.editing.serac import EditMemory, MemoryRouter, open_router
 from ece.editing.trained import edit_memory, load_trained
-from ece.editing.zvec import batch_z, z_groups, z_rows
+from ece.editing.zvec import EarlierObjects, batch_z, z_groups, z_rows
 from ece.errors import EceError
 from ece.eval.run import evaluate_model
 from ece.methods import Method, method_of
@@ -67,6 +67,7 @@ def plan(wb: Workbench, p: Params, facts: pl.DataFrame, log: Log = print) -> lis
     method = method_of(p)
     all_facts = [Fact.from_row(r) for r in facts.iter_rows(named=True)]
     hashes = facts["content_hash"].to_list()
+    history = EarlierObjects.of(p, method)
     plans = []
     for b, rng in enumerate(batch_ranges(len(all_facts), p.edit.batch_size)):
         batch, seconds = [all_facts[i] for i in rng], {}
@@ -81,9 +82,11 @@ def plan(wb: Workbench, p: Params, facts: pl.DataFrame, log: Log = print) -> lis
         if method.needs_z:
             start = time.perf_counter()
             labels, anchors = z_groups(p, method, clusters, batch)
-            res = batch_z(wb, p, method, batch, labels, anchors)
+            start_delta, earlier = history.starts(batch, labels, anchors, wb.adapter.hidden_size)
+            res = batch_z(wb, p, method, batch, labels, anchors, start_delta)
             seconds["z"] = time.perf_counter() - start
-            z, h, rows = res.z, res.h, z_rows(res, batch, anchors[labels])
+            z, h, rows = res.z, res.h, z_rows(res, batch, anchors[labels], earlier)
+            history.add(batch, res.delta)
         columns = update_columns(wb, p, method, batch, batch_rows, z, h)
         plans.append(BatchPlan(batch, hashes[rng.start : rng.stop], clusters, z, rows, columns, seconds))
         log(f"plan: batch {b}, {len(batch)} facts" + (f", {sum(r['steps'] for r in rows)} z row-steps" if rows else ""))

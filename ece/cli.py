@@ -38,6 +38,7 @@ from ece.artifacts import COVARIANCE
 from ece.audit.ledger import (
     read_provenance,
     write_provenance,
+    z_start,
 )
 from ece.audit.queries import EDITED_MODEL, audit_diff, audit_fact, audit_neuron, do_rollback
 from ece.config import Params, load_params
@@ -198,8 +199,7 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 def _z_steps(r: dict[str, Any]) -> str:
     if r["z_steps"] is None:
         return "–"
-    start = "zero" if r["z_start"] == r["fact"] else f"{r['z_start']}'s shared δ"
-    return f"{r['z_steps']} (started from {start})"
+    return f"{r['z_steps']} (started from {z_start(r['fact'], r['z_start'], r['z_earlier'])})"
 
 
 def render_fact(r: dict[str, Any], con: Console, top_texts: int = 10) -> None:

@@ -96,6 +96,8 @@ class ZCfg:
     carry_adam: bool = True  # members start from the anchor's Adam moments (False: fresh moments)
     warm_start: str = "cluster"  # what a member starts from: cluster (its neuron cluster's anchor),
     # object (the first fact of the batch with the same target_new), cluster_object (both), none
+    warm_from_earlier: bool = False  # a group's anchor whose target_new an earlier batch edited starts from
+    # the mean final δ of those earlier facts (ECE only; every batch's z is on the original model)
     facts_per_pass: int = 0  # 0: a batch's z in one batched descent; N: N facts at a time (reference: 1)
     dtype: str = "model"  # z's forward/backward passes: model (the model's dtype) | bfloat16 | float32
 

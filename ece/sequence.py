@@ -155,6 +155,7 @@ def _batch_rows(b: int, bp: BatchPlan, changes: dict[int, LayerChange], log: Log
         "z_nll": [r["nll"] for r in bp.z_rows],
         "z_steps": [r["steps"] for r in bp.z_rows],
         "z_start": [r["anchor"] for r in bp.z_rows],
+        "z_earlier": [r["earlier"] for r in bp.z_rows],
     }
     ledger_rows, layer_rows = [], []
     for l, c in changes.items():

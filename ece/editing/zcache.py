@@ -21,8 +21,8 @@ from torch import Tensor
 from ece.artifacts import CLUSTERS, SCRATCH, Z_DIR, Z_TIMINGS
 from ece.config import Params
 from ece.data.facts import Fact, batch_ranges, batch_rows
-from ece.data.io import atomic_path, link_or_copy, sha256_json, write_json
-from ece.editing.zvec import FactLosses, ZResult, batch_z, z_groups, z_rows
+from ece.data.io import atomic_path, link_or_copy, sha256_bytes, sha256_json, write_json
+from ece.editing.zvec import EarlierObjects, FactLosses, ZResult, batch_z, z_groups, z_rows
 from ece.errors import EceError
 from ece.methods import method_of
 from ece.model.workbench import Workbench
@@ -40,12 +40,15 @@ INDEX_SCHEMA = {
     "delta_norm": pl.Float64,
     "steps": pl.Int64,
     "anchor": pl.Utf8,
+    "earlier": pl.Int64,
 }
+TENSORS = ("z", "h", "delta", "loss", "nll", "kl", "steps", "anchor", "earlier")  # of one batch's z file
 
 
 def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], code: str) -> tuple[pl.DataFrame, int]:
     """z of every batch into artifacts/z/cache (one file per batch, named by a hash of the batch's content,
-    groups, z params, model and `code`; an existing file is reused) and the per-fact index; the index and
+    groups, z params, model, `code` and, with z.warm_from_earlier, the δ its anchors start from, which
+    earlier batches' files determine; an existing file is reused) and the per-fact index; the index and
     the number of batches computed (the others were reused)."""
     clusters = pl.read_parquet(CLUSTERS / "clusters.parquet")
     method = method_of(p)
@@ -54,9 +57,11 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
     # Seconds are a fact of one run, not of the result: kept outside the cached z files, so that an
     # identical recompute writes identical bytes (and DVC reruns nothing downstream).
     seconds_of = json.loads(Z_SECONDS.read_text()) if Z_SECONDS.exists() else {}
+    history = EarlierObjects.of(p, method)
     for b, rng in enumerate(batch_ranges(len(facts), p.edit.batch_size) if method.needs_z else []):
         batch = [facts[i] for i in rng]
         labels, anchors = z_groups(p, method, batch_rows(clusters, b), batch)
+        start_delta, earlier = history.starts(batch, labels, anchors, wb.adapter.hidden_size)
         key = sha256_json(
             {
                 "facts": df["content_hash"][rng.start : rng.stop].to_list(),
@@ -67,6 +72,7 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
                 "layer": method.layers[-1],
                 "templates": wb.templates,
                 "code": code,
+                "start": sha256_bytes(start_delta.numpy().tobytes()) if start_delta is not None else None,
             }
         )
         path = cache / f"{key[:32]}.safetensors"
@@ -75,7 +81,7 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
             link_or_copy(Z_STORE / path.name, path)  # computed by another workspace on this machine
         if not path.exists():
             start = time.perf_counter()
-            res = batch_z(wb, p, method, batch, labels, anchors)
+            res = batch_z(wb, p, method, batch, labels, anchors, start_delta)
             tensors = {
                 "z": res.z,
                 "h": res.h,
@@ -85,6 +91,7 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
                 "kl": res.losses.kl,
                 "steps": res.steps,
                 "anchor": anchors[labels],
+                "earlier": earlier,
             }
             with atomic_path(path) as tmp:
                 save_file(
@@ -97,10 +104,11 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
             Z_STORE.mkdir(parents=True, exist_ok=True)
             link_or_copy(path, Z_STORE / path.name)
         timings[b] = seconds_of.get(path.name, float("nan"))  # NaN: reused from a cache made elsewhere
+        stored, delta = _stored_z(path, batch)
         rows += [
-            {"id": f.id, "batch": b, "file": path.name, "row": j, **r}
-            for j, (f, r) in enumerate(zip(batch, _stored_z_rows(path, batch)))
+            {"id": f.id, "batch": b, "file": path.name, "row": j, **r} for j, (f, r) in enumerate(zip(batch, stored))
         ]
+        history.add(batch, delta)  # as stored, so a later batch's key follows this file's bytes
     for stale in cache.glob("*.safetensors"):
         if stale.name not in used:
             stale.unlink()
@@ -112,11 +120,12 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
     return table, computed
 
 
-def _stored_z_rows(path: Path, batch: list[Fact]) -> list[dict[str, Any]]:
+def _stored_z(path: Path, batch: list[Fact]) -> tuple[list[dict[str, Any]], Tensor]:
+    """The per-fact rows (`z_rows`) and δ (n, d) of one stored batch."""
     with safe_open(str(path), framework="pt") as f:
-        t = {k: f.get_tensor(k) for k in ("z", "h", "delta", "loss", "nll", "kl", "steps", "anchor")}
+        t = {k: f.get_tensor(k) for k in TENSORS}
     res = ZResult(t["z"], t["delta"], t["h"], FactLosses(t["loss"], t["nll"], t["kl"]), t["steps"])
-    return z_rows(res, batch, t["anchor"])
+    return z_rows(res, batch, t["anchor"], t["earlier"]), t["delta"]
 
 
 def read_z(index: pl.DataFrame, batch: int) -> tuple[Tensor, Tensor]:

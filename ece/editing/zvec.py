@@ -365,14 +365,24 @@ class ZResult:
 
 
 def two_step_z(
-    problem: ZProblem, adapter: ModelAdapter, layer: int, labels: Tensor, anchors: Tensor, cfg: ZCfg
+    problem: ZProblem,
+    adapter: ModelAdapter,
+    layer: int,
+    labels: Tensor,
+    anchors: Tensor,
+    cfg: ZCfg,
+    start: Tensor | None = None,
 ) -> ZResult:
-    """z of every fact, from δ = 0, in one loop (`optimise`).
+    """z of every fact in one loop (`optimise`), each anchor's descent from `start` (n, d) (δ = 0 without).
 
     `labels[i]` is fact i's group and `anchors[c]` the fact index of group c's anchor. MEMIT is the
-    case labels = anchors = arange(n): one uninterrupted descent per fact.
+    case labels = anchors = arange(n), start = None: one uninterrupted descent per fact from zero.
+    A member's row of `start` is not read: it starts from its anchor's δ.
     """
-    state = optimise(problem, adapter, layer, ZState.zeros(*problem.h.shape), anchors[labels], cfg)
+    state = ZState.zeros(*problem.h.shape)
+    if start is not None:
+        state.delta = start.to(state.delta).clone()
+    state = optimise(problem, adapter, layer, state, anchors[labels], cfg)
     with torch.no_grad():
         losses = fact_losses(problem, adapter, layer, state.delta, cfg)
     return ZResult(problem.h + state.delta, state.delta, problem.h, losses, state.steps)
@@ -387,20 +397,25 @@ def compute_z(
     labels: Tensor,
     anchors: Tensor,
     cfg: ZCfg,
+    start: Tensor | None = None,
 ) -> ZResult:
     """z of a batch of facts: the problem built once and both phases batched, or, with
     `cfg.facts_per_pass` > 0, that many facts at a time (the reference compute_z runs one fact at a
     time; it also bounds memory). Chunks need facts that start from nothing of another chunk, so they
-    are allowed only when every fact is its own anchor (config validation says so)."""
+    are allowed only when every fact is its own anchor (config validation says so). `start`: the
+    anchors' initial δ (`EarlierObjects.starts`)."""
     n = len(facts)
     if not cfg.facts_per_pass or cfg.facts_per_pass >= n:
-        return two_step_z(build_problem(adapter, tok, facts, layer, templates), adapter, layer, labels, anchors, cfg)
+        problem = build_problem(adapter, tok, facts, layer, templates)
+        return two_step_z(problem, adapter, layer, labels, anchors, cfg, start)
     assert torch.equal(anchors[labels], torch.arange(n)), "facts_per_pass needs every fact to be its own anchor"
     parts = []
     for s in range(0, n, cfg.facts_per_pass):
         chunk = torch.arange(s, min(s + cfg.facts_per_pass, n))
         problem = build_problem(adapter, tok, facts[s : s + len(chunk)], layer, templates)
-        parts.append(two_step_z(problem, adapter, layer, torch.arange(len(chunk)), torch.arange(len(chunk)), cfg))
+        own = torch.arange(len(chunk))
+        part_start = start[s : s + len(chunk)] if start is not None else None
+        parts.append(two_step_z(problem, adapter, layer, own, own, cfg, part_start))
     cat = lambda name: torch.cat([getattr(r, name) for r in parts])  # noqa: E731
     losses = FactLosses(*(torch.cat([getattr(r.losses, k) for r in parts]) for k in ("total", "nll", "kl")))
     return ZResult(cat("z"), cat("delta"), cat("h"), losses, cat("steps"))
@@ -446,15 +461,25 @@ def native_cpu_bfloat16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def batch_z(wb: Workbench, p: Params, method: Method, batch: list[Fact], labels: Tensor, anchors: Tensor) -> ZResult:
+def batch_z(
+    wb: Workbench,
+    p: Params,
+    method: Method,
+    batch: list[Fact],
+    labels: Tensor,
+    anchors: Tensor,
+    start: Tensor | None = None,
+) -> ZResult:
     """z of one batch at the method's last edited layer, computed on that layer's device and returned on the
     CPU. Every tensor z's code creates goes to that device through torch's default-device context, so
-    no function here names a device (on the CPU the context changes nothing)."""
+    no function here names a device (on the CPU the context changes nothing). `start`: the anchors'
+    initial δ (`EarlierObjects.starts`; None: zero)."""
     layer = method.layers[-1]
     device = wb.adapter.layer_device(layer)
     adapter = z_adapter(wb.adapter, p.z.dtype)
     with torch.device(device):
-        res = compute_z(adapter, wb.tok, batch, layer, wb.templates, labels.to(device), anchors.to(device), p.z)
+        start = start.to(device) if start is not None else None
+        res = compute_z(adapter, wb.tok, batch, layer, wb.templates, labels.to(device), anchors.to(device), p.z, start)
         if adapter is not wb.adapter:  # z = h + δ with the h that keys and the update see
             _, h = keys_and_hidden(wb.adapter, wb.tok, batch, wb.templates[:1], [], layer)
             res = replace(res, z=h + res.delta, h=h)
@@ -462,8 +487,9 @@ def batch_z(wb: Workbench, p: Params, method: Method, batch: list[Fact], labels:
     return ZResult(res.z.cpu(), res.delta.cpu(), res.h.cpu(), losses, res.steps.cpu())
 
 
-def z_rows(res: ZResult, batch: list[Fact], anchors_of: Tensor) -> list[dict[str, Any]]:
-    """Per fact of a batch: z's final losses, ‖δ‖, steps and the fact its descent started from."""
+def z_rows(res: ZResult, batch: list[Fact], anchors_of: Tensor, earlier: Tensor) -> list[dict[str, Any]]:
+    """Per fact of a batch: z's final losses, ‖δ‖, steps, the fact its descent started from and how many
+    earlier batches' facts that anchor started from (`earlier`, (n,); 0: from zero)."""
     return [
         {
             "loss": float(res.losses.total[j]),
@@ -472,6 +498,53 @@ def z_rows(res: ZResult, batch: list[Fact], anchors_of: Tensor) -> list[dict[str
             "delta_norm": float(res.delta[j].norm()),
             "steps": int(res.steps[j]),
             "anchor": batch[int(anchors_of[j])].id,
+            "earlier": int(earlier[j]),
         }
         for j in range(len(batch))
     ]
+
+
+class EarlierObjects:
+    """The final δ of every fact of the batches so far, summed by new object (`z.warm_from_earlier`).
+
+    δ encodes mostly the new object: started from the mean δ of other facts with the same target_new,
+    a fact needs a few steps instead of ~10 (reports/z_design.md). Within a batch, ECE's members get
+    that from their anchor; this carries it across batches, where most of a long run's facts find
+    their object (of the first 2000 CounterFact facts in batches of 100, 1124 have a target_new that
+    only an earlier batch edited). It is sound because every batch's z is computed on the original
+    model (precompute_z), so all δ live in the same space. Only anchors take it; members still start
+    from their anchor.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._sum: dict[str, Tensor] = {}
+        self._count: dict[str, int] = {}
+
+    @classmethod
+    def of(cls, p: Params, method: Method) -> EarlierObjects:
+        """An empty history, in use for ECE with z.warm_from_earlier (otherwise every start is zero)."""
+        return cls(p.z.warm_from_earlier and method.clusters)
+
+    def starts(self, batch: list[Fact], labels: Tensor, anchors: Tensor, d: int) -> tuple[Tensor | None, Tensor]:
+        """Each anchor's initial δ (n, d) — the mean δ of the earlier facts with its target_new, zero when
+        none — or None when no anchor has one; and per fact how many earlier facts it started from."""
+        if not self.enabled:
+            return None, torch.zeros(len(batch), dtype=torch.long)
+        own = anchors[labels] == torch.arange(len(batch))
+        counts = torch.tensor([self._count.get(f.target_new, 0) if own[i] else 0 for i, f in enumerate(batch)])
+        if not counts.any():
+            return None, counts
+        start = torch.zeros(len(batch), d)
+        for i in torch.nonzero(counts).squeeze(1).tolist():
+            target = batch[i].target_new
+            start[i] = (self._sum[target] / self._count[target]).float()
+        return start, counts
+
+    def add(self, batch: list[Fact], delta: Tensor) -> None:
+        """Record a finished batch's final δ (n, d)."""
+        if not self.enabled:
+            return
+        for f, row in zip(batch, delta.double()):
+            self._sum[f.target_new] = self._sum.get(f.target_new, torch.zeros_like(row)) + row
+            self._count[f.target_new] = self._count.get(f.target_new, 0) + 1

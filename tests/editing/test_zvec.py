@@ -14,6 +14,7 @@ from ece.data.facts import Fact
 from ece.editing import zvec
 from ece.editing.keys import keys_and_hidden
 from ece.editing.zvec import (
+    EarlierObjects,
     ZProblem,
     ZState,
     build_problem,
@@ -327,14 +328,15 @@ def _one_loop_reference(problem: ZProblem, adapter, starts_from: torch.Tensor, c
             runs[i].pass_(adapter, rule)
 
 
-def _two_phase_reference(problem: ZProblem, adapter, starts_from: torch.Tensor, c: ZCfg, rule):
+def _two_phase_reference(problem: ZProblem, adapter, starts_from: torch.Tensor, c: ZCfg, rule, start=None):
     """The schedule before the one loop, each fact alone with torch's Adam: shared_steps on every
-    anchor, then instance_steps on every fact, members from their anchor's δ at the end of the
-    shared phase."""
+    anchor (from its row of `start`, else zero), then instance_steps on every fact, members from their
+    anchor's δ at the end of the shared phase."""
     n = problem.n_facts
     d = problem.h.shape[1]
+    start = torch.zeros(n, d) if start is None else start
     anchors = {
-        i: _Descent(alone(problem, i), c, torch.zeros(d)).run(adapter, c.shared_steps, rule)
+        i: _Descent(alone(problem, i), c, start[i]).run(adapter, c.shared_steps, rule)
         for i in range(n)
         if int(starts_from[i]) == i
     }
@@ -687,3 +689,38 @@ def test_bfloat16_z_on_a_cpu_without_bfloat16_units_warns(monkeypatch, tiny_llam
     with pytest.warns(UserWarning, match="emulated and slower"):
         assert zvec.z_adapter(adapter, "bfloat16").dtype == torch.bfloat16
     assert zvec.z_adapter(adapter, "model") is adapter and zvec.z_adapter(adapter, "float32") is adapter
+
+
+def test_anchors_start_from_the_given_delta_members_from_their_anchor(four):
+    """`start` (z.warm_from_earlier): each anchor's descent starts from its row; a member's row is ignored
+    (it starts from its anchor's δ) — against each fact alone with torch's Adam."""
+    adapter, problem = four
+    labels, anchors = torch.tensor([0, 0, 1, 1]), torch.tensor([1, 3])
+    start = 0.3 * torch.randn(4, problem.h.shape[1], generator=torch.Generator().manual_seed(0))
+    c = cfg(3, 2)
+    res = two_step_z(problem, adapter, LAYER, labels, anchors, c, start)
+    runs = _two_phase_reference(problem, adapter, anchors[labels], c, lambda _: False, start)
+    for i in range(4):
+        assert torch.allclose(res.delta[i], runs[i].delta.detach()[0], atol=ATOL), i
+    from_zero = two_step_z(problem, adapter, LAYER, labels, anchors, c)
+    assert not torch.allclose(res.delta[1], from_zero.delta[1], atol=1e-3)  # the start mattered
+
+
+def test_earlier_objects_give_anchors_the_mean_delta_of_their_object():
+    """Hand-worked: batch 1 edits A, B, A; in batch 2 the anchor with A starts from the mean of the two
+    A deltas, its member and the anchor with a new object from zero; disabled, nothing starts warm."""
+    fact = lambda i, target: Fact(f"f{i}", "s", "{} is", target)  # noqa: E731
+    history = EarlierObjects(enabled=True)
+    d1, d2, d3 = torch.tensor([1.0, 2.0]), torch.tensor([5.0, 5.0]), torch.tensor([3.0, -4.0])
+    history.add([fact(0, "A"), fact(1, "B"), fact(2, "A")], torch.stack([d1, d2, d3]))
+    batch = [fact(3, "A"), fact(4, "A"), fact(5, "C")]
+    labels, anchors = torch.tensor([0, 0, 1]), torch.tensor([0, 2])  # f4 is f3's member
+    start, counts = history.starts(batch, labels, anchors, 2)
+    assert counts.tolist() == [2, 0, 0]
+    assert start is not None and start.tolist() == [[2.0, -1.0], [0.0, 0.0], [0.0, 0.0]]
+    _, member_counts = history.starts(batch, torch.tensor([0, 0, 1]), torch.tensor([1, 2]), 2)
+    assert member_counts.tolist() == [0, 2, 0]  # f4 is the anchor now
+    assert history.starts([fact(6, "C")], torch.tensor([0]), torch.tensor([0]), 2)[0] is None
+    off = EarlierObjects(enabled=False)
+    off.add([fact(0, "A")], d1[None])
+    assert off.starts(batch, labels, anchors, 2)[0] is None

@@ -266,6 +266,7 @@ def test_api_edit_equals_the_stages(edited: Callable[[str], Edited], method: str
         "z_nll",
         "z_steps",
         "z_start",
+        "z_earlier",
         "neurons",
         "delta_norm",
         "col_norms",

@@ -1,0 +1,101 @@
+"""`z.warm_from_earlier` through the real stages on tiny-llama: an anchor whose new object an earlier batch
+edited starts from those facts' mean δ, the z cache follows the earlier batches it depends on, and the
+Python API gives the stages' weights and ledger bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+from scratch_project import FACTS, base_project, inside, run_stage_inprocess, set_params
+
+from ece.data.facts import Fact
+from ece.editing.zvec import EarlierObjects
+from ece.model.loading import tiny_model
+
+# batches of 2: [f0 Italy, f1 English], [f2 piano, f3 English], [f4 English, f5 Italy]
+TARGETS = {"f3": "English", "f4": "English", "f5": "Italy"}
+RERUN = ["prepare", "attribute", "cluster", "precompute_z"]
+
+
+def write(work: Path, targets: dict[str, str]) -> None:
+    facts = [{**f, "target_new": targets.get(f["id"], f["target_new"])} for f in FACTS]
+    (work / "data/facts.jsonl").write_text("".join(json.dumps(f) + "\n" for f in facts))
+    for stage in RERUN:
+        run_stage_inprocess(work, stage)
+
+
+def index(work: Path) -> pl.DataFrame:
+    return pl.read_parquet(work / "artifacts/z/index.parquet")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = base_project(tmp_path_factory, "warm_from_earlier")
+    set_params(work, {"method": "ece", "z.warm_start": "object", "z.warm_from_earlier": True})
+    write(work, TARGETS)
+    return work
+
+
+def test_anchors_count_the_earlier_facts_of_their_object(work: Path) -> None:
+    """f3 starts from f1's δ, f4 from f1's and f3's, f5 from f0's; the first batch and f2 from zero."""
+    rows = index(work).sort("id")
+    assert dict(zip(rows["id"], rows["earlier"])) == {"f0": 0, "f1": 0, "f2": 0, "f3": 1, "f4": 2, "f5": 1}
+    assert (rows["anchor"] == rows["id"]).all()  # distinct objects within each batch: every fact anchors
+
+
+def test_the_start_is_the_mean_of_the_earlier_deltas(work: Path) -> None:
+    """The history rebuilt from the δ the stage stored gives f4 the hand mean (δ_f1 + δ_f3) / 2 and f5
+    δ_f0 (that a descent from a given start is exact is tests/editing/test_zvec.py's)."""
+    rows = index(work)
+    delta = {}
+    for name in rows["file"].unique():
+        stored = load_file(work / "artifacts/z/cache" / name)
+        ids = rows.filter(pl.col("file") == name).sort("row")["id"].to_list()
+        delta.update(dict(zip(ids, stored["delta"])))
+
+    history = EarlierObjects(enabled=True)
+    by_id = {f["id"]: Fact(f["id"], f["subject"], f["prompt"], TARGETS.get(f["id"], f["target_new"])) for f in FACTS}
+    for b in ("f0", "f1"), ("f2", "f3"):
+        history.add([by_id[i] for i in b], torch.stack([delta[i] for i in b]))
+    start, counts = history.starts([by_id["f4"], by_id["f5"]], torch.tensor([0, 1]), torch.tensor([0, 1]), 32)
+    assert counts.tolist() == [2, 1]
+    assert torch.allclose(start[0], (delta["f1"].double() + delta["f3"].double()).float() / 2)
+    assert torch.equal(start[1], delta["f0"])
+
+
+def test_a_changed_earlier_fact_recomputes_the_batches_that_started_from_it(work: Path, tmp_path: Path) -> None:
+    """f3 English → French: batch 1 (its own) and batch 2 (whose English anchor started from f3's δ) are
+    computed again, batch 0 is reused; then back to English reuses all three."""
+    before = dict(zip(index(work)["batch"], index(work)["file"]))
+    write(work, {**TARGETS, "f3": "French"})
+    changed = dict(zip(index(work)["batch"], index(work)["file"]))
+    assert changed[0] == before[0] and changed[1] != before[1] and changed[2] != before[2]
+    assert index(work).filter(pl.col("id") == "f4")["earlier"].item() == 1  # only f1 now
+    write(work, TARGETS)
+    assert dict(zip(index(work)["batch"], index(work)["file"])) == before
+
+
+def test_api_edit_equals_the_stages_with_earlier_starts(work: Path) -> None:
+    import ece
+    from ece.config import load_params
+
+    run_stage_inprocess(work, "apply_edits")
+    facts = [json.loads(line) for line in (work / "data/facts.jsonl").read_text().splitlines()]
+    with inside(work):
+        p = load_params("params.yaml")
+        model, tok = tiny_model(p.model.name, p.model.seed)
+        result = ece.edit(
+            model, tok, facts, params=p, covariance="artifacts/covariance/c0.safetensors", log=lambda _: None
+        )
+    edited = load_file(work / "artifacts/edited/model/model.safetensors")
+    weights = model.state_dict()
+    assert all(torch.equal(weights[name], edited[name]) for name in edited)
+    ledger = pl.read_parquet(work / "artifacts/edited/ledger.parquet")
+    same = ["batch", "layer", "fact_ids", "z_loss", "z_steps", "z_start", "z_earlier", "neurons", "delta_norm"]
+    assert result.ledger.select(same).equals(ledger.select(same))
+    assert ledger.filter(pl.col("batch") == 2)["z_earlier"][0].to_list() == [2, 1]
