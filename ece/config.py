@@ -98,7 +98,8 @@ class ZCfg:
     # object (the first fact of the batch with the same target_new), cluster_object (both), none
     warm_from_earlier: bool = False  # a group's anchor whose target_new an earlier batch edited starts from
     # the mean final δ of those earlier facts (ECE only; every batch's z is on the original model)
-    facts_per_pass: int = 0  # 0: a batch's z in one batched descent; N: N facts at a time (reference: 1)
+    facts_per_pass: int = 0  # 0: a pass runs all its facts in one forward/backward; N: N at a time (same
+    # descent, less memory; the references run 1)
     dtype: str = "model"  # z's forward/backward passes: model (the model's dtype) | bfloat16 | float32
 
 
@@ -352,11 +353,6 @@ def validate(p: Params) -> None:
         0.0 < p.ece.neuron_threshold <= 1.0,
         f"ece.neuron_threshold must be in (0, 1], got {p.ece.neuron_threshold}",
         "0.8 is the paper's value",
-    )
-    _check(
-        p.z.facts_per_pass == 0 or p.z.warm_start == "none" or not REGISTRY[p.method].clusters,
-        f"z.facts_per_pass = {p.z.facts_per_pass} needs z.warm_start: none (with method ece)",
-        "a member starts from its anchor's δ, so its group must be optimised in one pass; set z.facts_per_pass: 0",
     )
     _check(p.z.n_context <= MAX_CONTEXT, f"z.n_context must be <= {MAX_CONTEXT}, got {p.z.n_context}", "MEMIT: 5")
     _check_layers("edit.layers", list(p.edit.layers), 0)

@@ -166,13 +166,6 @@ def test_max_context_is_the_number_of_starter_words() -> None:
     assert len(STARTERS) == MAX_CONTEXT
 
 
-def test_facts_per_pass_needs_facts_that_are_their_own_anchor() -> None:
-    with pytest.raises(EceError, match="z.facts_per_pass"):
-        load_params(ROOT / "params.yaml", ["method=ece", "z.facts_per_pass=1", "z.warm_start=cluster"])
-    load_params(ROOT / "params.yaml", ["method=ece", "z.facts_per_pass=1", "z.warm_start=none"])
-    load_params(ROOT / "params.yaml", ["method=memit", "z.facts_per_pass=1"])
-
-
 def test_mend_checkpoints_only_after_an_optimiser_step() -> None:
     """A checkpoint in the middle of an accumulation would lose the accumulated gradients on resume."""
     expect_error(["method=mend", "train_editor.eval_every=15"], "must be a multiple of mend.accumulate (10)")

@@ -301,32 +301,54 @@ def optimise(
     a pass runs only the rows of the facts still optimising, so a batch costs the sum of its facts'
     steps (plus the pass in which a stopped fact met the rule), not its slowest fact's steps times
     its size.
+
+    With `cfg.facts_per_pass` = N > 0 a pass runs its facts N at a time (one forward/backward each):
+    the facts' losses are independent, so every fact's descent is the same, and the activations kept
+    for the backward are those of N facts, not the batch's (the references run one fact at a time;
+    on a 7B model a batch of 100 at once would not fit).
     """
     rule, lr = StopRule.of(cfg), row_lr(problem.h, cfg)
     n = problem.n_facts
     own = starts_from == torch.arange(n)
     limit = torch.where(own, cfg.shared_steps + cfg.instance_steps, cfg.instance_steps)
     waiting = ~own
-    sub, sub_of = problem, torch.arange(n)  # re-subset only when the active set changes
+    subsets: dict[tuple[int, ...], ZProblem] = {}  # re-subset only when a chunk's facts change
     with tqdm(desc="z", unit="pass", leave=False) as bar:
         while True:
             waiting = release(state, waiting, starts_from, cfg)
             active = torch.nonzero(~waiting & ~state.done & (state.steps < limit)).squeeze(1)
             if len(active) == 0:  # every anchor is through, so nobody waits either
                 return state
-            if not torch.equal(sub_of, active):
-                sub, sub_of = problem.subset(active), active
-            delta = state.delta[active].requires_grad_(True)
-            losses = fact_losses(sub, adapter, layer, delta, cfg)
-            met = rule.met(losses)
-            state.done[active[met]] = True
-            go = torch.nonzero(~met).squeeze(1)
-            state.steps[active[go]] += 1
-            (grad,) = torch.autograd.grad(losses.total[go].sum(), delta)
-            active = active[go]
-            state.adam(active, grad[go], lr[active])
-            state.delta[active] = clamp_rows(state.delta[active], problem.h[active], cfg.clamp_norm_factor)
+            chunks = active.split(cfg.facts_per_pass) if cfg.facts_per_pass else (active,)
+            subsets = {key: subsets.get(key) or problem.subset(c) for c in chunks for key in [tuple(c.tolist())]}
+            for chunk in chunks:
+                _step(subsets[tuple(chunk.tolist())], adapter, layer, state, chunk, lr, rule, cfg, problem.h)
             bar.update()
+
+
+def _step(
+    sub: ZProblem,
+    adapter: ModelAdapter,
+    layer: int,
+    state: ZState,
+    rows: Tensor,
+    lr: Tensor,
+    rule: StopRule,
+    cfg: ZCfg,
+    h: Tensor,
+) -> None:
+    """One forward/backward of the facts `rows` (`sub` = the problem restricted to them): freeze those
+    that meet the stop rule, one Adam step and the clamp for the others."""
+    delta = state.delta[rows].requires_grad_(True)
+    losses = fact_losses(sub, adapter, layer, delta, cfg)
+    met = rule.met(losses)
+    state.done[rows[met]] = True
+    go = torch.nonzero(~met).squeeze(1)
+    state.steps[rows[go]] += 1
+    (grad,) = torch.autograd.grad(losses.total[go].sum(), delta)
+    rows = rows[go]
+    state.adam(rows, grad[go], lr[rows])
+    state.delta[rows] = clamp_rows(state.delta[rows], h[rows], cfg.clamp_norm_factor)
 
 
 def warm_start_groups(
@@ -399,26 +421,11 @@ def compute_z(
     cfg: ZCfg,
     start: Tensor | None = None,
 ) -> ZResult:
-    """z of a batch of facts: the problem built once and both phases batched, or, with
-    `cfg.facts_per_pass` > 0, that many facts at a time (the reference compute_z runs one fact at a
-    time; it also bounds memory). Chunks need facts that start from nothing of another chunk, so they
-    are allowed only when every fact is its own anchor (config validation says so). `start`: the
-    anchors' initial δ (`EarlierObjects.starts`)."""
-    n = len(facts)
-    if not cfg.facts_per_pass or cfg.facts_per_pass >= n:
-        problem = build_problem(adapter, tok, facts, layer, templates)
-        return two_step_z(problem, adapter, layer, labels, anchors, cfg, start)
-    assert torch.equal(anchors[labels], torch.arange(n)), "facts_per_pass needs every fact to be its own anchor"
-    parts = []
-    for s in range(0, n, cfg.facts_per_pass):
-        chunk = torch.arange(s, min(s + cfg.facts_per_pass, n))
-        problem = build_problem(adapter, tok, facts[s : s + len(chunk)], layer, templates)
-        own = torch.arange(len(chunk))
-        part_start = start[s : s + len(chunk)] if start is not None else None
-        parts.append(two_step_z(problem, adapter, layer, own, own, cfg, part_start))
-    cat = lambda name: torch.cat([getattr(r, name) for r in parts])  # noqa: E731
-    losses = FactLosses(*(torch.cat([getattr(r.losses, k) for r in parts]) for k in ("total", "nll", "kl")))
-    return ZResult(cat("z"), cat("delta"), cat("h"), losses, cat("steps"))
+    """z of a batch of facts: the problem built once and both phases batched (with `cfg.facts_per_pass`
+    > 0, each pass runs that many facts per forward/backward, which bounds memory and gives the same
+    descent). `start`: the anchors' initial δ (`EarlierObjects.starts`)."""
+    problem = build_problem(adapter, tok, facts, layer, templates)
+    return two_step_z(problem, adapter, layer, labels, anchors, cfg, start)
 
 
 def z_groups(p: Params, method: Method, cluster_rows: list[dict[str, Any]], batch: list[Fact]) -> tuple[Tensor, Tensor]:

@@ -660,6 +660,22 @@ def test_facts_per_pass_equals_the_batched_descent(setup):
     assert batched.steps.tolist() == one_by_one.steps.tolist() == [4] * n
 
 
+@pytest.mark.parametrize("per_pass", [1, 3])
+def test_facts_per_pass_keeps_ece_groups_and_bounds_each_forward(four, monkeypatch, per_pass):
+    """ECE's anchors and members with a stop rule, N facts per forward/backward: the same δ, steps and
+    members' starts as all facts in one forward, and no forward holds more than N facts."""
+    adapter, problem = four
+    labels, anchors = torch.tensor([0, 0, 1, 1]), torch.tensor([1, 3])
+    threshold = float(_plain_losses(problem, adapter, cfg(), "nll", 3).median())
+    together = two_step_z(problem, adapter, LAYER, labels, anchors, cfg(3, 2, stop_loss=0.0, stop_nll=threshold))
+    passes = _record_passes(monkeypatch, problem)
+    c = cfg(3, 2, stop_loss=0.0, stop_nll=threshold, facts_per_pass=per_pass)
+    chunked = optimise(problem, adapter, LAYER, fresh(problem), anchors[labels], c)
+    assert torch.allclose(chunked.delta, together.delta, atol=ATOL)
+    assert chunked.steps.tolist() == together.steps.tolist()
+    assert max(map(len, passes)) <= per_pass and sum(map(len, passes)) >= int(chunked.steps.sum())
+
+
 @pytest.mark.parametrize("kind_fixture", ["tiny_llama", "tiny_gpt2"])
 def test_z_descent_in_a_bfloat16_copy(request, kind_fixture, facts):
     """z.dtype bfloat16: δ from a bfloat16 copy, h (hence z = h + δ) from the float32 model, the model untouched."""
