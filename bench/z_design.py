@@ -314,6 +314,7 @@ def main() -> None:
     ap.add_argument("--step", default="", help="design grid: space-separated step-rule overrides for every row")
     ap.add_argument("--redo", action="store_true", help="recompute rows already in the report")
     ap.add_argument("--tag", default="", help="run the rows again as new rows, their names followed by (TAG)")
+    ap.add_argument("--set", action="append", default=[], help="extra a.b=value override for every row")
     ap.add_argument("--n-facts", type=int, default=100)
     ap.add_argument("--batch-size", type=int, nargs="+", default=[25], help="loop grid: one set of rows per size")
     args = ap.parse_args()
@@ -332,7 +333,7 @@ def main() -> None:
     else:
         rows = _step_grid() if args.grid == "step" else {k: [*v, *args.step.split()] for k, v in DESIGNS.items()}
         grid = {k: Config(v) for k, v in rows.items()}
-    common = [f"data.n_facts={args.n_facts}"] + (
+    common = [f"data.n_facts={args.n_facts}", *args.set] + (
         [] if args.grid in per_size else [f"edit.batch_size={args.batch_size[0]}"]
     )
     out = ROOT / "reports" / f"z_{args.grid}"
