@@ -125,15 +125,20 @@ def wait(poll_s: float = 10.0) -> dict[str, list[str]]:
 
 
 def experiments() -> dict[str, str]:
-    """name → git revision of every finished experiment of the current baseline commit."""
-    shown = json.loads(dvc("exp", "show", "--json").stdout or "[]")
-    found = {}
+    """name → git revision of every finished experiment, whatever commit it was queued from (the latest
+    one of a name). A queued or running experiment is left out: until it finishes, its revision holds
+    the workspace it was queued with, not its results."""
+    shown = json.loads(dvc("exp", "show", "--json", "--all-commits").stdout or "[]")
+    found: dict[str, tuple[str, str]] = {}
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state") not in (None, "success"):
+                continue
             for rev in exp.get("revs") or []:
-                if rev.get("name"):
-                    found[rev["name"]] = rev["rev"]
-    return found
+                stamp = (rev.get("data") or {}).get("timestamp") or ""
+                if rev.get("name") and stamp >= found.get(rev["name"], ("", ""))[1]:
+                    found[rev["name"]] = (rev["rev"], stamp)
+    return {name: rev for name, (rev, _) in found.items()}
 
 
 def read_at(rev: str, path: str) -> Any:
