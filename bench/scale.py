@@ -134,7 +134,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "(`dvc exp show`). SmolLM2-135M, batches of 100 applied in sequence, every fact scored after the last "
         "batch. CounterFact: probability comparisons (MEMIT/ECE); zsRE: teacher-forced token accuracy. The "
         "unedited model is each dataset's `pre` column. Rows not listed have not been run yet. Seconds are "
-        "CPU wall-clock on the 2-core machine with two experiments side by side (one thread each): edit = "
+        "wall-clock on the 2-core machine, one thread per experiment, with other experiments or benchmarks "
+        "sharing the cores (the README says what ran alongside): edit = "
         "attribution + clustering + z + update over all batches; eval = the edited model's evaluation "
         "(rewrite metrics, fluency, general ability, perplexity).",
         "",
