@@ -319,10 +319,12 @@ def optimise(
             active = torch.nonzero(~waiting & ~state.done & (state.steps < limit)).squeeze(1)
             if len(active) == 0:  # every anchor is through, so nobody waits either
                 return state
-            chunks = active.split(cfg.facts_per_pass) if cfg.facts_per_pass else (active,)
-            subsets = {key: subsets.get(key) or problem.subset(c) for c in chunks for key in [tuple(c.tolist())]}
-            for chunk in chunks:
-                _step(subsets[tuple(chunk.tolist())], adapter, layer, state, chunk, lr, rule, cfg, problem.h)
+            chunks = {
+                tuple(c.tolist()): c for c in (active.split(cfg.facts_per_pass) if cfg.facts_per_pass else [active])
+            }
+            subsets = {key: subsets[key] if key in subsets else problem.subset(c) for key, c in chunks.items()}
+            for key, chunk in chunks.items():
+                _step(subsets[key], adapter, layer, state, chunk, lr, rule, cfg)
             bar.update()
 
 
@@ -335,10 +337,9 @@ def _step(
     lr: Tensor,
     rule: StopRule,
     cfg: ZCfg,
-    h: Tensor,
 ) -> None:
-    """One forward/backward of the facts `rows` (`sub` = the problem restricted to them): freeze those
-    that meet the stop rule, one Adam step and the clamp for the others."""
+    """One forward/backward of the facts `rows` (`sub` = the problem restricted to them, in that order):
+    freeze those that meet the stop rule, one Adam step and the clamp for the others."""
     delta = state.delta[rows].requires_grad_(True)
     losses = fact_losses(sub, adapter, layer, delta, cfg)
     met = rule.met(losses)
@@ -348,7 +349,7 @@ def _step(
     (grad,) = torch.autograd.grad(losses.total[go].sum(), delta)
     rows = rows[go]
     state.adam(rows, grad[go], lr[rows])
-    state.delta[rows] = clamp_rows(state.delta[rows], h[rows], cfg.clamp_norm_factor)
+    state.delta[rows] = clamp_rows(state.delta[rows], sub.h[go], cfg.clamp_norm_factor)
 
 
 def warm_start_groups(
