@@ -148,13 +148,15 @@ def read_at(rev: str, path: str) -> Any:
 
 
 def results(prefix: str = "") -> dict[str, dict[str, Any]]:
-    """metrics.json, curve.json and timings.json of every finished experiment whose name starts with `prefix`."""
+    """metrics.json, curve.json, timings.json, ledger_runs.json (per-batch run facts) and params.yaml of every
+    finished experiment whose name starts with `prefix`."""
     return {
         name: {
             "rev": rev,
             "metrics": read_at(rev, "reports/metrics.json"),
             "curve": read_at(rev, "reports/curve.json"),
             "timings": read_at(rev, "reports/timings.json"),
+            "runs": read_at(rev, "reports/ledger_runs.json"),
             "params": read_at(rev, "params.yaml"),
         }
         for name, rev in sorted(experiments().items())

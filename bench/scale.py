@@ -76,9 +76,17 @@ def collect() -> list[dict[str, Any]]:
                 "seconds_total": (r["timings"] or {}).get("seconds_total", {}),
                 "eval_seconds": m.get("seconds", {}).get("post", {}),
                 "batch_size": (r["params"] or {}).get("edit", {}).get("batch_size"),
+                "z_row_steps": z_row_steps(r["runs"]),
             }
         )
     return rows
+
+
+def z_row_steps(runs: list[dict[str, Any]] | None) -> int | None:
+    """z row-steps over all batches (one row = one fact in one forward/backward of the z descent): the
+    cost of z that does not depend on what else ran on the machine. None when z was not solved."""
+    steps = [b["z_row_steps"] for b in runs or [] if "z_row_steps" in b]
+    return sum(steps) if steps else None
 
 
 def edit_seconds(seconds: dict[str, float]) -> float:
@@ -137,7 +145,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "wall-clock on the 2-core machine, one thread per experiment, with other experiments or benchmarks "
         "sharing the cores (the README says what ran alongside): edit = "
         "attribution + clustering + z + update over all batches; eval = the edited model's evaluation "
-        "(rewrite metrics, fluency, general ability, perplexity).",
+        "(rewrite metrics, fluency, general ability, perplexity). z row-steps (facts × forward/backward passes of "
+        "z's descent, summed over batches) measure z's cost independently of the load.",
         "",
     ]
     for d in DATASETS:
@@ -146,12 +155,21 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             continue
         pre = subset[0]["pre"]
         lines += [f"## {d} ({subset[0]['n_facts']} facts, {subset[0]['family']})", ""]
-        head = ["model", *REWRITE, "perplexity", "general ability", "s/batch (z + update)", "edit s", "eval s"]
+        head = [
+            "model",
+            *REWRITE,
+            "perplexity",
+            "general ability",
+            "z row-steps",
+            "s/batch (z + update)",
+            "edit s",
+            "eval s",
+        ]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines.append(
             "| unedited | "
             + " | ".join(_f(pre.get(m)) for m in REWRITE)
-            + f" | {_f(pre.get('perplexity'), 2)} | {_f(mean_general(pre))} | – | – | – |"
+            + f" | {_f(pre.get('perplexity'), 2)} | {_f(mean_general(pre))} | – | – | – | – |"
         )
         for r in subset:
             post, sec = r["post"], r["seconds_per_batch"]
@@ -159,6 +177,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 f"| {r['method']} | "
                 + " | ".join(_f(post.get(m)) for m in REWRITE)
                 + f" | {_f(post.get('perplexity'), 2)} | {_f(mean_general(post))}"
+                + f" | {'–' if r['z_row_steps'] is None else r['z_row_steps']}"
                 + f" | {_f(sec.get('z', 0.0) + sec.get('update', 0.0), 1)}"
                 + f" | {_f(edit_seconds(r['seconds_total']), 0)} | {_f(edit_seconds(r['eval_seconds']), 0)} |"
             )

@@ -58,3 +58,29 @@ def test_score_target_waits_for_both_baselines_and_zsre_has_its_own() -> None:
     zsre = _verdicts("zsre", [_row("ece", {**GOOD, "efficacy": 0.96, "specificity": 0.735})])
     assert zsre == {"efficacy >= 0.95": "met", "generalization >= 0.90": "met", "specificity >= unedited - 0.01": "met"}
     assert scale.targets("cf", [_row("memit", GOOD)]) == []  # no ECE row, nothing to judge
+
+
+def test_z_row_steps_summed_over_batches_and_shown_per_row() -> None:
+    runs = [{"batch": 0, "z_row_steps": 650}, {"batch": 1, "z_row_steps": 590}]
+    assert scale.z_row_steps(runs) == 1240
+    assert scale.z_row_steps([{"batch": 0, "update": 1.0}]) is None  # UltraEdit: no z
+    assert scale.z_row_steps(None) is None  # an experiment without the file
+    base = {
+        "n_facts": 200,
+        "family": "comparison",
+        "pre": PRE,
+        "post": GOOD,
+        "seconds_per_batch": {},
+        "seconds_total": {},
+        "eval_seconds": {},
+    }
+    rows = [
+        {**base, "row": "cf-ece", "method": "ece", "z_row_steps": 1240},
+        {**base, "row": "cf-ultraedit", "method": "ultraedit", "z_row_steps": None},
+    ]
+    table = {
+        line.split(" | ")[0]: line.split(" | ") for line in scale.markdown(rows).splitlines() if line.startswith("| ")
+    }
+    column = table["| model"].index("z row-steps")
+    assert table["| ece"][column] == "1240"
+    assert table["| ultraedit"][column] == "–"
