@@ -88,21 +88,24 @@ class LayerKeys:
         self.last = -1
 
     def _trace(
-        self, rows: Tensor, key_layers: list[int], out_layers: list[int]
+        self, rows: Tensor | None, key_layers: list[int], out_layers: list[int]
     ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
-        mask = self.enc.attention_mask[rows]
+        """Trace the prompts `rows` (None: all of them, without copying the kept stream)."""
+        ids, mask = self.enc.input_ids, self.enc.attention_mask
+        if rows is not None:
+            ids, mask = ids[rows], mask[rows]
         if self.resume is None:
-            return self.adapter.trace(self.enc.input_ids[rows], mask, key_layers, out_layers)
+            return self.adapter.trace(ids, mask, key_layers, out_layers)
         block, stream = self.resume
-        return self.adapter.trace_from(block, stream[rows.to(stream.device)], mask, key_layers, out_layers)
+        stream = stream if rows is None else stream[rows.to(stream.device)]
+        return self.adapter.trace_from(block, stream, mask, key_layers, out_layers)
 
     @torch.no_grad()
     def __call__(self, layer: int) -> tuple[dict[int, Tensor], Tensor]:
         assert self.last < layer <= self.out_layer, "layers must come in increasing order, up to out_layer"
-        every = torch.arange(self.n * self.t)
         entering = [layer - 1] if layer >= 1 else []  # the stream entering `layer`, for the next call
         outs_wanted = [*entering, *([self.out_layer] if layer == self.out_layer else [])]
-        keys, outs = self._trace(every, [layer], outs_wanted)
+        keys, outs = self._trace(None, [layer], outs_wanted)
         if layer == self.out_layer:
             hidden = at_positions(outs[layer], self.enc.subject_pos)[self.bare.to(outs[layer].device)]
         else:  # from the same starting point, before `resume` moves up
