@@ -89,9 +89,17 @@ def z_row_steps(runs: list[dict[str, Any]] | None) -> int | None:
     return sum(steps) if steps else None
 
 
-def edit_seconds(seconds: dict[str, float]) -> float:
-    """Seconds of editing proper (every phase apply_edits times: attribution, clustering, z, update)."""
-    return sum(seconds.values())
+def seconds_of(x: Any) -> float | None:
+    """A phase's seconds as the timings file holds them; None for the NaN of a phase this run did not
+    compute (z reused from the scratch cache: DVC writes NaN, read back from YAML as a string)."""
+    return float(x) if isinstance(x, (int, float)) and x == x else None
+
+
+def edit_seconds(seconds: dict[str, Any]) -> float | None:
+    """Seconds of editing proper (every phase apply_edits times: attribution, clustering, z, update);
+    None when a phase was not computed in this run."""
+    parts = [seconds_of(v) for v in seconds.values()]
+    return None if None in parts else sum(parts)  # type: ignore[arg-type]
 
 
 # The benchmark issue's targets, per dataset: (what, test on (pre, post, the other methods' post)).
@@ -134,6 +142,13 @@ def targets(dataset: str, subset: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def _z_seconds(sec: dict[str, Any], row_steps: int | None) -> str:
+    z = seconds_of(sec.get("z"))
+    if z is not None:
+        return _f(z + (seconds_of(sec.get("attribution")) or 0.0) + (seconds_of(sec.get("clustering")) or 0.0), 1)
+    return "reused" if row_steps else "–"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "# Scale: thousands of sequential edits",
@@ -143,7 +158,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "batch. CounterFact: probability comparisons (MEMIT/ECE); zsRE: teacher-forced token accuracy. The "
         "unedited model is each dataset's `pre` column. Rows not listed have not been run yet. Seconds are "
         "wall-clock on the 2-core machine, one thread per experiment, with other experiments or benchmarks "
-        "sharing the cores (the README says what ran alongside): edit = "
+        "sharing the cores (the README says what ran alongside): z s/batch includes attribution and "
+        "clustering; `reused` = this row's z batches were computed by another row's run with the same z "
+        "(content-keyed scratch cache: MEMIT and AlphaEdit share z), so only its update ran here; edit = "
         "attribution + clustering + z + update over all batches; eval = the edited model's evaluation "
         "(rewrite metrics, fluency, general ability, perplexity). z row-steps (facts × forward/backward passes of "
         "z's descent, summed over batches) measure z's cost independently of the load.",
@@ -161,7 +178,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             "perplexity",
             "general ability",
             "z row-steps",
-            "s/batch (z + update)",
+            "z s/batch",
+            "update s/batch",
             "edit s",
             "eval s",
         ]
@@ -169,7 +187,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             "| unedited | "
             + " | ".join(_f(pre.get(m)) for m in REWRITE)
-            + f" | {_f(pre.get('perplexity'), 2)} | {_f(mean_general(pre))} | – | – | – | – |"
+            + f" | {_f(pre.get('perplexity'), 2)} | {_f(mean_general(pre))} | – | – | – | – | – |"
         )
         for r in subset:
             post, sec = r["post"], r["seconds_per_batch"]
@@ -178,7 +196,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 + " | ".join(_f(post.get(m)) for m in REWRITE)
                 + f" | {_f(post.get('perplexity'), 2)} | {_f(mean_general(post))}"
                 + f" | {'–' if r['z_row_steps'] is None else r['z_row_steps']}"
-                + f" | {_f(sec.get('z', 0.0) + sec.get('update', 0.0), 1)}"
+                + f" | {_z_seconds(sec, r['z_row_steps'])} | {_f(seconds_of(sec.get('update')), 1)}"
                 + f" | {_f(edit_seconds(r['seconds_total']), 0)} | {_f(edit_seconds(r['eval_seconds']), 0)} |"
             )
         lines += ["", *targets(d, subset)]

@@ -84,3 +84,38 @@ def test_z_row_steps_summed_over_batches_and_shown_per_row() -> None:
     column = table["| model"].index("z row-steps")
     assert table["| ece"][column] == "1240"
     assert table["| ultraedit"][column] == "–"
+
+
+def test_z_seconds_of_a_row_that_reused_another_rows_z() -> None:
+    """DVC's timings hold NaN for a phase the run did not compute; read back from YAML it is the string
+    'NaN'. Such a row shows `reused` for z and no edit total, not a sum that leaves z out."""
+    assert scale.seconds_of("NaN") is None and scale.seconds_of(float("nan")) is None
+    assert scale.seconds_of(12) == 12.0
+    assert scale.edit_seconds({"z": "NaN", "update": 2768.0}) is None
+    assert scale.edit_seconds({"attribution": 10.0, "z": 3000.0, "update": 2000.0}) == 5010.0
+    base = {"n_facts": 2000, "family": "comparison", "pre": PRE, "post": GOOD, "eval_seconds": {}}
+    rows = [
+        {
+            **base,
+            "row": "cf-memit",
+            "method": "memit",
+            "z_row_steps": 14777,
+            "seconds_per_batch": {"z": "NaN", "update": 190.37},
+            "seconds_total": {"z": "NaN", "update": 3807.4},
+        },
+        {
+            **base,
+            "row": "cf-ece",
+            "method": "ece",
+            "z_row_steps": 12723,
+            "seconds_per_batch": {"attribution": 16.6, "clustering": 0.1, "z": 162.3, "update": 107.3},
+            "seconds_total": {"attribution": 333.0, "clustering": 2.0, "z": 3247.0, "update": 2147.0},
+        },
+    ]
+    lines = scale.markdown(rows).splitlines()
+    head = next(line for line in lines if line.startswith("| model")).split(" | ")
+    memit = next(line for line in lines if line.startswith("| memit")).split(" | ")
+    ece = next(line for line in lines if line.startswith("| ece")).split(" | ")
+    at = {name: head.index(name) for name in ("z s/batch", "update s/batch", "edit s")}
+    assert (memit[at["z s/batch"]], memit[at["update s/batch"]], memit[at["edit s"]]) == ("reused", "190.4", "–")
+    assert (ece[at["z s/batch"]], ece[at["update s/batch"]], ece[at["edit s"]]) == ("179.0", "107.3", "5729")
