@@ -1,0 +1,151 @@
+"""How much each method's accumulated update disturbs the text it was not meant to change, read from the
+update and the covariance alone (no model run): a diagnostic for the scale benchmark's perplexity.
+
+For every edited layer l, with ΔW the sum of all batches' changes to W_out (out × f) and C0 = E[k kᵀ]
+over the corpus keys (the covariance stage's uncentred second moment):
+
+- energy = E‖ΔW k‖² = tr(ΔW C0 ΔWᵀ): the mean squared change of the layer's output on corpus text,
+  reported relative to E‖W k‖² of the unedited weight (√ of the ratio: the typical relative change);
+- ‖ΔW‖_F, and the energy per unit of update, tr(ΔW C0 ΔWᵀ) / ‖ΔW‖²_F: the mean C0-weight of the
+  directions the update lies in (MEMIT's λ·C0 term pushes it down; AlphaEdit's null-space projection
+  keeps it small by construction; a large ‖ΔW‖_F can still make the energy large).
+
+    python bench/update_energy.py HEAD scale-cf-ece scale-cf-memit scale-cf-alphaedit
+
+Each name is a DVC experiment or a git revision (HEAD: the committed default run) whose artifacts/edited and artifacts/covariance
+are in the local DVC cache; writes reports/update_energy.md/.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from dvc.api import DVCFileSystem
+from experiments import experiments
+from safetensors.torch import load as load_safetensors
+from torch import Tensor
+
+from ece.artifacts import COVARIANCE, EDITED
+from ece.audit.ledger import delta_name
+from ece.model.adapter import ModelAdapter
+from ece.model.loading import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "reports" / "update_energy"
+
+
+def output_energy(delta: Tensor, c0: Tensor) -> float:
+    """E‖ΔW k‖² over keys with second moment C0 = E[k kᵀ]: tr(ΔW C0 ΔWᵀ) (float64)."""
+    d = delta.to(torch.float64)
+    return float(torch.einsum("of,fg,og->", d, c0.to(torch.float64), d))
+
+
+def null_energy_share(c0: Tensor, threshold: float) -> tuple[int, float]:
+    """AlphaEdit's null space of C0 (eigenvectors with eigenvalue < threshold): its dimension and the
+    share of the keys' energy tr(C0) it holds (0 for a truly null space)."""
+    eig = torch.linalg.eigvalsh(c0.to(torch.float64))
+    below = eig < threshold
+    return int(below.sum()), float(eig[below].sum() / eig.sum())
+
+
+def _read(path: Path, rev: str) -> dict[str, Tensor] | None:
+    """A safetensors output of the experiment `rev`, from the local DVC cache (None if it has none)."""
+    fs = _filesystem(rev)
+    if not fs.exists(str(path)):
+        return None
+    with fs.open(str(path), mode="rb") as f:
+        return load_safetensors(f.read())
+
+
+@functools.cache
+def _filesystem(rev: str) -> DVCFileSystem:
+    return DVCFileSystem(str(ROOT), rev=rev)
+
+
+def total_delta(rev: str, weights: dict[int, Tensor]) -> tuple[dict[int, Tensor], int]:
+    """Per layer, Σ over batches of (new − old) scattered into the changed columns = W_final − W_original
+    (each batch's `old` is the weight as the previous batch left it, so the sum telescopes); and the
+    number of batches."""
+    totals = {l: torch.zeros_like(w, dtype=torch.float64) for l, w in weights.items()}
+    batch = 0
+    while (tensors := _read(EDITED / delta_name(batch), rev)) is not None:
+        for layer, total in totals.items():
+            if f"layer.{layer}.cols" in tensors:
+                change = tensors[f"layer.{layer}.new"].double() - tensors[f"layer.{layer}.old"].double()
+                total[:, tensors[f"layer.{layer}.cols"].long()] += change
+        batch += 1
+    return totals, batch
+
+
+def measure(name: str, rev: str, weights: dict[int, Tensor], threshold: float) -> dict[str, Any]:
+    """Per edited layer: √(E‖ΔW k‖² / E‖W k‖²), ‖ΔW‖_F and the energy per unit of update."""
+    stored = _read(COVARIANCE, rev)
+    if stored is None:
+        raise SystemExit(f"{name}: no {COVARIANCE} in the DVC cache for {rev}")
+    c0 = {int(k.split(".")[1]): v for k, v in stored.items()}
+    totals, batches = total_delta(rev, weights)
+    layers = {}
+    for layer, delta in totals.items():
+        norm2 = float((delta**2).sum())
+        if layer not in c0 or norm2 == 0:
+            continue
+        energy, base = output_energy(delta, c0[layer]), output_energy(weights[layer], c0[layer])
+        null_dims, null_share = null_energy_share(c0[layer], threshold)
+        layers[layer] = {
+            "null_dims": null_dims,
+            "null_energy_share": null_share,
+            "relative_output_change": (energy / base) ** 0.5,
+            "delta_fro": norm2**0.5,
+            "energy_per_unit": energy / norm2,
+        }
+    return {"name": name, "rev": rev, "batches": batches, "threshold": threshold, "layers": layers}
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Update energy on corpus text",
+        "",
+        f"Generated by `bench/update_energy.py` on {time.strftime('%Y-%m-%d')} (see its docstring). Per edited "
+        "layer, from the summed update ΔW of all batches and the run's own C0 = E[k kᵀ] (100k corpus tokens): "
+        "√(E‖ΔW k‖² / E‖W k‖²), the typical relative change of the layer's output on corpus text; ‖ΔW‖_F; and "
+        "E‖ΔW k‖² / ‖ΔW‖²_F, how much text excites the directions the update lies in. Null space: AlphaEdit's "
+        f"(eigenvalues of C0 below {results[0]['threshold']:g}), its dimension and the share of tr(C0) it holds.",
+        "",
+        "| run | batches | layer | relative output change | ‖ΔW‖_F | energy per unit of ‖ΔW‖² | null space | its energy share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        for layer, m in sorted(r["layers"].items()):
+            lines.append(
+                f"| {r['name']} | {r['batches']} | {layer} | {m['relative_output_change']:.3f} | "
+                f"{m['delta_fro']:.2f} | {m['energy_per_unit']:.4f} | {m['null_dims']} | {m['null_energy_share']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="+", help="DVC experiment names (or git revisions)")
+    ap.add_argument("--model", default="smollm2-135m", help="the unedited model the runs edited")
+    ap.add_argument("--null-threshold", type=float, default=0.02, help="AlphaEdit's (params.yaml alphaedit)")
+    args = ap.parse_args()
+    model, _ = load_model(args.model)
+    adapter = ModelAdapter(model)
+    weights = {l: adapter.w_out_weight(l).detach().double() for l in range(adapter.n_layers)}
+    known = experiments()
+    results = [measure(name, known.get(name, name), weights, args.null_threshold) for name in args.names]
+    for r in results:
+        r["layers"] = {str(k): v for k, v in r["layers"].items()}
+    OUT.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    OUT.with_suffix(".md").write_text(render(results))
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()
