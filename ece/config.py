@@ -112,6 +112,9 @@ class UpdateCfg:
 @dataclass
 class AlphaEditCfg:
     nullspace_threshold: float = 2e-2  # eigenvalues of C0 below this span the protected null space
+    # > 0: the null space is instead C0's smallest-eigenvalue directions holding at most this share of tr(C0)
+    # (scale-free; the absolute threshold leaves 29-60 % of SmolLM2's key energy "null", reports/update_energy.md)
+    nullspace_energy: float = 0.0
     l2: float = 10.0  # weight of ‖Δ‖² in the projected solve
 
 
@@ -384,6 +387,11 @@ def validate(p: Params) -> None:
         REGISTRY[p.method].layers_param != "mend" or t.eval_every % p.mend.accumulate == 0,
         f"train_editor.eval_every ({t.eval_every}) must be a multiple of mend.accumulate ({p.mend.accumulate})",
         "a checkpoint is taken after an optimiser step, so that a resumed run continues exactly",
+    )
+    _check(
+        0.0 <= p.alphaedit.nullspace_energy < 1.0,
+        f"alphaedit.nullspace_energy must be in [0, 1), got {p.alphaedit.nullspace_energy}",
+        "0 uses alphaedit.nullspace_threshold (AlphaEdit's); e.g. 0.01: the directions holding the smallest 1 % of tr(C0)",
     )
     _check(
         0.0 < p.serac.threshold < 1.0,

@@ -98,9 +98,17 @@ REGISTRY: dict[str, MethodSpec] = {
             settings=lambda p: {
                 "mom2_weight": 0.0,
                 "nullspace_threshold": p.alphaedit.nullspace_threshold,
+                "nullspace_energy": p.alphaedit.nullspace_energy,
                 "l2": p.alphaedit.l2,
             },
-            describe=lambda p: f"null space of C0 below {p.alphaedit.nullspace_threshold:g}, l2 {p.alphaedit.l2:g}",
+            describe=lambda p: (
+                (
+                    f"null space of C0 holding {p.alphaedit.nullspace_energy:g} of its energy"
+                    if p.alphaedit.nullspace_energy
+                    else f"null space of C0 below {p.alphaedit.nullspace_threshold:g}"
+                )
+                + f", l2 {p.alphaedit.l2:g}"
+            ),
             **_CLOSED_FORM,
         ),
         MethodSpec(
@@ -183,6 +191,7 @@ class Method:
     use_cache: bool
     per_fact: bool
     nullspace_threshold: float | None = None  # AlphaEdit: solve in C0's null space
+    nullspace_energy: float = 0.0  # AlphaEdit: > 0, that null space by energy share instead (nullspace_basis)
     l2: float = 0.0  # AlphaEdit: weight of ‖Δ‖²
     ft: FtCfg | None = None  # FT-L / FT-M settings
     target_only: bool = False  # FT-M: loss on the target tokens only

@@ -41,6 +41,7 @@ INVALID = {
     "update.mom2_update_weight": -1.0,
     "update.max_update_norm": 0.0,
     "alphaedit.nullspace_threshold": 0.0,
+    "alphaedit.nullspace_energy": 1.0,
     "alphaedit.l2": 0.0,
     "rome.layer": -1,
     "rome.mom2_update_weight": 0.0,
@@ -86,6 +87,7 @@ INVALID = {
 MORE_INVALID = {  # further bounds of params already in INVALID, and lists of numbers
     "ece.neuron_threshold": 0.0,
     "serac.threshold": 0.0,
+    "alphaedit.nullspace_energy": -0.1,
     "z.n_context": -1,
     "edit.layers": [-1, 2],
     "mend.layers": [0, 2],  # MEND reads the activations below its first layer

@@ -67,7 +67,9 @@ class Editor:
         for l in self.layers:
             self.cache.setdefault(l, torch.zeros(f, f, dtype=torch.float64, device=self.adapter.layer_device(l)))
             if self.method.nullspace_threshold is not None and l not in self.nullspace:
-                self.nullspace[l] = nullspace_basis(self.c0[l], self.method.nullspace_threshold)
+                self.nullspace[l] = nullspace_basis(
+                    self.c0[l], self.method.nullspace_threshold, self.method.nullspace_energy
+                )
         if self.method.ultraedit is not None and self.moments is None:
             self.moments = Moments.empty(self.adapter.inner_size + self.adapter.hidden_size)
 

@@ -314,6 +314,22 @@ def test_projected_update_equals_alphaedits_formula():
     )
 
 
+def test_nullspace_basis_by_energy_share_of_a_hand_made_spectrum():
+    """Eigenvalues 0.001, 0.002, 0.007, 0.09, 0.9 (sum 1.0): a share of 0.01 keeps the three smallest
+    (0.010 <= 0.01), 0.0099 only two; the absolute threshold ignores the share."""
+    q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    values = torch.tensor([0.001, 0.002, 0.007, 0.09, 0.9], dtype=torch.float64)
+    c0 = q @ torch.diag(values) @ q.T
+    for energy, n in ((0.0101, 3), (0.0099, 2)):
+        basis = nullspace_basis(c0, 1e-9, energy)
+        assert basis.shape == (5, n)
+        expected = q[:, :n]  # the n smallest eigen-directions
+        assert torch.allclose(basis @ basis.T, expected @ expected.T, atol=1e-10)
+    assert nullspace_basis(c0, 0.05).shape == (5, 3)
+    with pytest.raises(EceError, match="nullspace_energy"):
+        nullspace_basis(c0, 0.05, 0.0005)
+
+
 def test_nullspace_basis_empty_is_a_clear_error():
     _, _, c0 = _random(4)
     with pytest.raises(EceError, match="null space is empty"):
