@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ece.artifacts import COVARIANCE, EDITED
 from ece.audit.ledger import delta_name
+from ece.editing.solve import nullspace_basis
 from ece.model.adapter import ModelAdapter
 from ece.model.loading import load_model
 
@@ -49,9 +50,9 @@ def output_energy(delta: Tensor, c0: Tensor) -> float:
 def null_energy_share(c0: Tensor, threshold: float) -> tuple[int, float]:
     """AlphaEdit's null space of C0 (eigenvectors with eigenvalue < threshold): its dimension and the
     share of the keys' energy tr(C0) it holds (0 for a truly null space)."""
-    eig = torch.linalg.eigvalsh(c0.to(torch.float64))
-    below = eig < threshold
-    return int(below.sum()), float(eig[below].sum() / eig.sum())
+    c0 = c0.to(torch.float64)
+    basis = nullspace_basis(c0, threshold)  # the editor's own
+    return basis.shape[1], float(torch.trace(basis.T @ c0 @ basis) / torch.trace(c0))
 
 
 def _read(path: Path, rev: str) -> dict[str, Tensor] | None:
