@@ -84,7 +84,8 @@ def collect() -> list[dict[str, Any]]:
 
 def z_row_steps(runs: list[dict[str, Any]] | None) -> int | None:
     """z row-steps over all batches (one row = one fact in one forward/backward of the z descent): the
-    cost of z that does not depend on what else ran on the machine. None when z was not solved."""
+    cost of z that does not depend on what else ran on the machine. None when the runs record none (a run
+    without ledger_runs.json); a method without z (UltraEdit) records 0 per batch."""
     steps = [b["z_row_steps"] for b in runs or [] if "z_row_steps" in b]
     return sum(steps) if steps else None
 

@@ -32,7 +32,7 @@ from safetensors.torch import load as load_safetensors
 from torch import Tensor
 
 from ece.artifacts import COVARIANCE, EDITED
-from ece.audit.ledger import delta_name
+from ece.audit.ledger import delta_changes, delta_name
 from ece.editing.solve import nullspace_basis
 from ece.model.adapter import ModelAdapter
 from ece.model.loading import load_model
@@ -76,10 +76,8 @@ def total_delta(rev: str, weights: dict[int, Tensor]) -> tuple[dict[int, Tensor]
     totals = {l: torch.zeros_like(w, dtype=torch.float64) for l, w in weights.items()}
     batch = 0
     while (tensors := _read(EDITED / delta_name(batch), rev)) is not None:
-        for layer, total in totals.items():
-            if f"layer.{layer}.cols" in tensors:
-                change = tensors[f"layer.{layer}.new"].double() - tensors[f"layer.{layer}.old"].double()
-                total[:, tensors[f"layer.{layer}.cols"].long()] += change
+        for layer, c in delta_changes(tensors).items():
+            totals[layer][:, c.cols.long()] += c.new.double() - c.old.double()
         batch += 1
     return totals, batch
 

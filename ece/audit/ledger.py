@@ -31,8 +31,7 @@ from typing import Any
 
 import polars as pl
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ece.artifacts import EDITED
@@ -95,17 +94,17 @@ def write_delta(path: str | Path, changes: dict[int, LayerChange]) -> None:
         save_file(tensors, str(tmp))
 
 
+def delta_changes(tensors: dict[str, Tensor]) -> dict[int, LayerChange]:
+    """One batch's changes from the tensors of its delta file (`write_delta`'s names), by layer."""
+    layers = sorted({int(n.split(".")[1]) for n in tensors if n.endswith(".cols")})
+    return {
+        l: LayerChange(tensors[f"layer.{l}.cols"], tensors[f"layer.{l}.old"], tensors[f"layer.{l}.new"]) for l in layers
+    }
+
+
 def read_delta(path: str | Path) -> dict[int, LayerChange]:
     try:
-        with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys())
-            layers = sorted({int(n.split(".")[1]) for n in names if n.endswith(".cols")})
-            return {
-                l: LayerChange(
-                    f.get_tensor(f"layer.{l}.cols"), f.get_tensor(f"layer.{l}.old"), f.get_tensor(f"layer.{l}.new")
-                )
-                for l in layers
-            }
+        return delta_changes(load_file(str(path)))
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise EceError(f"{path} is not a readable delta file ({exc})", "rerun the apply_edits stage") from None
 

@@ -69,7 +69,8 @@ def nullspace_basis(c0: Tensor, threshold: float, energy: float = 0.0) -> Tensor
     29-60 % of the keys' energy "null" (reports/update_energy.md)."""
     values, vectors = torch.linalg.eigh(c0.double())  # ascending
     if energy > 0:
-        below = values.clamp_min(0).cumsum(0) <= energy * values.clamp_min(0).sum()
+        spectrum = values.clamp_min(0)  # round-off can leave tiny negative eigenvalues
+        below = spectrum.cumsum(0) <= energy * spectrum.sum()
         what, fix = f"alphaedit.nullspace_energy = {energy:g} of tr(C0)", "raise alphaedit.nullspace_energy"
     else:
         below = values < threshold
