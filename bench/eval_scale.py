@@ -20,11 +20,11 @@ import time
 from typing import Any
 
 import torch
+from eval_speed import facts_and_references
 from sweep import ROOT
 
 from ece.config import load_params
-from ece.data.loaders import load_edits
-from ece.eval.generation import fact_references, spread
+from ece.eval.generation import spread
 from ece.eval.run import evaluate_model
 from ece.model.loading import load_model
 
@@ -36,10 +36,7 @@ def measure(n_facts: int, n_general: int) -> dict[str, Any]:
     """Seconds per part of one evaluation, with the run's settings and the load around it."""
     p = load_params(ROOT / "params.yaml", [f"data.n_facts={n_facts}", f"evaluate.n_general={n_general}"])
     e = p.evaluate
-    df = load_edits(p.data)
-    refs = fact_references(
-        df["target_new"].to_list(), df["id"].to_list(), e.reference_corpus, e.reference_articles, dataset=None
-    )
+    df, refs = facts_and_references(p)
     model, tok = load_model(p.model.name, p.model.seed)
     load_before = os.getloadavg()[0]
     summary, _, seconds = evaluate_model(model, tok, df, p, refs)

@@ -104,6 +104,16 @@ def patched(targets: dict[tuple[ModuleType, str], Any]) -> Iterator[None]:
             setattr(module, name, value)
 
 
+def facts_and_references(p: Params) -> tuple[Any, Any]:
+    """The evaluated facts and their consistency references, as the evaluate stage builds them (once per run)."""
+    df = load_edits(p.data)
+    e = p.evaluate
+    refs = fact_references(
+        df["target_new"].to_list(), df["id"].to_list(), e.reference_corpus, e.reference_articles, dataset=None
+    )
+    return df, refs
+
+
 def model_tokens(tok: Any, p: Params, n: int) -> tuple[int, int]:
     """Tokens the rewrite metrics of the first `n` facts feed the model: (one input per row, as the base
     scorer runs them; the distinct inputs today's scorer runs). Padding not counted."""
@@ -130,10 +140,7 @@ def main() -> None:
     )
     p = load_params(ROOT / "params.yaml", [f"data.n_facts={args.facts}", f"evaluate.n_general={args.n_general}"])
     e = p.evaluate
-    df = load_edits(p.data)
-    refs = fact_references(
-        df["target_new"].to_list(), df["id"].to_list(), e.reference_corpus, e.reference_articles, dataset=None
-    )
+    df, refs = facts_and_references(p)
     model, tok = load_model(p.model.name, p.model.seed)
     sides: dict[str, tuple[Params, dict[tuple[ModuleType, str], Any]]] = {
         "old": (
