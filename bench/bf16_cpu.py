@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sweep import ROOT
+from sweep import ROOT, cpu_name
 
 from ece.config import load_params
 from ece.data.facts import Fact
@@ -38,16 +36,6 @@ from ece.editing.zvec import build_problem, fact_losses, native_cpu_bfloat16, z_
 from ece.model.workbench import Workbench
 
 OUT = ROOT / "reports" / "bf16_cpu"
-
-
-def cpu_name() -> str:
-    """The CPU's model name as the kernel reports it (platform.processor() is empty on Linux)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        lines = []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "unknown"
 
 
 def median_seconds(runs: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:

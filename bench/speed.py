@@ -38,8 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bf16_cpu import cpu_name
-from sweep import ROOT, inside, run_stages
+from sweep import ROOT, cpu_name, inside, run_stages
 
 from ece.audit.ledger import LEDGER_RUNS
 

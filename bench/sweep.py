@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,16 @@ from ece.model.loading import load_model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the stage scripts are imported as modules of `stages`
 STAGES = ["prepare", "covariance", "attribute", "cluster", "precompute_z", "train_editor", "apply_edits"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the kernel reports it (platform.processor() is empty on Linux)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown"
 
 
 @contextlib.contextmanager
