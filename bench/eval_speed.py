@@ -46,9 +46,9 @@ import ece.eval.run
 from ece.config import Params, load_params
 from ece.data.loaders import load_edits
 from ece.eval import general_ability
-from ece.eval.generation import fact_references, spread
+from ece.eval.generation import spread
 from ece.eval.metrics import families, queries
-from ece.eval.run import evaluate_model
+from ece.eval.run import consistency_references, evaluate_model
 from ece.eval.scoring import distinct_inputs
 from ece.model.loading import load_model
 
@@ -107,11 +107,7 @@ def patched(targets: dict[tuple[ModuleType, str], Any]) -> Iterator[None]:
 def facts_and_references(p: Params) -> tuple[Any, Any]:
     """The evaluated facts and their consistency references, as the evaluate stage builds them (once per run)."""
     df = load_edits(p.data)
-    e = p.evaluate
-    refs = fact_references(
-        df["target_new"].to_list(), df["id"].to_list(), e.reference_corpus, e.reference_articles, dataset=None
-    )
-    return df, refs
+    return df, consistency_references(p.evaluate, df, p.data.edit_dataset)
 
 
 def model_tokens(tok: Any, p: Params, n: int) -> tuple[int, int]:

@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ece.artifacts import SCRATCH
 from ece.audit.ledger import delta_files, load_deltas, put_columns
-from ece.config import Params
+from ece.config import EvaluateCfg, Params
 from ece.data.codehash import code_hash
 from ece.data.io import atomic_dir, sha256_json, sha256_tree, write_json
 from ece.editing.serac import ROUTING_SCHEMA, MemoryRouter, open_router
@@ -230,6 +230,21 @@ def max_weight_diff(model: nn.Module, replayed: dict[int, Tensor]) -> float:
     return max((float((adapter.w_out_weight(l) - w).abs().max()) for l, w in replayed.items()), default=0.0)
 
 
+def consistency_references(e: EvaluateCfg, df: pl.DataFrame, dataset: str | Path | None) -> References:
+    """The consistency references of the facts `df` as `e` configures them (`dataset`: the edit file they
+    came from, where MEMIT's snippets are looked up by its relation and target ids)."""
+    return fact_references(
+        df["target_new"].to_list(),
+        df["id"].to_list(),
+        e.reference_corpus,
+        e.reference_articles,
+        e.attribute_snippets,
+        e.idf,
+        e.tfidf_vocab,
+        dataset,
+    )
+
+
 def run_evaluation(p: Params, df: pl.DataFrame, meta: dict[str, Any], edited_dir: Path) -> Evaluation:
     """Pre (`p.model.name`) vs post (`edited_dir`/model) on the prepared facts `df` (`meta`: their
     prepare metadata), with the curve and the consistency references; writes nothing but the pre cache."""
@@ -241,16 +256,7 @@ def run_evaluation(p: Params, df: pl.DataFrame, meta: dict[str, Any], edited_dir
     has_prompts = e.gen_per_fact > 0 and any(g for g in df["generation_prompts"].to_list())
     if has_prompts:
         t = time.perf_counter()
-        refs = fact_references(
-            df["target_new"].to_list(),
-            df["id"].to_list(),
-            e.reference_corpus,
-            e.reference_articles,
-            e.attribute_snippets,
-            e.idf,
-            e.tfidf_vocab,
-            meta.get("source", {}).get("path"),
-        )
+        refs = consistency_references(e, df, meta.get("source", {}).get("path"))
         print(
             f"evaluate: consistency references in {time.perf_counter() - t:.1f} s "
             f"({sum(s is not None for s in refs.sources)}/{df.height} facts have one{', ' + APPROX if refs.approximate else ''})"
