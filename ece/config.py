@@ -185,7 +185,8 @@ class SeracCfg:
 
 @dataclass
 class EvaluateCfg:
-    batch_size: int = 16  # prompts per forward pass (scoring, general ability, generation)
+    batch_size: int = 16  # prompts per forward pass (scoring, general ability, perplexity)
+    gen_batch_size: int = 128  # prompts sampled together (the texts do not depend on it)
     n_general: int = 20  # first N examples of each general-ability task (0 = all)
     general_tasks: list[str] = field(default_factory=lambda: ["sst2", "mrpc", "cola", "rte", "nli", "mmlu"])
     general_dir: str = "data/general"
@@ -293,6 +294,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("evaluate.gen_per_fact", 0, True, "0 skips fluency and consistency"),
     ("evaluate.gen_facts", 0, True, "0 means every fact; MEMIT samples for all"),
     ("evaluate.gen_max_new_tokens", 1, True, "e.g. 40"),
+    ("evaluate.gen_batch_size", 1, True, "e.g. 128"),
     ("evaluate.gen_top_k", 1, True, "MEMIT: 5"),
     ("evaluate.seed", 0, True, "any integer >= 0, e.g. 0"),
     ("evaluate.threads", 0, True, "0 means torch's default (one per core)"),

@@ -78,6 +78,7 @@ INVALID = {
     "evaluate.gen_per_fact": -1,
     "evaluate.gen_facts": -1,
     "evaluate.gen_max_new_tokens": 0,
+    "evaluate.gen_batch_size": 0,
     "evaluate.gen_top_k": 0,
     "evaluate.seed": -1,
     "evaluate.threads": -1,

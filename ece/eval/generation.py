@@ -5,9 +5,10 @@ Definitions (SPEC "Evaluation protocol", MEMIT's `test_generation`):
 - Generation: for each generation prompt, one sample of `max_new_tokens` new tokens, top-k sampling
   (MEMIT's `generate_fast` samples with top_k = 5, temperature 1), batched with LEFT padding and an
   attention mask, after the tokenizer's document start (`ece.model.prompts.document_start`: SmolLM2 needs
-  <|endoftext|> before a prompt). `torch.manual_seed(seed)` is set once before the first batch, so a
-  run is reproducible; the pre- and post-edit models draw from the same random stream. The metrics
-  read the WHOLE text, prompt included, as MEMIT does.
+  <|endoftext|> before a prompt). Prompt i draws from its own random stream, seeded by (seed, i), so a
+  run is reproducible, a text does not depend on how the prompts are batched or shared out, and the
+  pre- and post-edit models draw the same noise for the same prompt. The metrics read the WHOLE text,
+  prompt included, as MEMIT does.
 - `ngram_entropy(text, n)`: Shannon entropy in bits of the frequency distribution of the n-grams of
   the whitespace tokens of `text` (`text.split()`; MEMIT uses nltk.word_tokenize), i.e.
   H_n = -Σ_g p(g) log2 p(g), p(g) = count(g) / #n-grams. 0 when the text has fewer than n tokens.
@@ -52,11 +53,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from transformers import PreTrainedTokenizerBase
+from torch import Tensor, nn
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from ece.errors import EceError
 from ece.eval.scoring import Router, routed
+from ece.model import distributed
 from ece.model.loading import device_of
 from ece.model.prompts import document_start
 
@@ -68,6 +70,35 @@ _TERM = re.compile(r"(?u)\b\w\w+\b")  # sklearn's default token_pattern
 # Generation
 
 
+class RowStreamTopK(LogitsProcessor):
+    """Top-k sampling (temperature 1) in which each row draws from its OWN random stream.
+
+    A row's next token is argmax over its k most probable tokens of (logit + Gumbel noise): the
+    Gumbel-max trick, an exact sample from the softmax of those k logits. The noise of row j comes from
+    `streams[j]`, k draws per step whatever the other rows do, so a prompt's text depends on its stream
+    and on the model alone: not on the batch size, the order of the batches, or which process of a
+    torchrun world samples it. Used with greedy decoding (`do_sample=False`), which takes the argmax.
+    """
+
+    def __init__(self, streams: list[torch.Generator], top_k: int) -> None:
+        self.streams, self.top_k = streams, top_k
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        k = min(self.top_k, scores.shape[-1])
+        top, where = scores.float().topk(k, dim=-1)
+        uniform = torch.stack([torch.rand(k, generator=g) for g in self.streams]).to(scores.device)
+        gumbel = -torch.log(-torch.log(uniform))  # uniform 0 -> -inf: that token is never drawn
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, where, (top + gumbel).to(scores.dtype))
+
+
+def prompt_stream(seed: int, index: int) -> torch.Generator:
+    """The random stream of the `index`-th prompt of a run seeded with `seed`: the pre- and post-edit
+    models draw the same noise for the same prompt. (torch's CPU generator keeps 32 bits of a seed:
+    distinct for up to a million prompts per seed.)"""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**32)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -75,15 +106,17 @@ def generate(
     prompts: list[str],
     max_new_tokens: int = 40,
     seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int = 128,
     top_k: int = 5,
     router: Router | None = None,
 ) -> list[str]:
     """One sampled continuation per prompt; returns prompt + continuation as text, in prompt order
     (`router`: the model reads each prompt after its context, which the returned text leaves out).
 
-    Prompts are batched in order of length (less padding); the order of the returned texts is the
-    order of `prompts`.
+    Prompt i samples from its own stream (`prompt_stream(seed, i)`, `RowStreamTopK`), so the texts do
+    not depend on `batch_size` (up to float rounding of the logits): prompts are batched in order of
+    length (less padding), and under torchrun each process samples every world_size-th batch and the
+    texts are gathered.
     """
     if not prompts:
         return []
@@ -91,10 +124,9 @@ def generate(
     rows = [start + list(tok(p).input_ids) for p in routed(prompts, router)]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out: list[str] = [""] * len(prompts)
-    torch.manual_seed(seed)
+    mine: dict[int, str] = {}
     device = device_of(model)
-    for s in range(0, len(order), batch_size):
+    for s in distributed.shard(range(0, len(order), batch_size)):
         idx = order[s : s + batch_size]
         width = max(len(rows[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -102,20 +134,19 @@ def generate(
         for j, i in enumerate(idx):  # left padding: every row's last prompt token is at width-1
             ids[j, width - len(rows[i]) :] = torch.tensor(rows[i])
             mask[j, width - len(rows[i]) :] = 1
+        sampler = RowStreamTopK([prompt_stream(seed, i) for i in idx], top_k)
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
-            do_sample=True,
-            top_k=top_k,
-            top_p=1.0,
-            temperature=1.0,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([sampler]),
             pad_token_id=pad,
         )
         for j, i in enumerate(idx):
-            new = gen[j, width:].tolist()
-            out[i] = prompts[i] + tok.decode(new, skip_special_tokens=True)
-    return out
+            mine[i] = prompts[i] + tok.decode(gen[j, width:].tolist(), skip_special_tokens=True)
+    texts = {i: t for part in distributed.all_objects(mine) for i, t in part.items()}
+    return [texts[i] for i in range(len(prompts))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +415,7 @@ def generation_metrics(
     max_new_tokens: int = 40,
     top_k: int = 5,
     seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int = 128,
     router: Router | None = None,
 ) -> tuple[list[float | None], list[float | None], list[list[str]]]:
     """Per fact: fluency (×100), consistency, and the generated texts; None for a fact without prompts.

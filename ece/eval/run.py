@@ -83,9 +83,8 @@ def evaluate_model(
     perplexity window is routed, and read after the context the router gives it.
 
     Under torchrun the forward batches of the rewrite metrics, general ability and perplexity are shared
-    out (ece.model.distributed); the generations are sampled whole by rank 0 and sent to the others: the
-    samples come from one random stream that runs through all the batches, so splitting them would
-    change the texts."""
+    out (ece.model.distributed), the generations' batches too (each prompt samples from its own random
+    stream, so the texts are those of one process)."""
     e = p.evaluate
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -100,13 +99,8 @@ def evaluate_model(
         for i, g in enumerate(df["generation_prompts"].to_list())
     ]
     if refs is not None and any(prompts):
-        flu, con, gens = distributed.from_rank(
-            generation_metrics(
-                model, tok, prompts, refs, e.gen_max_new_tokens, e.gen_top_k, e.seed, e.batch_size, router
-            )
-            if distributed.is_main()
-            else None,
-            0,
+        flu, con, gens = generation_metrics(
+            model, tok, prompts, refs, e.gen_max_new_tokens, e.gen_top_k, e.seed, e.gen_batch_size, router
         )
     else:
         flu, con, gens = [None] * df.height, [None] * df.height, [[] for _ in range(df.height)]

@@ -72,3 +72,12 @@ def from_rank(obj: T, src: int) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_objects(obj: T) -> list[T]:
+    """Every copy's `obj` (any picklable value), in rank order; [obj] without a process group."""
+    if world_size() == 1:
+        return [obj]
+    box: list[T | None] = [None] * world_size()
+    dist.all_gather_object(box, obj)
+    return box  # type: ignore[return-value]

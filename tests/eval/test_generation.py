@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from ece.errors import EceError
 from ece.eval.generation import (
@@ -16,9 +17,11 @@ from ece.eval.generation import (
     consistency,
     fact_references,
     fluency,
+    RowStreamTopK,
     generate,
     load_tfidf,
     ngram_entropy,
+    prompt_stream,
     spread,
     terms,
     text_fluency,
@@ -153,6 +156,32 @@ def test_generate_left_padded_batch_matches_one_by_one(tiny_llama):
     single = [generate(model, tok, [p], max_new_tokens=6, seed=0, batch_size=1, top_k=1)[0] for p in prompts]
     assert batched == single
     assert all(t.startswith(p) for t, p in zip(batched, prompts))
+
+
+def test_sampled_texts_do_not_depend_on_batching(tiny_llama):
+    """Each prompt samples from its own stream: the same texts whatever the batches (sizes 1, 2, 4 cut
+    and order the length-sorted prompts differently), and another seed draws other texts."""
+    model, tok = tiny_llama
+    prompts = ["Paris is", "The mother tongue of Danielle Darrieux is", "A", "Toko Yasuda plays the", "B is"]
+    alone = [generate(model, tok, prompts, max_new_tokens=8, seed=1, batch_size=b) for b in (1, 2, 4)]
+    assert alone[0] == alone[1] == alone[2]
+    assert generate(model, tok, prompts, max_new_tokens=8, seed=2, batch_size=4) != alone[0]
+
+
+def test_row_stream_top_k_samples_the_softmax_of_the_top_k():
+    """The Gumbel-max draw against the reference: token frequencies over many draws match softmax of
+    the k largest logits (renormalised), and no token outside the top k is ever drawn."""
+    logits = torch.tensor([[2.0, 0.5, 1.0, -1.0, 3.0, 0.0]])
+    n, k = 20000, 3
+    sampler = RowStreamTopK([prompt_stream(0, 7)], k)
+    counts = torch.zeros(6)
+    for _ in range(n):
+        counts[int(sampler(torch.zeros(1, 1), logits.clone()).argmax())] += 1
+    top = [4, 0, 2]  # logits 3.0, 2.0, 1.0
+    expected = torch.zeros(6)
+    expected[top] = torch.softmax(logits[0, top], 0)
+    assert counts[[1, 3, 5]].sum() == 0
+    assert torch.allclose(counts / n, expected, atol=0.015)  # binomial sd <= 0.0036
 
 
 def test_generate_is_seeded(tiny_gpt2):

@@ -33,7 +33,13 @@ from ece.errors import EceError
 
 C0 = "artifacts/covariance/c0.safetensors"
 EVAL_OUTPUTS = ("reports/metrics.json", "reports/edit_metrics.json", "reports/curve.json")
-EVAL_OVERRIDES = [*STAGE_OVERRIDES, "evaluate.curve_every=2", "evaluate.reference_corpus=refs.jsonl"]
+# gen_batch_size 1: each rank samples some of the generation prompts (the texts must still be one process's)
+EVAL_OVERRIDES = [
+    *STAGE_OVERRIDES,
+    "evaluate.curve_every=2",
+    "evaluate.reference_corpus=refs.jsonl",
+    "evaluate.gen_batch_size=1",
+]
 
 
 def free_port() -> int:
