@@ -11,13 +11,13 @@ import torch
 
 from ece.errors import EceError
 from ece.eval.generation import (
+    RowStreamTopK,
     TfIdf,
     WikiReferences,
     build_tfidf,
     consistency,
     fact_references,
     fluency,
-    RowStreamTopK,
     generate,
     load_tfidf,
     ngram_entropy,
