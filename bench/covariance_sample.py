@@ -11,6 +11,10 @@ with C0 alone, and cost most of the evaluation time). Writes reports/covariance_
     python bench/covariance_sample.py --n-facts 50 --batch-size 25 --tokens 100000 400000 0
     python bench/covariance_sample.py --tokens 0 --keep --set z.dtype=float32   # add a row to the report
 
+--reuse-covariance keeps the scratch folder's C0 when it is the one asked for (the same corpus and model,
+and its token count is the size requested, or short of it for the whole corpus): after a run that computed
+C0 and stopped in the edits, the row's covariance seconds are then those that run's stage recorded.
+
 With --keep, rows of other sizes already in reports/covariance_sample.json stay (a size run again replaces
 its row); every row records the overrides it ran with, so rows run under other settings are visible.
 """
@@ -26,6 +30,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from sweep import ROOT, inside, run_stages
+
+from ece.config import Params, load_params
+from ece.data.io import sha256_file
 
 WORK = ROOT / ".cache" / "covariance_sample"
 OUT_JSON = ROOT / "reports" / "covariance_sample.json"
@@ -51,13 +58,30 @@ def spectrum(threshold: float) -> dict[str, Any]:
     return out
 
 
-def run(tokens: int, methods: list[str], common: list[str], threshold: float) -> dict[str, Any]:
+def scratch_covariance(tokens: int, p: Params) -> dict[str, Any] | None:
+    """The scratch folder's covariance.json when its C0 is the one `tokens` asks for (0: the whole corpus):
+    the same corpus bytes, model and layers, and the size requested (or short of it: the corpus ended)."""
+    meta_file = WORK / "reports" / "covariance.json"
+    if not (meta_file.exists() and (WORK / "artifacts/covariance/c0.safetensors").exists()):
+        return None
+    meta = json.loads(meta_file.read_text())
+    same = (
+        meta["corpus_sha256"] == sha256_file(ROOT / p.covariance.corpus)
+        and meta["model"] == p.model.name
+        and meta["layers"] == ",".join(map(str, p.edit.layers))
+    )
+    size = meta["n_tokens"] == tokens if tokens else meta["n_tokens"] < WHOLE
+    return meta if same and size else None
+
+
+def run(tokens: int, methods: list[str], common: list[str], threshold: float, reuse: bool) -> dict[str, Any]:
     size = [f"covariance.n_tokens={tokens or WHOLE}"]
     start = time.perf_counter()
-    run_stages([*common, *size], WORK, ["prepare", "covariance"])
+    reused = scratch_covariance(tokens, load_params(ROOT / "params.yaml", [*common, *size])) if reuse else None
+    run_stages([*common, *size], WORK, ["prepare"] if reused else ["prepare", "covariance"])
     row: dict[str, Any] = {
         "requested": tokens or "whole corpus",
-        "covariance_seconds": round(time.perf_counter() - start, 1),
+        "covariance_seconds": reused["seconds"] if reused else round(time.perf_counter() - start, 1),
         "date": time.strftime("%Y-%m-%d"),
         "overrides": common,
     }
@@ -121,6 +145,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=2e-2, help="alphaedit.nullspace_threshold")
     ap.add_argument("--keep", action="store_true", help="keep the report's rows of other sizes")
     ap.add_argument("--set", action="append", default=[], help="extra a.b=value override for every run")
+    ap.add_argument("--reuse-covariance", action="store_true", help="keep the scratch C0 when it is the size asked for")
     args = ap.parse_args()
     common = [
         f"data.n_facts={args.n_facts}",
@@ -131,7 +156,7 @@ def main() -> None:
         *args.set,
     ]
     kept = json.loads(OUT_JSON.read_text()) if args.keep and OUT_JSON.exists() else []
-    rows = [run(t, args.methods, common, args.threshold) for t in args.tokens]
+    rows = [run(t, args.methods, common, args.threshold, args.reuse_covariance) for t in args.tokens]
     requested = {r["requested"] for r in rows}
     rows = sorted([r for r in kept if r["requested"] not in requested] + rows, key=lambda r: r["spectrum"]["n_tokens"])
     OUT_JSON.write_text(json.dumps(rows, indent=2) + "\n")
