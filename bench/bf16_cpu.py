@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sweep import ROOT, cpu_name
+from sweep import ROOT, cpu_name, median_seconds
 
 from ece.config import load_params
 from ece.data.facts import Fact
@@ -36,19 +35,6 @@ from ece.editing.zvec import build_problem, fact_losses, native_cpu_bfloat16, z_
 from ece.model.workbench import Workbench
 
 OUT = ROOT / "reports" / "bf16_cpu"
-
-
-def median_seconds(runs: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-    """Median seconds of each callable, one warm-up each, then `reps` rounds alternating between them."""
-    for fn in runs.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def matmul_runs(rows: int) -> dict[str, Callable[[], Any]]:

@@ -52,6 +52,11 @@ class ZProblem:
     (`prefix`) and every step runs only the tokens from the subject on, about a fifth of the rows'
     tokens for MEMIT's prompts. Token axes below are therefore "from the subject on": index 0 is
     the subject's last token, where δ is added.
+
+    The rows are sorted by their number of tokens read (`own_len`): `fact_losses` runs each run of
+    rows of one length as a block cut to that length and to the longest prefix it sees, so no pass
+    computes padding or a token no loss reads (padded to the batch's longest row, a 100-fact
+    CounterFact batch runs 2.1x the tokens; reports/z_blocks.md).
     """
 
     hidden: Tensor  # (R, S, d) residual stream after the edit layer from the subject on
@@ -64,6 +69,9 @@ class ZProblem:
     # token (token 0 of the row here, where δ is added), as MEMIT's compute_z does
     kl_ref: Tensor  # (n, V) log-probs of the unedited model there
     h: Tensor  # (n, d) residual at the subject on the bare prompt
+    own_len: Tensor  # (R,) the row's tokens from the subject on up to the last one read (ascending): all
+    # of an NLL row's, the first of a KL row's (attention is causal: the later ones cannot change it)
+    prefix_len: Tensor  # (R,) the prefix tokens it sees (those before its subject)
 
     @property
     def n_facts(self) -> int:
@@ -87,7 +95,15 @@ class ZProblem:
             kl_rows=new_index[self.kl_rows[facts]],
             kl_ref=self.kl_ref[facts],
             h=self.h[facts],
+            own_len=self.own_len[rows],
+            prefix_len=self.prefix_len[rows],
         )
+
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """(first row, end row, own tokens) of each run of rows of one length."""
+        lengths, counts = torch.unique_consecutive(self.own_len, return_counts=True)
+        ends = counts.cumsum(0).tolist()
+        return [(end - c, end, w) for end, c, w in zip(ends, counts.tolist(), lengths.tolist())]
 
 
 def split_at_subject(mask: Tensor, pos: Tensor) -> tuple[int, Tensor, Tensor, Tensor]:
@@ -141,16 +157,24 @@ def build_problem(
     rows = torch.arange(len(pos))[:, None]
     labels_from_subject = labels[rows, index].masked_fill(~real, -100)
     assert (labels_from_subject >= 0).sum() == (labels >= 0).sum(), "a target token lies before its subject"
+    own_len = real.sum(1)
+    own_len[kl_rows] = 1  # the KL is read at the subject's last token, token 0
+    order = torch.sort(own_len, stable=True).indices  # rows of one length side by side (ZProblem)
+    new_row = torch.empty_like(order)
+    new_row[order] = torch.arange(len(order))
+    prefix_hidden, prefix_mask = hidden[order, :n_prefix], enc.attention_mask[order, :n_prefix]
     return ZProblem(
-        hidden=hidden[rows, index],
-        position_ids=index,
-        attn=attn,
-        prefix=adapter.prefix_kv(layer, hidden[:, :n_prefix], enc.attention_mask[:, :n_prefix]) if n_prefix else {},
-        row_fact=row_fact,
-        labels=labels_from_subject,
-        kl_rows=kl_rows,
+        hidden=hidden[rows, index][order],
+        position_ids=index[order],
+        attn=attn[order],
+        prefix=adapter.prefix_kv(layer, prefix_hidden, prefix_mask) if n_prefix else {},
+        row_fact=row_fact[order],
+        labels=labels_from_subject[order],
+        kl_rows=new_row[kl_rows],
         kl_ref=kl_ref,
         h=h,
+        own_len=own_len[order],
+        prefix_len=pos[order],
     )
 
 
@@ -162,23 +186,42 @@ class FactLosses:
 
 
 def fact_losses(problem: ZProblem, adapter: ModelAdapter, layer: int, delta: Tensor, cfg: ZCfg) -> FactLosses:
-    """MEMIT's loss per fact: mean target NLL over its prompts + kl_factor·KL + weight decay."""
-    hidden = torch.cat([problem.hidden[:, :1] + delta[problem.row_fact, None], problem.hidden[:, 1:]], dim=1)
-    final = adapter.final_hidden_from(layer, hidden, problem.attn, problem.position_ids, problem.prefix)
+    """MEMIT's loss per fact: mean target NLL over its prompts + kl_factor·KL + weight decay.
+
+    Each block of rows of one length (`ZProblem.blocks`) runs the blocks above `layer` on its own, cut
+    to its tokens and to the longest prefix it sees; the LM head, the costliest matmul, runs only
+    where a target token is predicted and at the KL rows' first token."""
     n = problem.n_facts
-    # NLL only where a target token is predicted: the LM head is the costliest matmul.
-    r, t = torch.nonzero(problem.labels >= 0, as_tuple=True)
-    logp = F.log_softmax(adapter.lm_head(final[r, t]), dim=-1)
-    tok_nll = -logp.gather(1, problem.labels[r, t].unsqueeze(1)).squeeze(1)
-    n_rows = hidden.shape[0]
+    own_from = problem.attn.shape[-1] - problem.hidden.shape[1]  # the mask's columns of the row's own tokens
+    moved = problem.hidden[:, :1] + delta[problem.row_fact, None]
+    target_states, target_rows, target_labels, kl_states, kl_facts = [], [], [], [], []
+    for start, end, width in problem.blocks():
+        seen = int(problem.prefix_len[start:end].max())
+        attn = problem.attn[start:end, :, :width]
+        attn = torch.cat([attn[..., :seen], attn[..., own_from : own_from + width]], dim=-1)
+        prefix = {l: (k[start:end, :, :seen], v[start:end, :, :seen]) for l, (k, v) in problem.prefix.items()}
+        hidden = torch.cat([moved[start:end], problem.hidden[start:end, 1:width]], dim=1)
+        positions = problem.position_ids[start:end, :width]
+        final = adapter.final_hidden_from(layer, hidden, attn, positions, prefix if seen else None)
+        labels = problem.labels[start:end, :width]
+        r, t = torch.nonzero(labels >= 0, as_tuple=True)
+        target_states.append(final[r, t]), target_rows.append(r + start), target_labels.append(labels[r, t])
+        facts = torch.nonzero((problem.kl_rows >= start) & (problem.kl_rows < end)).squeeze(1)
+        kl_states.append(final[problem.kl_rows[facts] - start, 0]), kl_facts.append(facts)
+    logp = F.log_softmax(adapter.lm_head(torch.cat(target_states)), dim=-1)
+    tok_nll = -logp.gather(1, torch.cat(target_labels).unsqueeze(1)).squeeze(1)
+    r = torch.cat(target_rows)
+    n_rows = problem.hidden.shape[0]
     row_nll = torch.zeros(n_rows).index_add(0, r, tok_nll)
     row_len = torch.zeros(n_rows).index_add(0, r, torch.ones_like(tok_nll))
     has_target = row_len > 0
     per_row = row_nll[has_target] / row_len[has_target]
     owner = problem.row_fact[has_target]
     nll = torch.zeros(n).index_add(0, owner, per_row) / torch.zeros(n).index_add(0, owner, torch.ones_like(per_row))
-    cur = F.log_softmax(adapter.lm_head(final[problem.kl_rows, 0]), dim=-1)
-    kl = (problem.kl_ref.exp() * (problem.kl_ref - cur)).sum(1)
+    cur = F.log_softmax(adapter.lm_head(torch.cat(kl_states)), dim=-1)
+    facts = torch.cat(kl_facts)
+    ref = problem.kl_ref[facts]
+    kl = torch.zeros(n).index_add(0, facts, (ref.exp() * (ref - cur)).sum(1))
     decay = cfg.weight_decay * delta.norm(dim=1) / problem.h.norm(dim=1) ** 2
     return FactLosses(nll + cfg.kl_factor * kl + decay, nll, kl)
 

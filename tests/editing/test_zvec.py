@@ -136,6 +136,53 @@ def test_fact_losses_match_full_forward(setup):
         assert torch.allclose(moved.nll[i], _manual_nll(model, tok, adapter, fact, delta[i]), atol=ATOL)
 
 
+def test_kl_at_a_moved_delta_matches_full_forward(setup):
+    """KL(original ‖ edited) at the subject's last token of "{subject} is a", each side from a full
+    forward of the model (δ added by a hook), against fact_losses' blocks of trimmed rows."""
+    model, tok, adapter, facts, problem = setup
+    delta = torch.randn(problem.n_facts, problem.h.shape[1], generator=torch.Generator().manual_seed(2))
+    got = fact_losses(problem, adapter, LAYER, delta, cfg()).kl
+    for i, fact in enumerate(facts):
+        pos = len(document_start(tok) + tok(fact.subject, add_special_tokens=False).input_ids) - 1
+        ids = torch.tensor([document_start(tok) + tok(f"{fact.subject} is a", add_special_tokens=False).input_ids])
+
+        def hook(_m, _i, out, row=delta[i], pos=pos):
+            hs = (out[0] if isinstance(out, tuple) else out).clone()
+            hs[0, pos] += row
+            return (hs, *out[1:]) if isinstance(out, tuple) else hs
+
+        with torch.no_grad():
+            ref = F.log_softmax(model(input_ids=ids).logits[0, pos], dim=-1)
+            handle = adapter.blocks[LAYER].register_forward_hook(hook)
+            try:
+                cur = F.log_softmax(model(input_ids=ids).logits[0, pos], dim=-1)
+            finally:
+                handle.remove()
+        assert torch.allclose(got[i], (ref.exp() * (ref - cur)).sum(), atol=1e-5)
+
+
+def test_a_pass_runs_no_padding(four, monkeypatch):
+    """Rows come in blocks of one length: the tokens run are exactly the rows' own tokens, and each
+    block sees only as much prefix as its longest-prefix row."""
+    adapter, problem = four
+    assert len(set(problem.own_len.tolist())) > 1  # the facts' rows differ in length: something to cut
+    shapes = []
+    original = adapter.final_hidden_from
+
+    def recording(layer, hidden, attn, positions, prefix):
+        seen = next(iter(prefix.values()))[0].shape[2] if prefix else 0
+        shapes.append((hidden.shape[0], hidden.shape[1], seen, attn.shape[-1]))
+        return original(layer, hidden, attn, positions, prefix)
+
+    monkeypatch.setattr(adapter, "final_hidden_from", recording)
+    fact_losses(problem, adapter, LAYER, zeros(problem), cfg())
+    assert sum(rows * width for rows, width, _, _ in shapes) == int(problem.own_len.sum())
+    starts = [0, *torch.tensor([rows for rows, *_ in shapes]).cumsum(0).tolist()]
+    for (_, width, seen, cols), a, b in zip(shapes, starts, starts[1:]):
+        assert seen == int(problem.prefix_len[a:b].max()) and cols == seen + width
+        assert (problem.own_len[a:b] == width).all()
+
+
 def test_problem_h_and_kl_reference(setup):
     model, tok, adapter, facts, problem = setup
     _, h = keys_and_hidden(adapter, tok, facts, TEMPLATES, [LAYER], LAYER)
