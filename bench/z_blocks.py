@@ -1,13 +1,20 @@
-"""What cutting z's rows into blocks of one length saves: one z pass, padded vs in blocks, side by side.
+"""What cutting z's rows into blocks saves: one z pass, padded vs in blocks, side by side.
 
-A z pass runs the blocks above the edit layer on every row (fact × context template, and each fact's
+A z pass runs the layers above the edit layer on every row (fact × context template, and each fact's
 KL prompt) from its subject on. Padded to the batch's longest row, a 100-fact CounterFact batch runs
-about twice its real tokens; `fact_losses` runs each run of rows of one length as its own block, cut to
-that length and to the longest prefix it sees (ece.editing.zvec.ZProblem). This times one pass
-(forward + backward of `fact_losses`) on the first N CounterFact facts both ways, in one process on
-the same problem, alternating: "padded" is the same problem with every row given the batch's length
-and prefix, i.e. one block, which is the computation before the blocks. Also the largest difference
-of the losses (the same numbers up to float rounding). Writes reports/z_blocks.md and .json.
+about twice the tokens its losses read; `fact_losses` runs the rows in blocks of about one length, each
+cut to its longest row and to the longest prefix it sees (ece.editing.zvec.ZProblem.blocks). This
+times one pass (forward + backward of `fact_losses`) on the first N CounterFact facts, in one process
+on the same problem, alternating between:
+
+- padded: every row given the batch's length and prefix, i.e. one block: the computation before blocks;
+- runs: each run of rows of one length its own block (`blocks(0)`, no merging);
+- blocks: the default, runs merged where padding is cheaper than another forward (BLOCK_FORWARD_COST);
+- and, as MEMIT's reference runs z (one fact per forward, `z.facts_per_pass=1`), the same three on the
+  facts one at a time ("per fact"; padded = each fact padded to the batch, as before the blocks).
+
+Also the largest difference of the losses (the same numbers up to float rounding). Writes
+reports/z_blocks.md and .json.
 
     python bench/z_blocks.py --facts 25 100 --reps 3
 """
@@ -41,54 +48,74 @@ def padded(problem: ZProblem) -> ZProblem:
     return replace(problem, own_len=torch.full((rows,), width), prefix_len=torch.full((rows,), seen))
 
 
+def unmerged(problem: ZProblem) -> ZProblem:
+    """The problem with every run of rows of one length its own block."""
+    copy = replace(problem)
+    copy.blocks = lambda forward_cost=0: ZProblem.blocks(copy, 0)  # type: ignore[method-assign]
+    return copy
+
+
+LAYOUTS = {"padded": padded, "runs": unmerged, "blocks": lambda problem: problem}
+
+
 def measure(n_facts: int, reps: int) -> dict[str, Any]:
     p = load_params(ROOT / "params.yaml", [f"data.n_facts={n_facts}"])
     wb = Workbench.open(p)
     facts = [Fact.from_row(r) for r in load_edits(p.data).iter_rows(named=True)]
     layer = p.edit.layers[-1]
-    blocked = build_problem(wb.adapter, wb.tok, facts, layer, wb.templates)
-    problems = {"padded": padded(blocked), "blocks": blocked}
-    delta = 0.1 * torch.randn(blocked.h.shape, generator=torch.Generator().manual_seed(0))
+    problem = build_problem(wb.adapter, wb.tok, facts, layer, wb.templates)
+    one_by_one = [problem.subset(torch.tensor([i])) for i in range(problem.n_facts)]
+    passes = {name: [layout(problem)] for name, layout in LAYOUTS.items()}
+    passes |= {f"per fact, {name}": [layout(sub) for sub in one_by_one] for name, layout in LAYOUTS.items()}
+    delta = 0.1 * torch.randn(problem.h.shape, generator=torch.Generator().manual_seed(0))
 
-    def one_pass(problem: ZProblem) -> Callable[[], Any]:
+    def one_pass(problems: list[ZProblem]) -> Callable[[], Any]:
         def run() -> torch.Tensor:
-            d = delta.clone().requires_grad_(True)
-            losses = fact_losses(problem, wb.adapter, layer, d, p.z)
-            torch.autograd.grad(losses.total.sum(), d)
-            return losses.total.detach()
+            totals = []
+            for pr, rows in zip(problems, torch.arange(problem.n_facts).split(problem.n_facts // len(problems))):
+                d = delta[rows].clone().requires_grad_(True)
+                losses = fact_losses(pr, wb.adapter, layer, d, p.z)
+                torch.autograd.grad(losses.total.sum(), d)
+                totals.append(losses.total.detach())
+            return torch.cat(totals)
 
         return run
 
-    totals = {name: one_pass(pr)() for name, pr in problems.items()}
+    totals = {name: one_pass(prs)() for name, prs in passes.items()}
     return {
         "facts": n_facts,
-        "rows": int(blocked.hidden.shape[0]),
-        "blocks": len(blocked.blocks()),
-        "tokens": {name: sum((e - s) * w for s, e, w in pr.blocks()) for name, pr in problems.items()},
-        "seconds": median_seconds({name: one_pass(pr) for name, pr in problems.items()}, reps),
-        "max_loss_diff": float((totals["padded"] - totals["blocks"]).abs().max()),
+        "rows": int(problem.hidden.shape[0]),
+        "forwards": {name: sum(len(pr.blocks()) for pr in prs) for name, prs in passes.items()},
+        "tokens": {name: sum((e - s) * w for pr in prs for s, e, w in pr.blocks()) for name, prs in passes.items()},
+        "seconds": median_seconds({name: one_pass(prs) for name, prs in passes.items()}, reps),
+        "max_loss_diff": max(float((t - totals["padded"]).abs().max()) for t in totals.values()),
     }
 
 
 def render(r: dict[str, Any]) -> str:
     lines = [
-        "# z pass: padded rows vs blocks of one length, side by side",
+        "# z pass: padded rows vs blocks, side by side",
         "",
         f"Generated by `bench/z_blocks.py --facts {' '.join(str(x['facts']) for x in r['rows'])} --reps {r['reps']}` "
         f"on {r['date']}: SmolLM2-135M, params.yaml's layer and templates, the first N CounterFact facts, CPU "
         f"`{r['cpu']}`, {r['threads']} torch threads, 1-min load average {r['load_before']:.1f} at the start. One "
         "pass = forward + backward of z's loss for every fact; medians of alternating runs after a warm-up. "
-        "Tokens = the rows' tokens from the subject on that the blocks above the edit layer run.",
+        "Tokens = the rows' tokens from the subject on that the layers above the edit layer run; forwards = "
+        "blocks run. padded: one block padded to the batch (before the blocks); runs: one block per row "
+        "length; blocks: the default (runs merged where cheaper). Per fact: one fact per forward, as "
+        "MEMIT's reference z (`z.facts_per_pass=1`).",
         "",
-        "| facts | rows | blocks | tokens padded | tokens in blocks | padded s | blocks s | speed-up | max loss diff |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| facts | layout | forwards | tokens | s per pass | padded / this | max loss diff |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for x in r["rows"]:
-        s, t = x["seconds"], x["tokens"]
-        lines.append(
-            f"| {x['facts']} | {x['rows']} | {x['blocks']} | {t['padded']} | {t['blocks']} | {s['padded']:.2f} | "
-            f"{s['blocks']:.2f} | {s['padded'] / s['blocks']:.2f}× | {x['max_loss_diff']:.1e} |"
-        )
+        s = x["seconds"]
+        for name in s:
+            base = s["per fact, padded"] if name.startswith("per fact") else s["padded"]
+            lines.append(
+                f"| {x['facts']} | {name} | {x['forwards'][name]} | {x['tokens'][name]} | {s[name]:.2f} | "
+                f"{base / s[name]:.2f}× | {x['max_loss_diff']:.1e} |"
+            )
     return "\n".join(lines) + "\n"
 
 

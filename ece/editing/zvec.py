@@ -19,6 +19,7 @@ phase run after the whole shared phase (tested); only how the rows are packed in
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -39,6 +40,10 @@ from ece.model.prompts import at_positions, encode, target_ids
 from ece.model.workbench import Workbench
 
 KL_TEMPLATE = "{} is a"
+# One more forward/backward of a z pass costs about as much as this many more tokens in one (on the 2-core
+# CPU 47-69, from the padded vs blocks timings of reports/z_blocks.md): ZProblem.blocks merges runs of rows
+# of different lengths where the padding is cheaper than another forward.
+BLOCK_FORWARD_COST = 64
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 
@@ -53,10 +58,10 @@ class ZProblem:
     tokens for MEMIT's prompts. Token axes below are therefore "from the subject on": index 0 is
     the subject's last token, where δ is added.
 
-    The rows are sorted by their number of tokens read (`own_len`): `fact_losses` runs each run of
-    rows of one length as a block cut to that length and to the longest prefix it sees, so no pass
-    computes padding or a token no loss reads (padded to the batch's longest row, a 100-fact
-    CounterFact batch runs 2.1x the tokens; reports/z_blocks.md).
+    The rows are sorted by their number of tokens read (`own_len`): `fact_losses` runs them in blocks
+    of rows of about one length (`blocks`), each cut to its longest row and to the longest prefix it
+    sees, so a pass computes little padding and no token that no loss reads (padded to the batch's
+    longest row, a 100-fact CounterFact batch runs 2.1x the tokens; reports/z_blocks.md).
     """
 
     hidden: Tensor  # (R, S, d) residual stream after the edit layer from the subject on
@@ -99,11 +104,28 @@ class ZProblem:
             prefix_len=self.prefix_len[rows],
         )
 
-    def blocks(self) -> list[tuple[int, int, int]]:
-        """(first row, end row, own tokens) of each run of rows of one length."""
+    def blocks(self, forward_cost: int = BLOCK_FORWARD_COST) -> list[tuple[int, int, int]]:
+        """(first row, end row, tokens) of the blocks a pass runs, each cut to its longest row.
+
+        The runs of rows of one length, neighbouring runs merged where that is cheaper: a block costs
+        its rows × its length in tokens plus `forward_cost` (one more forward/backward through the
+        blocks above the layer), and the split of the sorted runs with the least total is taken
+        (exact, by dynamic programming over the few distinct lengths). With one fact per pass its
+        KL row then rides along with its NLL rows instead of costing a forward of its own.
+        """
         lengths, counts = torch.unique_consecutive(self.own_len, return_counts=True)
-        ends = counts.cumsum(0).tolist()
-        return [(end - c, end, w) for end, c, w in zip(ends, counts.tolist(), lengths.tolist())]
+        widths, ends = lengths.tolist(), [0, *counts.cumsum(0).tolist()]
+        best, cut = [0] + [sys.maxsize] * len(widths), [0] * (len(widths) + 1)
+        for j in range(1, len(widths) + 1):  # best[j]: the cheapest split of the first j runs
+            for i in range(j):
+                cost = best[i] + (ends[j] - ends[i]) * widths[j - 1] + forward_cost
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        out, j = [], len(widths)
+        while j:
+            out.append((ends[cut[j]], ends[j], widths[j - 1]))
+            j = cut[j]
+        return out[::-1]
 
 
 def split_at_subject(mask: Tensor, pos: Tensor) -> tuple[int, Tensor, Tensor, Tensor]:
@@ -188,8 +210,8 @@ class FactLosses:
 def fact_losses(problem: ZProblem, adapter: ModelAdapter, layer: int, delta: Tensor, cfg: ZCfg) -> FactLosses:
     """MEMIT's loss per fact: mean target NLL over its prompts + kl_factor·KL + weight decay.
 
-    Each block of rows of one length (`ZProblem.blocks`) runs the blocks above `layer` on its own, cut
-    to its tokens and to the longest prefix it sees; the LM head, the costliest matmul, runs only
+    Each block of rows (`ZProblem.blocks`) runs the model's layers above `layer` on its own, cut to
+    its longest row and to the longest prefix it sees; the LM head, the costliest matmul, runs only
     where a target token is predicted and at the KL rows' first token."""
     n = problem.n_facts
     own_from = problem.attn.shape[-1] - problem.hidden.shape[1]  # the mask's columns of the row's own tokens

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -161,11 +162,8 @@ def test_kl_at_a_moved_delta_matches_full_forward(setup):
         assert torch.allclose(got[i], (ref.exp() * (ref - cur)).sum(), atol=1e-5)
 
 
-def test_a_pass_runs_no_padding(four, monkeypatch):
-    """Rows come in blocks of one length: the tokens run are exactly the rows' own tokens, and each
-    block sees only as much prefix as its longest-prefix row."""
-    adapter, problem = four
-    assert len(set(problem.own_len.tolist())) > 1  # the facts' rows differ in length: something to cut
+def _record_forwards(monkeypatch, adapter) -> list[tuple[int, int, int, int]]:
+    """(rows, tokens, prefix tokens, mask columns) of every forward fact_losses runs above the layer."""
     shapes = []
     original = adapter.final_hidden_from
 
@@ -175,12 +173,68 @@ def test_a_pass_runs_no_padding(four, monkeypatch):
         return original(layer, hidden, attn, positions, prefix)
 
     monkeypatch.setattr(adapter, "final_hidden_from", recording)
+    return shapes
+
+
+def test_without_a_forward_cost_a_pass_runs_no_padding(four, monkeypatch):
+    """With merging off, each run of rows of one length is its own forward: the tokens run are exactly
+    the rows' own tokens, and each block sees only as much prefix as its longest-prefix row."""
+    adapter, problem = four
+    assert len(set(problem.own_len.tolist())) > 1  # the facts' rows differ in length: something to cut
+    shapes = _record_forwards(monkeypatch, adapter)
+    monkeypatch.setattr(ZProblem, "blocks", lambda self, f=ZProblem.blocks: f(self, 0))
     fact_losses(problem, adapter, LAYER, zeros(problem), cfg())
     assert sum(rows * width for rows, width, _, _ in shapes) == int(problem.own_len.sum())
     starts = [0, *torch.tensor([rows for rows, *_ in shapes]).cumsum(0).tolist()]
     for (_, width, seen, cols), a, b in zip(shapes, starts, starts[1:]):
         assert seen == int(problem.prefix_len[a:b].max()) and cols == seen + width
         assert (problem.own_len[a:b] == width).all()
+
+
+def _cheapest_split(widths: list[int], counts: list[int], forward_cost: int) -> int:
+    """Brute force: every way to cut the sorted runs into consecutive blocks, the least total cost."""
+    best = None
+    for mask in range(2 ** (len(widths) - 1)):
+        cost, rows = 0, 0
+        for k, (w, c) in enumerate(zip(widths, counts)):
+            rows += c
+            if k == len(widths) - 1 or mask >> k & 1:  # a block ends after run k
+                cost, rows = cost + rows * w + forward_cost, 0
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("forward_cost", [0, 3, 64, 10_000])
+def test_blocks_are_the_cheapest_split_of_the_runs(forward_cost):
+    """The split of rows into blocks against a brute force over all splits, on random run lengths;
+    the blocks cover the rows in order and each is as long as its longest row."""
+    g = torch.Generator().manual_seed(forward_cost)
+    for _ in range(20):
+        own = torch.sort(torch.randint(1, 9, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g)).values
+        problem = SimpleNamespace(own_len=own)
+        got = ZProblem.blocks(problem, forward_cost)  # type: ignore[arg-type]
+        assert [a for a, _, _ in got] == [0, *[b for _, b, _ in got[:-1]]] and got[-1][1] == len(own)
+        assert all(w == int(own[a:b].max()) for a, b, w in got)
+        widths, counts = (x.tolist() for x in torch.unique_consecutive(own, return_counts=True))
+        assert sum((b - a) * w + forward_cost for a, b, w in got) == _cheapest_split(widths, counts, forward_cost)
+    one_fact = torch.tensor([1, 5, 5, 5, 5, 5, 5])  # its KL row and six NLL rows: one forward, not two
+    assert ZProblem.blocks(SimpleNamespace(own_len=one_fact), 64) == [(0, 7, 5)]  # type: ignore[arg-type]
+
+
+def test_merged_blocks_give_the_same_losses(four, monkeypatch):
+    """Padding a block to its longest row changes nothing but rounding: losses with every run its
+    own block, with everything in one block, and with the default merging agree."""
+    adapter, problem = four
+    delta = torch.randn(problem.n_facts, problem.h.shape[1], generator=torch.Generator().manual_seed(3))
+    runs = {}
+    original = ZProblem.blocks
+    for cost in (0, 10**9, zvec.BLOCK_FORWARD_COST):
+        with monkeypatch.context() as m:
+            m.setattr(ZProblem, "blocks", lambda self, cost=cost: original(self, cost))
+            runs[cost] = fact_losses(problem, adapter, LAYER, delta, cfg()).total
+    assert len(ZProblem.blocks(problem, 10**9)) == 1 < len(ZProblem.blocks(problem, 0))
+    for total in runs.values():
+        assert torch.allclose(total, runs[0], atol=1e-5)
 
 
 def test_problem_h_and_kl_reference(setup):
