@@ -7,15 +7,15 @@ the per-batch phase timings and z row-steps the pipeline itself records (reports
 
     python bench/speed.py                      # batch sizes 25 and 100, every configuration
     python bench/speed.py --sizes 25 --configs ece memit
-    python bench/speed.py --sizes 100 --batches 4 --configs ece ece-earlier memit   # 4 sequential batches
+    python bench/speed.py --sizes 100 --batches 4 --configs ece ece-within memit   # 4 sequential batches
 
 Configurations:
 - ece: params.yaml as it is (ECE's defaults);
 - memit: MEMIT with the same z step rule (lr, clamp, early stop) as ece, at most 25 steps per fact;
 - memit-published: MEMIT's released compute_z: lr 0.5, clamp 0.75, 25 forward passes (24 Adam
   updates), stop at total loss < 5e-2, one fact at a time, in the model's float32;
-- ece-earlier: ECE with `z.warm_from_earlier` (anchors start from earlier batches' δ of the same new
-  object: shows only with --batches > 1);
+- ece-within: ECE with warm starts within a batch only (`z.warm_from_earlier=false`; the default also
+  starts an anchor from earlier batches' δ of the same new object, which shows only with --batches > 1);
 - ece-pass25, memit-pass25: ece and memit with `z.facts_per_pass=25` (the same descent, each pass run
   25 facts at a time; pays off where a 100-fact pass is slower per row than four of 25);
 - ultraedit: UltraEdit with its defaults (no z: one forward/backward per batch, then the solves).
@@ -45,7 +45,7 @@ from ece.audit.ledger import LEDGER_RUNS
 PHASES = ("attribution", "clustering", "z", "update_keys", "update_solve", "update_cache")
 CONFIGS = {
     "ece": ["method=ece"],
-    "ece-earlier": ["method=ece", "z.warm_from_earlier=true"],
+    "ece-within": ["method=ece", "z.warm_from_earlier=false"],
     # z's passes 25 facts at a time (z.facts_per_pass; the same descent): on a CPU a pass over 100 facts'
     # rows can cost more per row than four passes of 25 (caches)
     "ece-pass25": ["method=ece", "z.facts_per_pass=25"],
