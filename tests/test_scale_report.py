@@ -119,3 +119,21 @@ def test_z_seconds_of_a_row_that_reused_another_rows_z() -> None:
     at = {name: head.index(name) for name in ("z s/batch", "update s/batch", "edit s")}
     assert (memit[at["z s/batch"]], memit[at["update s/batch"]], memit[at["edit s"]]) == ("reused", "190.4", "–")
     assert (ece[at["z s/batch"]], ece[at["update s/batch"]], ece[at["edit s"]]) == ("179.0", "107.3", "5729")
+
+
+def test_merge_keeps_stored_rows_whose_experiments_are_gone_and_replaces_found_ones() -> None:
+    stored = [
+        {"row": "zsre-ece", "rev": "a", "score": 0.2},
+        {"row": "cf-memit", "rev": "b", "score": 0.6},
+        {"row": "cf-ece", "rev": "c", "score": 0.7},
+    ]
+    found = [{"row": "cf-ece", "rev": "d", "score": 0.8}, {"row": "cf-alphaedit", "rev": "e", "score": 0.5}]
+    merged = scale.merge(stored, found)
+    # The row order (ROWS: CounterFact before zsRE, ECE, MEMIT, AlphaEdit), not the input order.
+    assert [(r["row"], r["rev"]) for r in merged] == [
+        ("cf-ece", "d"),
+        ("cf-memit", "b"),
+        ("cf-alphaedit", "e"),
+        ("zsre-ece", "a"),
+    ]
+    assert scale.merge([], []) == []
