@@ -1,11 +1,12 @@
-"""Keys of the update, layer after layer: every block from the tokens (`keys_and_hidden` per layer, as the
-update ran until 2026-12-02) against `LayerKeys` (only the blocks from the last written layer up; z's
-layer traced on the bare prompts alone), side by side in one process on the same loaded model.
+"""Keys of a batch, as the update and ECE's attribution read them: every prompt traced to its end (as until
+2026-12-03) against every prompt cut at its subject's last token (`encode(..., up_to_subject=True)`, today's
+keys), side by side in one process on the same loaded model.
 
-Both sides compute the keys of each edited layer and the block output at z's layer for the same facts and
-context templates, alternately, `--repeats` times; the model is not edited (both then see the same
-weights, so their results must agree up to float rounding; the difference is reported). Writes reports/keys_speed.md
-and .json.
+Two paths, each with full and cut rows, alternately, `--repeats` times:
+- update: `LayerKeys`, layer after layer (the keys of each edited layer and the block output at z's layer);
+- attribution: `keys_and_hidden` for every edited layer at once (ECE's neuron selection).
+The model is not edited, so full and cut rows must agree up to float rounding (the difference is
+reported), and the tokens each traces are counted. Writes reports/keys_speed.md and .json.
 
     python bench/keys_speed.py --n-facts 100 --repeats 2
 """
@@ -17,16 +18,17 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ece.config import load_params
 from ece.data.facts import Fact
 from ece.data.loaders import load_edits
-from ece.editing.keys import LayerKeys, keys_and_hidden
+from ece.editing.keys import LayerKeys, _template_mean, keys_and_hidden, templated
+from ece.model.prompts import encode
 from ece.model.workbench import Workbench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,22 +36,44 @@ OUT_JSON = ROOT / "reports" / "keys_speed.json"
 OUT_MD = ROOT / "reports" / "keys_speed.md"
 
 
-def full(wb: Workbench, facts: list[Fact], layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    out = {}
-    for l in layers:
-        keys, hidden = keys_and_hidden(wb.adapter, wb.tok, facts, wb.templates, [l], layers[-1])
-        assert hidden is not None
-        out[l] = (keys[l], hidden)
-    return out
+class FullRowKeys(LayerKeys):
+    """LayerKeys on prompts traced to their end, as before the cut."""
+
+    def __init__(self, wb: Workbench, facts: list[Fact], out_layer: int) -> None:
+        super().__init__(wb.adapter, wb.tok, facts, wb.templates, out_layer)
+        self.enc = encode(wb.tok, *templated(facts, wb.templates))
 
 
-def walked(wb: Workbench, facts: list[Fact], layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    walker = LayerKeys(wb.adapter, wb.tok, facts, wb.templates, layers[-1])
+def full_row_attribution_keys(wb: Workbench, facts: list[Fact], layers: list[int]) -> dict[int, torch.Tensor]:
+    """`keys_and_hidden(..., layers)` on prompts traced to their end, as before the cut."""
+    enc = encode(wb.tok, *templated(facts, wb.templates))
+    keys, _ = wb.adapter.trace(enc.input_ids, enc.attention_mask, layers, [])
+    return _template_mean(keys, enc.subject_pos, len(facts), len(wb.templates))
+
+
+def walked(walker: LayerKeys, layers: list[int]) -> dict[int, torch.Tensor]:
     out = {}
     for l in layers:
         keys, hidden = walker(l)
-        out[l] = (keys[l], hidden)
+        out[l], out[-1 - l] = keys[l], hidden  # negative: z's-layer output after layer l was asked for
     return out
+
+
+def paths(wb: Workbench, facts: list[Fact], layers: list[int]) -> dict[str, Callable[[], dict[int, torch.Tensor]]]:
+    return {
+        "update, full rows": lambda: walked(FullRowKeys(wb, facts, layers[-1]), layers),
+        "update, cut at subject": lambda: walked(
+            LayerKeys(wb.adapter, wb.tok, facts, wb.templates, layers[-1]), layers
+        ),
+        "attribution, full rows": lambda: full_row_attribution_keys(wb, facts, layers),
+        "attribution, cut at subject": lambda: keys_and_hidden(wb.adapter, wb.tok, facts, wb.templates, layers)[0],
+    }
+
+
+def tokens(wb: Workbench, facts: list[Fact], up_to_subject: bool) -> dict[str, int]:
+    """Tokens of one pass over the batch: the prompts' own, and with the right padding the model runs too."""
+    enc = encode(wb.tok, *templated(facts, wb.templates), up_to_subject=up_to_subject)
+    return {"prompt": int(enc.lengths.sum()), "padded": enc.input_ids.numel()}
 
 
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,24 +90,29 @@ def main() -> None:
     facts = [Fact.from_row(r) for r in load_edits(p.data).iter_rows(named=True)]
     wb = Workbench.open(p)
     layers = list(p.edit.layers)
-    seconds: dict[str, list[float]] = {"full": [], "walked": []}
-    results: dict[str, Any] = {}
+    runs = paths(wb, facts, layers)
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    results: dict[str, dict[int, torch.Tensor]] = {}
     load = [os.getloadavg()[0]]
     for _ in range(args.repeats):
-        for name, fn in (("full", full), ("walked", walked)):
+        for name, fn in runs.items():
             start = time.perf_counter()
-            results[name] = fn(wb, facts, layers)
+            results[name] = fn()
             seconds[name].append(round(time.perf_counter() - start, 2))
             print(f"{name}: {seconds[name][-1]} s")
     load.append(os.getloadavg()[0])
-    diff = {
-        l: {
-            "keys": max_rel(results["walked"][l][0], results["full"][l][0]),
-            "hidden": max_rel(results["walked"][l][1], results["full"][l][1]),
-        }
-        for l in layers
+    med = {name: statistics.median(s) for name, s in seconds.items()}
+    ratios = {
+        path: round(med[f"{path}, full rows"] / med[f"{path}, cut at subject"], 2) for path in ("update", "attribution")
     }
-    ratio = statistics.median(seconds["full"]) / statistics.median(seconds["walked"])
+    diff = {
+        path: max(
+            max_rel(results[f"{path}, cut at subject"][k], results[f"{path}, full rows"][k])
+            for k in results[f"{path}, full rows"]
+        )
+        for path in ("update", "attribution")
+    }
+    n_tokens = {"full rows": tokens(wb, facts, False), "cut at subject": tokens(wb, facts, True)}
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "n_facts": len(facts),
@@ -91,37 +120,41 @@ def main() -> None:
         "layers": layers,
         "threads": torch.get_num_threads(),
         "load_average": load,
+        "tokens": n_tokens,
         "seconds": seconds,
-        "ratio_of_medians": round(ratio, 2),
-        "relative_difference": diff,
+        "ratio_of_medians": ratios,
+        "largest_relative_difference": diff,
     }
     OUT_JSON.write_text(json.dumps(report, indent=2) + "\n")
-    worst = max(max(d.values()) for d in diff.values())
+    full_t, cut_t = n_tokens["full rows"], n_tokens["cut at subject"]
     OUT_MD.write_text(
         "\n".join(
             [
-                "# Keys of the update: every block from the tokens vs from the last written layer",
+                "# Keys of a batch: prompts traced to their end vs cut at the subject's last token",
                 "",
                 f"Generated by `bench/keys_speed.py` on {report['date']}: SmolLM2-135M, the first {len(facts)} "
                 f"CounterFact facts, {len(wb.templates)} templates each, edited layers {layers} (z's layer "
                 f"{layers[-1]}), {report['threads']} torch thread(s), 1-min load average {load[0]:.1f} at the "
-                f"start and {load[1]:.1f} at the end (the seconds are only comparable with each other). Both "
-                "sides ran alternately in one process on the same unedited model.",
+                f"start and {load[1]:.1f} at the end (the seconds are only comparable with each other). All "
+                "paths ran alternately in one process on the same unedited model. Tokens traced per pass over "
+                f"the batch, prompt tokens / with padding: full rows {full_t['prompt']} / {full_t['padded']}, cut "
+                f"at the subject {cut_t['prompt']} / {cut_t['padded']} ({cut_t['prompt'] / full_t['prompt']:.2f} / "
+                f"{cut_t['padded'] / full_t['padded']:.2f}).",
                 "",
                 "| path | seconds (each run) | median |",
                 "|---|---|---:|",
-                *(
-                    f"| {name} | {' / '.join(map(str, s))} | {statistics.median(s):.2f} |"
-                    for name, s in seconds.items()
-                ),
+                *(f"| {name} | {' / '.join(map(str, s))} | {med[name]:.2f} |" for name, s in seconds.items()),
                 "",
-                f"full / walked = **{ratio:.2f}×**. Largest relative difference (Frobenius) of a layer's keys or "
-                f"z's-layer output between the two: {worst:.1e}.",
+                *(
+                    f"- {path}: full / cut = **{ratios[path]:.2f}×**; largest relative difference (Frobenius) of "
+                    f"a layer's keys{' or z-layer output' if path == 'update' else ''}: {diff[path]:.1e}."
+                    for path in ratios
+                ),
                 "",
             ]
         )
     )
-    print(f"full/walked {ratio:.2f}x, max relative difference {worst:.1e} -> {OUT_MD}")
+    print(f"full/cut {ratios}, largest relative difference {diff} -> {OUT_MD}")
 
 
 if __name__ == "__main__":

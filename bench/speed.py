@@ -16,6 +16,8 @@ Configurations:
   updates), stop at total loss < 5e-2, one fact at a time, in the model's float32;
 - ece-within: ECE with warm starts within a batch only (`z.warm_from_earlier=false`; the default also
   starts an anchor from earlier batches' δ of the same new object, which shows only with --batches > 1);
+- ece-window4, memit-window4: ece and memit with the z of 4 batches in one loop (`z.window_batches=4`;
+  the tail of one batch's descent fills passes with the next batch's facts) and `z.facts_per_pass=100`;
 - ece-pass25, memit-pass25: ece and memit with `z.facts_per_pass=25` (the same descent, each pass run
   25 facts at a time; pays off where a 100-fact pass is slower per row than four of 25);
 - ultraedit: UltraEdit with its defaults (no z: one forward/backward per batch, then the solves).
@@ -46,6 +48,15 @@ PHASES = ("attribution", "clustering", "z", "update_keys", "update_solve", "upda
 CONFIGS = {
     "ece": ["method=ece"],
     "ece-within": ["method=ece", "z.warm_from_earlier=false"],
+    # z of 4 batches in one loop (z.window_batches), 100 facts per forward/backward (memory as one batch's)
+    "ece-window4": ["method=ece", "z.window_batches=4", "z.facts_per_pass=100"],
+    "memit-window4": [
+        "method=memit",
+        "z.shared_steps=0",
+        "z.instance_steps=25",
+        "z.window_batches=4",
+        "z.facts_per_pass=100",
+    ],
     # z's passes 25 facts at a time (z.facts_per_pass; the same descent): on a CPU a pass over 100 facts'
     # rows can cost more per row than four passes of 25 (caches)
     "ece-pass25": ["method=ece", "z.facts_per_pass=25"],

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from ece.artifacts import EDITOR
 from ece.audit.ledger import LEDGER_SCHEMA
 from ece.config import Params, load_params
-from ece.data.facts import Fact, batch_ranges
+from ece.data.facts import Fact, batch_ranges, batch_windows
 from ece.data.loaders import dataset_hash, from_records
 from ece.data.validation import validate_edits
 from ece.editing.clustering import cluster_batch, neuron_sets
@@ -38,7 +38,7 @@ from ece.editing.editor import Editor, LayerChange
 from ece.editing.selection import attribute_batch, update_columns
 from ece.editing.serac import EditMemory, MemoryRouter, open_router
 from ece.editing.trained import edit_memory, load_trained
-from ece.editing.zvec import EarlierObjects, batch_z, z_groups, z_rows
+from ece.editing.zvec import EarlierObjects, batch_z, window_cluster_rows, z_groups, z_rows
 from ece.errors import EceError
 from ece.eval.run import evaluate_model
 from ece.methods import Method, method_of
@@ -63,33 +63,53 @@ class EditResult:
 
 
 def plan(wb: Workbench, p: Params, facts: pl.DataFrame, log: Log = print) -> list[BatchPlan]:
-    """Every batch's plan, in memory, on the model as it is now (call it before any batch is written)."""
+    """Every batch's plan, in memory, on the model as it is now (call it before any batch is written). z
+    is computed a window of `z.window_batches` batches at a time, as the precompute_z stage does."""
     method = method_of(p)
     all_facts = [Fact.from_row(r) for r in facts.iter_rows(named=True)]
     hashes = facts["content_hash"].to_list()
     history = EarlierObjects.of(p, method)
+    ranges = batch_ranges(len(all_facts), p.edit.batch_size)
     plans = []
-    for b, rng in enumerate(batch_ranges(len(all_facts), p.edit.batch_size)):
-        batch, seconds = [all_facts[i] for i in rng], {}
-        start = time.perf_counter()
-        fact_rows, batch_rows = attribute_batch(wb, p, b, batch) if method.selects_columns else ([], [])
-        seconds["attribution"] = time.perf_counter() - start
-        start = time.perf_counter()
-        clusters = cluster_batch(p, method, b, [f.id for f in batch], neuron_sets(fact_rows))
-        seconds["clustering"] = time.perf_counter() - start
-        z = h = None
-        rows: list[dict[str, Any]] = []
+    for window in batch_windows(len(ranges), p.z.window_batches):
+        batches = [[all_facts[i] for i in ranges[b]] for b in window]
+        seconds: list[dict[str, float]] = [{} for _ in window]
+        selections, clusters = [], []
+        for w, (b, batch) in enumerate(zip(window, batches)):
+            start = time.perf_counter()
+            fact_rows, batch_rows = attribute_batch(wb, p, b, batch) if method.selects_columns else ([], [])
+            seconds[w]["attribution"] = time.perf_counter() - start
+            start = time.perf_counter()
+            clusters.append(cluster_batch(p, method, b, [f.id for f in batch], neuron_sets(fact_rows)))
+            seconds[w]["clustering"] = time.perf_counter() - start
+            selections.append(batch_rows)
+        z: list[Tensor | None] = [None] * len(window)
+        h: list[Tensor | None] = [None] * len(window)
+        rows: list[list[dict[str, Any]]] = [[] for _ in window]
         if method.needs_z:
             start = time.perf_counter()
-            labels, anchors = z_groups(p, method, clusters, batch)
-            start_delta, earlier = history.starts(batch, labels, anchors, wb.adapter.hidden_size)
-            res = batch_z(wb, p, method, batch, labels, anchors, start_delta)
-            seconds["z"] = time.perf_counter() - start
-            z, h, rows = res.z, res.h, z_rows(res, batch, anchors[labels], earlier)
-            history.add(batch, res.delta)
-        columns = update_columns(wb, p, method, batch, batch_rows, z, h)
-        plans.append(BatchPlan(batch, hashes[rng.start : rng.stop], clusters, z, rows, columns, seconds))
-        log(f"plan: batch {b}, {len(batch)} facts" + (f", {sum(r['steps'] for r in rows)} z row-steps" if rows else ""))
+            span = [f for batch in batches for f in batch]
+            labels, anchors = z_groups(p, method, window_cluster_rows(clusters), span)
+            start_delta, earlier = history.starts(span, labels, anchors, wb.adapter.hidden_size)
+            res = batch_z(wb, p, method, span, labels, anchors, start_delta)
+            z_seconds = time.perf_counter() - start
+            every = z_rows(res, span, anchors[labels], earlier)
+            history.add(span, res.delta)
+            first = 0
+            for w, batch in enumerate(batches):
+                cut = slice(first, first + len(batch))
+                z[w], h[w], rows[w] = res.z[cut], res.h[cut], every[cut]
+                steps = sum(r["steps"] for r in every)
+                seconds[w]["z"] = z_seconds * (sum(r["steps"] for r in rows[w]) / steps if steps else 1 / len(window))
+                first += len(batch)
+        for w, (b, batch) in enumerate(zip(window, batches)):
+            columns = update_columns(wb, p, method, batch, selections[w], z[w], h[w])
+            rng = ranges[b]
+            plans.append(BatchPlan(batch, hashes[rng.start : rng.stop], clusters[w], z[w], rows[w], columns, seconds[w]))
+            log(
+                f"plan: batch {b}, {len(batch)} facts"
+                + (f", {sum(r['steps'] for r in rows[w])} z row-steps" if rows[w] else "")
+            )
     return plans
 
 

@@ -100,6 +100,8 @@ class ZCfg:
     # the mean final δ of those earlier facts (ECE only; every batch's z is on the original model)
     facts_per_pass: int = 0  # 0: a pass runs all its facts in one forward/backward; N: N at a time (same
     # descent, less memory; the references run 1)
+    window_batches: int = 1  # edit batches whose z is computed in one loop (the facts of a window are one z
+    # batch: fuller passes, and warm starts within it); the update still runs batch by batch
     dtype: str = "model"  # z's forward/backward passes: model (the model's dtype) | bfloat16 | float32
 
 
@@ -256,6 +258,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("z.stop_loss", 0, True, "0 turns the early stop off; MEMIT: 5e-2"),
     ("z.stop_nll", 0, True, "0 turns the early stop off"),
     ("z.facts_per_pass", 0, True, "0 descends on the whole batch at once"),
+    ("z.window_batches", 1, True, "1 computes z batch by batch"),
     ("update.mom2_update_weight", 0, True, "e.g. 15000"),
     ("update.max_update_norm", 0, False, "e.g. 10000 (a safety stop far above the norms of healthy updates)"),
     ("alphaedit.nullspace_threshold", 0, False, "AlphaEdit: 2e-2"),

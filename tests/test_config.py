@@ -38,6 +38,7 @@ INVALID = {
     "z.stop_loss": -0.1,
     "z.stop_nll": -0.1,
     "z.facts_per_pass": -1,
+    "z.window_batches": 0,
     "update.mom2_update_weight": -1.0,
     "update.max_update_norm": 0.0,
     "alphaedit.nullspace_threshold": 0.0,

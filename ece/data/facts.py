@@ -38,6 +38,11 @@ def batch_ranges(n: int, batch_size: int) -> list[range]:
     return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
+def batch_windows(n_batches: int, window: int) -> list[range]:
+    """Consecutive batches taken `window` at a time (z.window_batches); the last window may be short."""
+    return [range(s, min(s + window, n_batches)) for s in range(0, n_batches, window)]
+
+
 def batch_rows(table: pl.DataFrame, b: int) -> list[dict[str, Any]]:
     """Batch `b`'s rows of a per-batch artifact table (clusters, attribution selections), in stored order."""
     return table.filter(pl.col("batch") == b).to_dicts()

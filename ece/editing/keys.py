@@ -45,7 +45,7 @@ def keys_and_hidden(
     """Keys (n, f) per layer averaged over templates (`template_weights`), and the block output of `out_layer` (n, d)
     at the subject on the bare prompt (template "{}", which must come first)."""
     prompts, subjects = templated(facts, templates)
-    enc = encode(tok, prompts, subjects)
+    enc = encode(tok, prompts, subjects, up_to_subject=True)
     keys, outs = adapter.trace(
         enc.input_ids, enc.attention_mask, key_layers, [out_layer] if out_layer is not None else []
     )
@@ -81,7 +81,7 @@ class LayerKeys:
     ) -> None:
         prompts, subjects = templated(facts, templates)
         self.adapter, self.out_layer = adapter, out_layer
-        self.enc = encode(tok, prompts, subjects)
+        self.enc = encode(tok, prompts, subjects, up_to_subject=True)
         self.n, self.t = len(facts), len(templates)
         self.bare = torch.arange(self.n) * self.t  # rows of template "{}"
         self.resume: tuple[int, Tensor] | None = None  # (block b, the stream entering b for every row)

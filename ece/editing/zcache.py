@@ -1,8 +1,10 @@
-"""The z cache of the precompute_z stage (artifacts/z): one safetensors file per batch, named by a hash
-of everything its z depends on, and a per-fact index; read back by apply_edits.
+"""The z cache of the precompute_z stage (artifacts/z): one safetensors file per window of
+`z.window_batches` batches, named by a hash of everything its z depends on, and a per-fact index; read
+back by apply_edits.
 
 A file whose key matches is reused, so appending facts to the dataset computes z only for the new
-batches, and a change of z params, model or z code computes every batch again.
+batches (and those of the last window, when it was short), and a change of z params, model or z code
+computes every batch again.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from torch import Tensor
 
 from ece.artifacts import CLUSTERS, SCRATCH, Z_DIR, Z_TIMINGS
 from ece.config import Params
-from ece.data.facts import Fact, batch_ranges, batch_rows
+from ece.data.facts import Fact, batch_ranges, batch_rows, batch_windows
 from ece.data.io import atomic_path, link_or_copy, sha256_bytes, sha256_json, write_json
-from ece.editing.zvec import EarlierObjects, FactLosses, ZResult, batch_z, z_groups, z_rows
+from ece.editing.zvec import EarlierObjects, FactLosses, ZResult, batch_z, window_cluster_rows, z_groups, z_rows
 from ece.errors import EceError
 from ece.methods import method_of
 from ece.model.workbench import Workbench
@@ -46,10 +48,17 @@ TENSORS = ("z", "h", "delta", "loss", "nll", "kl", "steps", "anchor", "earlier")
 
 
 def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], code: str) -> tuple[pl.DataFrame, int]:
-    """z of every batch into artifacts/z/cache (one file per batch, named by a hash of the batch's content,
-    groups, z params, model, `code` and, with z.warm_from_earlier, the δ its anchors start from, which
-    earlier batches' files determine; an existing file is reused) and the per-fact index; the index and
-    the number of batches computed (the others were reused)."""
+    """z of every window of `z.window_batches` batches into artifacts/z/cache (one file per window, named
+    by a hash of the window's content, groups, z params, model, `code` and, with z.warm_from_earlier, the
+    δ its anchors start from, which earlier windows' files determine; an existing file is reused) and the
+    per-fact index; the index and the number of batches computed (the others were reused).
+
+    A window's facts are one z batch (`batch_z`): its passes hold the facts of all its batches still
+    optimising, so the tail of one batch (its slowest facts) runs alongside the start of the next, and a
+    fact warm-starts from the window's first fact with its object even when that one is in an earlier
+    batch of the window. Every batch's z is on the original model, so this changes no fact's problem;
+    the update still runs batch by batch. A window's seconds are shared among its batches in proportion
+    to their z row-steps."""
     clusters = pl.read_parquet(CLUSTERS / "clusters.parquet")
     method = method_of(p)
     cache = Z_DIR / "cache"
@@ -58,13 +67,16 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
     # identical recompute writes identical bytes (and DVC reruns nothing downstream).
     seconds_of = json.loads(Z_SECONDS.read_text()) if Z_SECONDS.exists() else {}
     history = EarlierObjects.of(p, method)
-    for b, rng in enumerate(batch_ranges(len(facts), p.edit.batch_size) if method.needs_z else []):
-        batch = [facts[i] for i in rng]
-        labels, anchors = z_groups(p, method, batch_rows(clusters, b), batch)
+    ranges = batch_ranges(len(facts), p.edit.batch_size) if method.needs_z else []
+    for window in batch_windows(len(ranges), p.z.window_batches):
+        span = range(ranges[window[0]].start, ranges[window[-1]].stop)
+        batch = [facts[i] for i in span]
+        labels, anchors = z_groups(p, method, window_cluster_rows([batch_rows(clusters, b) for b in window]), batch)
         start_delta, earlier = history.starts(batch, labels, anchors, wb.adapter.hidden_size)
         key = sha256_json(
             {
-                "facts": df["content_hash"][rng.start : rng.stop].to_list(),
+                "facts": df["content_hash"][span.start : span.stop].to_list(),
+                "batches": [len(ranges[b]) for b in window],
                 "labels": labels.tolist(),
                 "anchors": anchors.tolist(),
                 "z": asdict(p.z),
@@ -100,15 +112,22 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
                     metadata={"ids": json.dumps([f.id for f in batch])},
                 )
             seconds_of[path.name] = time.perf_counter() - start
-            computed += 1
+            computed += len(window)
             Z_STORE.mkdir(parents=True, exist_ok=True)
             link_or_copy(path, Z_STORE / path.name)
-        timings[b] = seconds_of.get(path.name, float("nan"))  # NaN: reused from a cache made elsewhere
         stored, delta = _stored_z(path, batch)
-        rows += [
-            {"id": f.id, "batch": b, "file": path.name, "row": j, **r} for j, (f, r) in enumerate(zip(batch, stored))
-        ]
-        history.add(batch, delta)  # as stored, so a later batch's key follows this file's bytes
+        seconds = seconds_of.get(path.name, float("nan"))  # NaN: reused from a cache made elsewhere
+        all_steps = sum(r["steps"] for r in stored)
+        for b in window:
+            first = ranges[b].start - span.start
+            mine = stored[first : first + len(ranges[b])]
+            rows += [
+                {"id": facts[ranges[b].start + j].id, "batch": b, "file": path.name, "row": first + j, **r}
+                for j, r in enumerate(mine)
+            ]
+            share = sum(r["steps"] for r in mine) / all_steps if all_steps else 1 / len(window)
+            timings[b] = seconds * share
+        history.add(batch, delta)  # as stored, so a later window's key follows this file's bytes
     for stale in cache.glob("*.safetensors"):
         if stale.name not in used:
             stale.unlink()
@@ -130,9 +149,10 @@ def _stored_z(path: Path, batch: list[Fact]) -> tuple[list[dict[str, Any]], Tens
 
 def read_z(index: pl.DataFrame, batch: int) -> tuple[Tensor, Tensor]:
     """z and h (n, d) of one batch, in the batch's fact order, from the precompute_z cache (`index`: its
-    index.parquet, read once by the caller for every batch)."""
+    index.parquet, read once by the caller for every batch). A batch's rows lie in one window's file."""
     index = index.filter(pl.col("batch") == batch)
     if index.is_empty():
         raise EceError(f"no z for batch {batch}", "rerun the precompute_z stage: dvc repro precompute_z")
+    rows = index["row"].to_torch()
     with safe_open(str(Z_DIR / "cache" / index["file"][0]), framework="pt") as f:
-        return f.get_tensor("z"), f.get_tensor("h")
+        return f.get_tensor("z")[rows], f.get_tensor("h")[rows]

@@ -509,6 +509,16 @@ def z_groups(p: Params, method: Method, cluster_rows: list[dict[str, Any]], batc
     )
 
 
+def window_cluster_rows(per_batch: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The cluster rows of a window's batches (z.window_batches) as one z batch's: each batch's cluster
+    numbers shifted past the earlier batches' (clusters never span batches; grouping by object does)."""
+    rows, shift = [], 0
+    for batch in per_batch:
+        rows += [{**r, "cluster": r["cluster"] + shift} for r in batch]
+        shift += 1 + max((r["cluster"] for r in batch), default=-1)
+    return rows
+
+
 def z_adapter(adapter: ModelAdapter, dtype: str) -> ModelAdapter:
     """The adapter z's descent runs on: the model's own, or a copy in `z.dtype`.
 

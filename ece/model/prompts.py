@@ -69,12 +69,15 @@ def encode(
     prompts: list[str],
     subjects: list[str],
     suffixes: list[list[int]] | None = None,
+    up_to_subject: bool = False,
 ) -> Encoded:
     """Tokenize `prompt` with the subject filled in, plus optional token suffixes (e.g. the target),
     after the document start.
 
     The subject's last token is found from character offsets, which is exact for any tokenizer with
-    offsets, instead of re-tokenizing a prefix and hoping the merges agree.
+    offsets, instead of re-tokenizing a prefix and hoping the merges agree. `up_to_subject` ends each
+    row at that token: in a causal model nothing after it changes what is read there (keys, the hidden
+    state at the subject), so the tokens after it would only cost time.
     """
     rows: list[list[int]] = []
     positions: list[int] = []
@@ -88,8 +91,12 @@ def encode(
         last = [j for j, (s, e) in enumerate(enc["offset_mapping"]) if s < end and e > s]
         if not last:
             raise EceError(f"subject {subject!r} is not visible in {text!r} after tokenization", "check the prompt")
+        pos = last[-1] + len(start_ids)
+        if up_to_subject:
+            assert not suffixes, "a suffix after a row cut at its subject would not follow the prompt"
+            ids = ids[: pos + 1]
         rows.append(ids + (suffixes[i] if suffixes else []))
-        positions.append(last[-1] + len(start_ids))
+        positions.append(pos)
     ids, mask = right_padded(tok, rows)
     return Encoded(ids, mask, torch.tensor(positions), mask.sum(1))
 

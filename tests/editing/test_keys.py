@@ -101,6 +101,23 @@ def test_encode_suffixes_are_appended_after_the_prompt(tiny_gpt2):
     assert torch.equal(plain.lengths + torch.tensor([len(suffix), 2]), enc.lengths)
 
 
+def test_encode_up_to_subject_ends_each_row_at_its_subject(bpe_with_bos):
+    tok = bpe_with_bos
+    prompts = [p for p, _ in CASES]
+    subjects = [s for _, s in CASES]
+    full = encode(tok, prompts, subjects)
+    cut = encode(tok, prompts, subjects, up_to_subject=True)
+    assert torch.equal(cut.subject_pos, full.subject_pos)
+    assert torch.equal(cut.lengths, full.subject_pos + 1)
+    assert cut.input_ids.shape[1] == int(full.subject_pos.max()) + 1 < full.input_ids.shape[1]
+    for i in range(len(CASES)):
+        n = int(cut.lengths[i])
+        assert cut.input_ids[i, :n].tolist() == full.input_ids[i, :n].tolist()  # a prefix of the full row
+        assert not cut.attention_mask[i, n:].any()
+    with pytest.raises(AssertionError, match="suffix"):
+        encode(tok, prompts[:1], subjects[:1], [[1]], up_to_subject=True)
+
+
 def test_document_start_byte_tokenizer(tiny_llama):
     _, tok = tiny_llama
     assert document_start(tok) == [tok.convert_tokens_to_ids("<|endoftext|>")]
