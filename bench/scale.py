@@ -91,13 +91,12 @@ def code_of(rev: str) -> str | None:
     return out.stdout.strip() or None
 
 
-def merge(stored: list[dict[str, Any]], found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def merge(stored: list[dict[str, Any]], found: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
     """The report's rows: every finished experiment, plus the stored rows whose experiments this repository
     no longer holds (experiments live in one machine's git refs; a row run elsewhere or in an earlier
     session survives only in reports/scale.json, with its experiment commit in `rev`). A row found again
-    replaces its stored version. Ordered as ROWS lists them."""
+    replaces its stored version. Ordered as `order` lists the rows (others last)."""
     by_row = {r["row"]: r for r in stored} | {r["row"]: r for r in found}
-    order = list(ROWS)
     return sorted(by_row.values(), key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
 
 
@@ -266,7 +265,7 @@ def main() -> None:
         print("started; `dvc queue status` shows progress, `dvc queue logs <name>` a run's output")
     else:
         stored = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else []
-        rows = merge(stored, collect())
+        rows = merge(stored, collect(), list(ROWS))
         OUT_JSON.write_text(json.dumps(rows, indent=2) + "\n")
         OUT_MD.write_text(markdown(rows))
         plot(rows, OUT_PNG)

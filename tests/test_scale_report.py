@@ -128,7 +128,7 @@ def test_merge_keeps_stored_rows_whose_experiments_are_gone_and_replaces_found_o
         {"row": "cf-ece", "rev": "c", "score": 0.7},
     ]
     found = [{"row": "cf-ece", "rev": "d", "score": 0.8}, {"row": "cf-alphaedit", "rev": "e", "score": 0.5}]
-    merged = scale.merge(stored, found)
+    merged = scale.merge(stored, found, list(scale.ROWS))
     # The row order (ROWS: CounterFact before zsRE, ECE, MEMIT, AlphaEdit), not the input order.
     assert [(r["row"], r["rev"]) for r in merged] == [
         ("cf-ece", "d"),
@@ -136,4 +136,4 @@ def test_merge_keeps_stored_rows_whose_experiments_are_gone_and_replaces_found_o
         ("cf-alphaedit", "e"),
         ("zsre-ece", "a"),
     ]
-    assert scale.merge([], []) == []
+    assert scale.merge([], [], list(scale.ROWS)) == []
