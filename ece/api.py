@@ -105,7 +105,9 @@ def plan(wb: Workbench, p: Params, facts: pl.DataFrame, log: Log = print) -> lis
         for w, (b, batch) in enumerate(zip(window, batches)):
             columns = update_columns(wb, p, method, batch, selections[w], z[w], h[w])
             rng = ranges[b]
-            plans.append(BatchPlan(batch, hashes[rng.start : rng.stop], clusters[w], z[w], rows[w], columns, seconds[w]))
+            plans.append(
+                BatchPlan(batch, hashes[rng.start : rng.stop], clusters[w], z[w], rows[w], columns, seconds[w])
+            )
             log(
                 f"plan: batch {b}, {len(batch)} facts"
                 + (f", {sum(r['steps'] for r in rows[w])} z row-steps" if rows[w] else "")

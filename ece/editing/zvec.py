@@ -19,7 +19,6 @@ phase run after the whole shared phase (tested); only how the rows are packed in
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -32,11 +31,11 @@ from transformers import PreTrainedTokenizerBase
 
 from ece.config import Params, ZCfg
 from ece.data.facts import Fact
-from ece.editing.keys import keys_and_hidden, templated
+from ece.editing.keys import KEY_BLOCK_COST, keys_and_hidden, length_sorted_blocks, templated
 from ece.methods import Method
 from ece.model.adapter import KV, ModelAdapter
 from ece.model.loading import DTYPES
-from ece.model.prompts import at_positions, encode, target_ids
+from ece.model.prompts import Encoded, at_positions, encode, length_blocks, target_ids
 from ece.model.workbench import Workbench
 
 KL_TEMPLATE = "{} is a"
@@ -105,27 +104,12 @@ class ZProblem:
         )
 
     def blocks(self, forward_cost: int = BLOCK_FORWARD_COST) -> list[tuple[int, int, int]]:
-        """(first row, end row, tokens) of the blocks a pass runs, each cut to its longest row.
-
-        The runs of rows of one length, neighbouring runs merged where that is cheaper: a block costs
-        its rows × its length in tokens plus `forward_cost` (one more forward/backward through the
-        blocks above the layer), and the split of the sorted runs with the least total is taken
-        (exact, by dynamic programming over the few distinct lengths). With one fact per pass its
-        KL row then rides along with its NLL rows instead of costing a forward of its own.
-        """
-        lengths, counts = torch.unique_consecutive(self.own_len, return_counts=True)
-        widths, ends = lengths.tolist(), [0, *counts.cumsum(0).tolist()]
-        best, cut = [0] + [sys.maxsize] * len(widths), [0] * (len(widths) + 1)
-        for j in range(1, len(widths) + 1):  # best[j]: the cheapest split of the first j runs
-            for i in range(j):
-                cost = best[i] + (ends[j] - ends[i]) * widths[j - 1] + forward_cost
-                if cost < best[j]:
-                    best[j], cut[j] = cost, i
-        out, j = [], len(widths)
-        while j:
-            out.append((ends[cut[j]], ends[j], widths[j - 1]))
-            j = cut[j]
-        return out[::-1]
+        """(first row, end row, tokens) of the blocks a pass runs, each cut to its longest row
+        (`length_blocks` over the rows' lengths, ascending by construction): a block costs its rows ×
+        its length plus `forward_cost` (one more forward/backward through the blocks above the layer).
+        With one fact per pass its KL row then rides along with its NLL rows instead of costing a
+        forward of its own."""
+        return length_blocks(self.own_len, forward_cost)
 
 
 def split_at_subject(mask: Tensor, pos: Tensor) -> tuple[int, Tensor, Tensor, Tensor]:
@@ -149,6 +133,40 @@ def split_at_subject(mask: Tensor, pos: Tensor) -> tuple[int, Tensor, Tensor, Te
     return n_prefix, index, real, attn[:, None]
 
 
+def _block_output(adapter: ModelAdapter, enc: Encoded, layer: int) -> Tensor:
+    """The output of block `layer` (R, T, d) at every token of `enc`'s rows, zero in the padding. The rows
+    run in blocks of about one length (`length_sorted_blocks`): a row's tokens do not depend on the
+    padding after it, and one block padded to the longest row would run ~40 % padding."""
+    hidden: Tensor | None = None
+    for rows, width in length_sorted_blocks(enc):
+        _, outs = adapter.trace(enc.input_ids[rows, :width], enc.attention_mask[rows, :width], out_layers=[layer])
+        if hidden is None:
+            hidden = outs[layer].new_zeros(*enc.input_ids.shape, outs[layer].shape[-1])
+        hidden[rows.to(hidden.device), :width] = outs[layer]
+    assert hidden is not None
+    return hidden
+
+
+def _frozen_prefix(adapter: ModelAdapter, layer: int, hidden: Tensor, mask: Tensor, prefix_len: Tensor) -> KV:
+    """`adapter.prefix_kv` of the (R, P) prefix tokens, in blocks of rows of about one prefix length, each
+    run only up to its longest prefix (zero beyond it: those positions are masked for the rows of the
+    block, whose prefixes end there). Computing every row's keys and values up to the longest prefix of
+    the batch is the costliest part of building a z problem (~0.5 s per fact on 2 cores, padded)."""
+    order = torch.argsort(prefix_len, stable=True)
+    kv: dict[int, tuple[Tensor, Tensor]] = {}
+    for start, end, width in length_blocks(prefix_len[order], KEY_BLOCK_COST):
+        if width == 0:  # rows whose subject opens the row: no prefix
+            continue
+        rows = order[start:end]
+        for l, (k, v) in adapter.prefix_kv(layer, hidden[rows, :width], mask[rows, :width]).items():
+            if l not in kv:
+                shape = (hidden.shape[0], k.shape[1], hidden.shape[1], k.shape[3])
+                kv[l] = (k.new_zeros(shape), v.new_zeros(shape))
+            kv[l][0][rows.to(k.device), :, :width] = k
+            kv[l][1][rows.to(v.device), :, :width] = v
+    return kv
+
+
 @torch.no_grad()
 def build_problem(
     adapter: ModelAdapter, tok: PreTrainedTokenizerBase, facts: list[Fact], layer: int, templates: list[str]
@@ -168,8 +186,7 @@ def build_problem(
         tgt = targets[int(row_fact[r])]
         start = int(enc.lengths[r]) - len(tgt)  # logits at start .. start+len-1 predict the target
         labels[r, start : start + len(tgt)] = torch.tensor(tgt)
-    _, outs = adapter.trace(enc.input_ids, enc.attention_mask, out_layers=[layer])
-    hidden = outs[layer]
+    hidden = _block_output(adapter, enc, layer)
     kl_rows = torch.arange(n * t, n * t + n)
     pos = enc.subject_pos
     final = adapter.final_hidden_from(layer, hidden[kl_rows], enc.attention_mask[kl_rows])
@@ -189,7 +206,7 @@ def build_problem(
         hidden=hidden[rows, index][order],
         position_ids=index[order],
         attn=attn[order],
-        prefix=adapter.prefix_kv(layer, prefix_hidden, prefix_mask) if n_prefix else {},
+        prefix=_frozen_prefix(adapter, layer, prefix_hidden, prefix_mask, pos[order]) if n_prefix else {},
         row_fact=row_fact[order],
         labels=labels_from_subject[order],
         kl_rows=new_row[kl_rows],
@@ -350,7 +367,13 @@ def release(state: ZState, waiting: Tensor, starts_from: Tensor, cfg: ZCfg) -> T
 
 
 def optimise(
-    problem: ZProblem, adapter: ModelAdapter, layer: int, state: ZState, starts_from: Tensor, cfg: ZCfg
+    problem: ZProblem,
+    adapter: ModelAdapter,
+    layer: int,
+    state: ZState,
+    starts_from: Tensor,
+    cfg: ZCfg,
+    stopped: FactLosses | None = None,
 ) -> ZState:
     """ECE's two steps for every fact of a batch in one batched loop of Adam steps, in place.
 
@@ -371,6 +394,8 @@ def optimise(
     the facts' losses are independent, so every fact's descent is the same, and the activations kept
     for the backward are those of N facts, not the batch's (the references run one fact at a time;
     on a 7B model a batch of 100 at once would not fit).
+
+    `stopped` (n,) receives the losses at which each fact met the stop rule (those of its final δ).
     """
     rule, lr = StopRule.of(cfg), row_lr(problem.h, cfg)
     n = problem.n_facts
@@ -389,7 +414,7 @@ def optimise(
             }
             subsets = {key: subsets[key] if key in subsets else problem.subset(c) for key, c in chunks.items()}
             for key, chunk in chunks.items():
-                _step(subsets[key], adapter, layer, state, chunk, lr, rule, cfg)
+                _step(subsets[key], adapter, layer, state, chunk, lr, rule, cfg, stopped)
             bar.update()
 
 
@@ -402,13 +427,18 @@ def _step(
     lr: Tensor,
     rule: StopRule,
     cfg: ZCfg,
+    stopped: FactLosses | None = None,
 ) -> None:
     """One forward/backward of the facts `rows` (`sub` = the problem restricted to them, in that order):
-    freeze those that meet the stop rule, one Adam step and the clamp for the others."""
+    freeze those that meet the stop rule (their losses into `stopped`), one Adam step and the clamp for
+    the others."""
     delta = state.delta[rows].requires_grad_(True)
     losses = fact_losses(sub, adapter, layer, delta, cfg)
     met = rule.met(losses)
     state.done[rows[met]] = True
+    if stopped is not None:
+        for into, got in zip((stopped.total, stopped.nll, stopped.kl), (losses.total, losses.nll, losses.kl)):
+            into[rows[met]] = got.detach()[met]
     go = torch.nonzero(~met).squeeze(1)
     state.steps[rows[go]] += 1
     (grad,) = torch.autograd.grad(losses.total[go].sum(), delta)
@@ -470,9 +500,18 @@ def two_step_z(
     state = ZState.zeros(*problem.h.shape)
     if start is not None:
         state.delta = start.to(state.delta).clone()
-    state = optimise(problem, adapter, layer, state, anchors[labels], cfg)
+    n = problem.n_facts
+    losses = FactLosses(torch.zeros(n), torch.zeros(n), torch.zeros(n))
+    state = optimise(problem, adapter, layer, state, anchors[labels], cfg, losses)
+    # A fact that met the stop rule was frozen with the losses it met it at; the others (through their
+    # steps) still need those of their last δ: one more forward of those facts only.
+    rest = torch.nonzero(~state.done).squeeze(1)
     with torch.no_grad():
-        losses = fact_losses(problem, adapter, layer, state.delta, cfg)
+        for chunk in rest.split(cfg.facts_per_pass) if cfg.facts_per_pass else [rest]:
+            if len(chunk):
+                got = fact_losses(problem.subset(chunk), adapter, layer, state.delta[chunk], cfg)
+                for into, part in zip((losses.total, losses.nll, losses.kl), (got.total, got.nll, got.kl)):
+                    into[chunk] = part
     return ZResult(problem.h + state.delta, state.delta, problem.h, losses, state.steps)
 
 

@@ -10,7 +10,7 @@ cache (nothing is downloaded).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib.machinery
 import json
 import os
 import tempfile
@@ -137,9 +137,14 @@ def _ready(model: nn.Module) -> nn.Module:
     return model
 
 
+# Where model packages are looked for (None: sys.path); tests point it at fake packages only, so that a
+# machine with the real ones installed (`make gemma3`) runs the same tests.
+PACKAGE_PATH: list[str] | None = None
+
+
 def _package_dir(module: str, model: str) -> Path:
     """The folder of an installed model package, found without importing it: only its files are used."""
-    spec = importlib.util.find_spec(module)
+    spec = importlib.machinery.PathFinder.find_spec(module, PACKAGE_PATH)
     if spec is None or not spec.submodule_search_locations:
         raise EceError(
             f"the package '{module}' that holds model '{model}' is not installed",

@@ -8,6 +8,7 @@ fixed starter words, hence a pure function of the model.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,27 @@ def right_padded(tok: PreTrainedTokenizerBase, rows: list[list[int]]) -> tuple[T
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
     return ids, mask
+
+
+def length_blocks(lengths: Tensor, forward_cost: int) -> list[tuple[int, int, int]]:
+    """(first row, end row, width) of the blocks that rows of ascending `lengths` run in, each cut to its
+    longest row: the runs of rows of one length, neighbouring runs merged where that is cheaper. A block
+    costs its rows × its width in tokens plus `forward_cost` (one more forward through the model), and the
+    split of the sorted runs with the least total is taken (exact, by dynamic programming over the few
+    distinct lengths)."""
+    widths, counts = torch.unique_consecutive(lengths, return_counts=True)
+    widths, ends = widths.tolist(), [0, *counts.cumsum(0).tolist()]
+    best, cut = [0] + [sys.maxsize] * len(widths), [0] * (len(widths) + 1)
+    for j in range(1, len(widths) + 1):  # best[j]: the cheapest split of the first j runs
+        for i in range(j):
+            cost = best[i] + (ends[j] - ends[i]) * widths[j - 1] + forward_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], len(widths)
+    while j:
+        out.append((ends[cut[j]], ends[j], widths[j - 1]))
+        j = cut[j]
+    return out[::-1]
 
 
 def at_positions(x: Tensor, pos: Tensor) -> Tensor:

@@ -118,6 +118,20 @@ def test_encode_up_to_subject_ends_each_row_at_its_subject(bpe_with_bos):
         encode(tok, prompts[:1], subjects[:1], [[1]], up_to_subject=True)
 
 
+def test_length_sorted_blocks_cover_every_row_once_within_its_width(bpe_with_bos):
+    from ece.editing.keys import length_sorted_blocks
+
+    tok = bpe_with_bos
+    enc = encode(tok, [p for p, _ in CASES] * 3, [s for _, s in CASES] * 3, up_to_subject=True)
+    blocks = length_sorted_blocks(enc)
+    rows = torch.cat([r for r, _ in blocks])
+    assert sorted(rows.tolist()) == list(range(len(CASES) * 3))
+    for r, width in blocks:
+        assert int(enc.lengths[r].max()) == width  # cut to the block's longest row, no shorter
+    # these lengths differ by a few tokens: with a free forward every length is its own block
+    assert len(prompts.length_blocks(enc.lengths.sort().values, 0)) == len(set(enc.lengths.tolist())) > 1
+
+
 def test_document_start_byte_tokenizer(tiny_llama):
     _, tok = tiny_llama
     assert document_start(tok) == [tok.convert_tokens_to_ids("<|endoftext|>")]
@@ -228,13 +242,18 @@ def test_layer_keys_run_only_the_blocks_above_the_last_written_layer(facts):
     for b, block in enumerate(adapter.blocks):
         block.register_forward_hook(lambda _m, _i, _o, b=b: runs.append(b))
     walker = LayerKeys(adapter, tok, facts, ["{}", "Well. {}"], out_layer=4)
+    with_bare = [len(b) > 0 for b in walker.bare]  # per row block (of one length), whether it holds bare prompts
+
+    def per_block(keys: list[int], bare: list[int]) -> list[int]:
+        return [b for has_bare in with_bare for b in keys + (bare if has_bare else [])]
+
     walker(2)
-    assert runs == [0, 1, 2] + [0, 1, 2, 3, 4]  # keys of every row to 2; z's layer on the bare rows
+    assert runs == per_block([0, 1, 2], [0, 1, 2, 3, 4])  # keys of every row to 2; z's layer on the bare rows
     runs.clear()
     walker(3)
-    assert runs == [2, 3] + [2, 3, 4]
+    assert runs == per_block([2, 3], [2, 3, 4])
     runs.clear()
     walker(4)
-    assert runs == [3, 4]  # z's layer is this one: one trace serves both
+    assert runs == per_block([3, 4], [])  # z's layer is this one: one trace serves both
     with pytest.raises(AssertionError, match="increasing"):
         walker(4)

@@ -33,8 +33,11 @@ def _fake_packages(root: Path, chunks: list[bytes], stated: bytes) -> None:
 
 @pytest.fixture
 def packages(tmp_path, monkeypatch):
+    """A folder of fake model packages, the only place model packages are looked for (the real ones may
+    be installed on this machine)."""
     root = tmp_path / "site"
     monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setattr(loading, "PACKAGE_PATH", [str(root)])
     return root
 
 
