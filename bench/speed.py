@@ -14,8 +14,11 @@ Configurations:
 - memit: MEMIT with the same z step rule (lr, clamp, early stop) as ece, at most 25 steps per fact;
 - memit-published: MEMIT's released compute_z: lr 0.5, clamp 0.75, 25 forward passes (24 Adam
   updates), stop at total loss < 5e-2, one fact at a time, in the model's float32;
-- ece-within: ECE with warm starts within a batch only (`z.warm_from_earlier=false`; the default also
-  starts an anchor from earlier batches' δ of the same new object, which shows only with --batches > 1);
+- ece-within: ECE with warm starts within a batch only (`z.warm_from_earlier=none`; the default also
+  starts facts from earlier batches' δ of the same new object, which shows only with --batches > 1);
+- ece-anchors, ece-all: ECE with `z.warm_from_earlier=anchors` (a group's anchor starts from earlier
+  batches' δ, its members from the anchor once it stops) and `=all` (every fact with an earlier object
+  starts from that δ at once);
 - ece-window4, memit-window4: ece and memit with the z of 4 batches in one loop (`z.window_batches=4`;
   the tail of one batch's descent fills passes with the next batch's facts) and `z.facts_per_pass=100`;
 - ece-pass25, memit-pass25: ece and memit with `z.facts_per_pass=25` (the same descent, each pass run
@@ -23,11 +26,13 @@ Configurations:
 - ultraedit: UltraEdit with its defaults (no z: one forward/backward per batch, then the solves).
 
 With --batches N each configuration edits N sequential batches of the size (the first N·size facts) and
-the table gives the mean per batch.
+the table gives the mean per batch. With --score each configuration's edited model is also scored on its
+facts (efficacy, generalization, specificity; every fact after the last batch), so a faster
+configuration's quality is read in the same run.
 
 Prints and writes reports/speed.md / .json: per batch size and configuration, seconds per batch split
 by phase (update = keys + solve + cache P), z row-steps per batch (one row = one fact in one
-forward/backward), and MEMIT's time over ECE's. Timings are only comparable when nothing else runs.
+forward/backward), and each configuration's time over ECE's (the `ece` row, else the first ece-* row). Timings are only comparable when nothing else runs.
 """
 
 from __future__ import annotations
@@ -40,14 +45,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 from sweep import ROOT, cpu_name, inside, run_stages
 
 from ece.audit.ledger import LEDGER_RUNS
+from ece.eval.metrics import fact_metrics, summarise
+from ece.model.loading import load_model
 
 PHASES = ("attribution", "clustering", "z", "update_keys", "update_solve", "update_cache")
 CONFIGS = {
     "ece": ["method=ece"],
-    "ece-within": ["method=ece", "z.warm_from_earlier=false"],
+    "ece-within": ["method=ece", "z.warm_from_earlier=none"],
+    "ece-anchors": ["method=ece", "z.warm_from_earlier=anchors"],
+    "ece-all": ["method=ece", "z.warm_from_earlier=all"],
     # z of 4 batches in one loop (z.window_batches), 100 facts per forward/backward (memory as one batch's)
     "ece-window4": ["method=ece", "z.window_batches=4", "z.facts_per_pass=100"],
     "memit-window4": [
@@ -101,6 +111,13 @@ def measure(config: str, n_facts: int, batch_size: int) -> list[dict[str, Any]]:
     ]
 
 
+def score(config: str, n_facts: int, batch_size: int) -> dict[str, float | None]:
+    """Rewrite metrics of the model `measure` edited, every fact scored after the last batch."""
+    with inside(ROOT / ".cache" / "speed" / f"{config}-{n_facts}x{batch_size}"):
+        facts = pl.read_parquet("artifacts/prepared/edits.parquet")
+        return summarise(fact_metrics(*load_model("artifacts/edited/model"), facts))
+
+
 def mean_batch(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Phase seconds and z row-steps of one configuration's batches, averaged per batch."""
     return {k: sum(r[k] for r in rows) / len(rows) for k in (*PHASES, "z_row_steps")}
@@ -120,11 +137,12 @@ def render(results: dict[str, Any]) -> str:
         "rule; memit-published is MEMIT's released compute_z (lr 0.5, clamp 0.75, 24 updates, stop at total "
         "loss < 5e-2, one fact at a time, float32); ece and memit run z in params.yaml's z.dtype.",
         "",
-        "| batch size | config | attribution | clustering | z | keys | solve | cache P | total | z row-steps | config / ECE |",
+        "| batch size | config | attribution | clustering | z | keys | solve | cache P | total | z row-steps | config / ECE's |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for size, per_config in results["sizes"].items():
-        ece = total(mean_batch(per_config["ece"])) if "ece" in per_config else None
+        base = "ece" if "ece" in per_config else next((c for c in per_config if c.startswith("ece")), None)
+        ece = total(mean_batch(per_config[base])) if base else None
         for config, rows in per_config.items():
             r = mean_batch(rows)
             ratio = f"{total(r) / ece:.2f}×" if ece else "–"
@@ -133,6 +151,18 @@ def render(results: dict[str, Any]) -> str:
                 + " | ".join(f"{r[ph]:.1f}" for ph in PHASES)
                 + f" | {total(r):.1f} | {r['z_row_steps']:.0f} | {ratio} |"
             )
+    if results.get("scores"):
+        lines += [
+            "",
+            "Rewrite metrics of each configuration's edited model (every fact after the last batch):",
+            "",
+            "| batch size | config | efficacy | generalization | specificity | score |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
+        for size, per_config in results["scores"].items():
+            for config, m in per_config.items():
+                cells = " | ".join(f"{m[k]:.3f}" for k in ("efficacy", "generalization", "specificity", "score"))
+                lines.append(f"| {size} | {config} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -142,6 +172,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--batches", type=int, default=1, help="sequential batches per size (mean per batch reported)")
     ap.add_argument("--out", default="speed", help="report name: reports/<out>.md / .json")
+    ap.add_argument("--score", action="store_true", help="also score each edited model's rewrite metrics")
     args = ap.parse_args()
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
@@ -154,6 +185,9 @@ def main() -> None:
         for config in args.configs:
             print(f"== speed: {config}, {args.batches} batch(es) of {size}", flush=True)
             results["sizes"].setdefault(str(size), {})[config] = measure(config, size * args.batches, size)
+            if args.score:
+                scores = results.setdefault("scores", {}).setdefault(str(size), {})
+                scores[config] = score(config, size * args.batches, size)
             out.with_suffix(".json").write_text(json.dumps(results, indent=2))
             print(render(results), flush=True)
     out.with_suffix(".md").write_text(render(results))

@@ -139,8 +139,8 @@ def _earlier_grid(batch_sizes: list[int]) -> dict[str, Config]:
     with the same new object), and MEMIT with the same step rule."""
     rows = {
         "memit (same step rule)": Config(MEMIT_Z),
-        "ece": Config(["method=ece", "z.warm_from_earlier=false"]),
-        "ece, warm from earlier batches": Config(["method=ece", "z.warm_from_earlier=true"]),
+        "ece": Config(["method=ece", "z.warm_from_earlier=none"]),
+        "ece, warm from earlier batches": Config(["method=ece", "z.warm_from_earlier=anchors"]),
     }
     return _per_batch_size(rows, batch_sizes)
 

@@ -90,6 +90,7 @@ def plan(wb: Workbench, p: Params, facts: pl.DataFrame, log: Log = print) -> lis
             start = time.perf_counter()
             span = [f for batch in batches for f in batch]
             labels, anchors = z_groups(p, method, window_cluster_rows(clusters), span)
+            labels, anchors = history.regroup(span, labels, anchors)
             start_delta, earlier = history.starts(span, labels, anchors, wb.adapter.hidden_size)
             res = batch_z(wb, p, method, span, labels, anchors, start_delta)
             z_seconds = time.perf_counter() - start

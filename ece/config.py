@@ -96,8 +96,9 @@ class ZCfg:
     carry_adam: bool = True  # members start from the anchor's Adam moments (False: fresh moments)
     warm_start: str = "cluster"  # what a member starts from: cluster (its neuron cluster's anchor),
     # object (the first fact of the batch with the same target_new), cluster_object (both), none
-    warm_from_earlier: bool = False  # a group's anchor whose target_new an earlier batch edited starts from
-    # the mean final δ of those earlier facts (ECE only; every batch's z is on the original model)
+    warm_from_earlier: str = "none"  # facts whose target_new an earlier batch edited start from the mean
+    # final δ of those earlier facts (ECE only; every batch's z is on the original model): none | anchors (a
+    # group's anchor does; its members wait for it) | all (every such fact, at once, in its own group)
     facts_per_pass: int = 0  # 0: a pass runs all its facts in one forward/backward; N: N at a time (same
     # descent, less memory; the references run 1)
     window_batches: int = 1  # edit batches whose z is computed in one loop (the facts of a window are one z
@@ -233,6 +234,7 @@ class Params:
 
 LR_SCALES = ("none", "norm")  # z.lr_scale
 WARM_STARTS = ("cluster", "object", "cluster_object", "none")  # z.warm_start
+WARM_FROM_EARLIER = ("none", "anchors", "all")  # z.warm_from_earlier
 MAX_CONTEXT = 10  # z.n_context: one prefix per starter word of ece.keys (not imported: prepare would depend on it)
 
 # Every numeric param and its lower bound: (name, bound, whether the bound itself is allowed, hint).
@@ -348,6 +350,7 @@ def validate(p: Params) -> None:
     )
     _choice("z.lr_scale", p.z.lr_scale, LR_SCALES)
     _choice("z.warm_start", p.z.warm_start, WARM_STARTS)
+    _choice("z.warm_from_earlier", p.z.warm_from_earlier, WARM_FROM_EARLIER)
     _choice("z.dtype", p.z.dtype, ("model", *DTYPES))
     for name, bound, inclusive, hint in _LOWER_BOUNDS:
         section, key = name.split(".")

@@ -104,6 +104,7 @@ UNKNOWN_CHOICES = {
     "data.format": "xml",
     "z.lr_scale": "cosine",
     "z.warm_start": "random",
+    "z.warm_from_earlier": "sometimes",
     "train_editor.format": "xml",
     "model.dtype": "float8",
     "z.dtype": "int8",

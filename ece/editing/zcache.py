@@ -72,6 +72,7 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
         span = range(ranges[window[0]].start, ranges[window[-1]].stop)
         batch = [facts[i] for i in span]
         labels, anchors = z_groups(p, method, window_cluster_rows([batch_rows(clusters, b) for b in window]), batch)
+        labels, anchors = history.regroup(batch, labels, anchors)
         start_delta, earlier = history.starts(batch, labels, anchors, wb.adapter.hidden_size)
         key = sha256_json(
             {

@@ -634,19 +634,39 @@ class EarlierObjects:
     that from their anchor; this carries it across batches, where most of a long run's facts find
     their object (of the first 2000 CounterFact facts in batches of 100, 1124 have a target_new that
     only an earlier batch edited). It is sound because every batch's z is computed on the original
-    model (precompute_z), so all δ live in the same space. Only anchors take it; members still start
-    from their anchor.
+    model (precompute_z), so all δ live in the same space.
+
+    Mode `anchors`: only a group's anchor takes it; its members wait until the anchor stops and start
+    from its δ. Mode `all` (`regroup`): every fact whose object an earlier batch edited takes it and
+    starts at once, in a group of its own — it need not wait for an anchor that starts from the same
+    place, so the batch's first passes hold it instead of its last ones. `none`: every start is zero.
     """
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.enabled = mode != "none"
         self._sum: dict[str, Tensor] = {}
         self._count: dict[str, int] = {}
 
     @classmethod
     def of(cls, p: Params, method: Method) -> EarlierObjects:
         """An empty history, in use for ECE with z.warm_from_earlier (otherwise every start is zero)."""
-        return cls(p.z.warm_from_earlier and method.clusters)
+        return cls(p.z.warm_from_earlier if method.clusters else "none")
+
+    def regroup(self, batch: list[Fact], labels: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
+        """(labels, anchors) with, in mode `all`, every fact whose target_new an earlier batch edited taken
+        out of its group as an anchor of its own (groups numbered by anchor position); otherwise, and when
+        no fact has an earlier object, the groups as they are. A member whose object is new keeps its
+        anchor, whatever that anchor's object."""
+        known = torch.tensor([f.target_new in self._count for f in batch], dtype=torch.bool)
+        if self.mode != "all" or not known.any():
+            return labels, anchors
+        start_of = anchors[labels].clone()
+        start_of[known] = torch.nonzero(known).squeeze(1)
+        new_anchors = torch.nonzero(start_of == torch.arange(len(batch))).squeeze(1)
+        group = torch.empty(len(batch), dtype=torch.long)
+        group[new_anchors] = torch.arange(len(new_anchors))
+        return group[start_of], new_anchors
 
     def starts(self, batch: list[Fact], labels: Tensor, anchors: Tensor, d: int) -> tuple[Tensor | None, Tensor]:
         """Each anchor's initial δ (n, d) — the mean δ of the earlier facts with its target_new, zero when

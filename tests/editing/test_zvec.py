@@ -827,7 +827,7 @@ def test_earlier_objects_give_anchors_the_mean_delta_of_their_object():
     """Hand-worked: batch 1 edits A, B, A; in batch 2 the anchor with A starts from the mean of the two
     A deltas, its member and the anchor with a new object from zero; disabled, nothing starts warm."""
     fact = lambda i, target: Fact(f"f{i}", "s", "{} is", target)  # noqa: E731
-    history = EarlierObjects(enabled=True)
+    history = EarlierObjects("anchors")
     d1, d2, d3 = torch.tensor([1.0, 2.0]), torch.tensor([5.0, 5.0]), torch.tensor([3.0, -4.0])
     history.add([fact(0, "A"), fact(1, "B"), fact(2, "A")], torch.stack([d1, d2, d3]))
     batch = [fact(3, "A"), fact(4, "A"), fact(5, "C")]
@@ -838,6 +838,27 @@ def test_earlier_objects_give_anchors_the_mean_delta_of_their_object():
     _, member_counts = history.starts(batch, torch.tensor([0, 0, 1]), torch.tensor([1, 2]), 2)
     assert member_counts.tolist() == [0, 2, 0]  # f4 is the anchor now
     assert history.starts([fact(6, "C")], torch.tensor([0]), torch.tensor([0]), 2)[0] is None
-    off = EarlierObjects(enabled=False)
+    off = EarlierObjects("none")
     off.add([fact(0, "A")], d1[None])
     assert off.starts(batch, labels, anchors, 2)[0] is None
+    assert history.regroup(batch, labels, anchors) == (labels, anchors)  # anchors mode keeps the groups
+
+
+def test_earlier_objects_all_takes_every_fact_with_an_earlier_object_out_of_its_group():
+    """Hand-worked, mode `all`: A was edited before, B and C were not. Batch [A, A, B, A, C] in groups
+    {f0: f0, f1, f2} and {f3: f3, f4} (mixed objects, as neuron clusters make them): f1 and f3 (A) become
+    anchors of their own, f2 (B) stays with f0, f4 (C) stays with f3; groups numbered by anchor position.
+    Every A fact then starts from A's mean δ, at once."""
+    fact = lambda i, target: Fact(f"f{i}", "s", "{} is", target)  # noqa: E731
+    history = EarlierObjects("all")
+    history.add([fact(10, "A"), fact(11, "A")], torch.tensor([[2.0, 0.0], [4.0, 2.0]]))
+    batch = [fact(0, "A"), fact(1, "A"), fact(2, "B"), fact(3, "A"), fact(4, "C")]
+    labels, anchors = history.regroup(batch, torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 3]))
+    assert anchors.tolist() == [0, 1, 3]
+    assert anchors[labels].tolist() == [0, 1, 0, 3, 3]
+    start, counts = history.starts(batch, labels, anchors, 2)
+    assert counts.tolist() == [2, 2, 0, 2, 0]
+    assert start is not None and start.tolist() == [[3.0, 1.0], [3.0, 1.0], [0.0, 0.0], [3.0, 1.0], [0.0, 0.0]]
+    fresh = [fact(5, "B"), fact(6, "B")]
+    same = (torch.tensor([0, 0]), torch.tensor([0]))
+    assert history.regroup(fresh, *same) == same  # no earlier object: the groups as they are

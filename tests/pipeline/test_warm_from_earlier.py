@@ -1,5 +1,5 @@
-"""`z.warm_from_earlier` through the real stages on tiny-llama: an anchor whose new object an earlier batch
-edited starts from those facts' mean δ, the z cache follows the earlier batches it depends on, and the
+"""`z.warm_from_earlier` through the real stages on tiny-llama: an anchor (mode `all`: every fact) whose new
+object an earlier batch edited starts from those facts' mean δ, the z cache follows the earlier batches it depends on, and the
 Python API gives the stages' weights and ledger bit for bit."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def index(work: Path) -> pl.DataFrame:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = base_project(tmp_path_factory, "warm_from_earlier")
-    set_params(work, {"method": "ece", "z.warm_start": "object", "z.warm_from_earlier": True})
+    set_params(work, {"method": "ece", "z.warm_start": "object", "z.warm_from_earlier": "anchors"})
     write(work, TARGETS)
     return work
 
@@ -58,7 +58,7 @@ def test_the_start_is_the_mean_of_the_earlier_deltas(work: Path) -> None:
         ids = rows.filter(pl.col("file") == name).sort("row")["id"].to_list()
         delta.update(dict(zip(ids, stored["delta"])))
 
-    history = EarlierObjects(enabled=True)
+    history = EarlierObjects("anchors")
     by_id = {f["id"]: Fact(f["id"], f["subject"], f["prompt"], TARGETS.get(f["id"], f["target_new"])) for f in FACTS}
     for b in ("f0", "f1"), ("f2", "f3"):
         history.add([by_id[i] for i in b], torch.stack([delta[i] for i in b]))
@@ -80,7 +80,9 @@ def test_a_changed_earlier_fact_recomputes_the_batches_that_started_from_it(work
     assert dict(zip(index(work)["batch"], index(work)["file"])) == before
 
 
-def test_api_edit_equals_the_stages_with_earlier_starts(work: Path) -> None:
+def api_matches_stages(work: Path) -> pl.DataFrame:
+    """Run apply_edits, then `ece.edit` on a fresh copy of the model: the same weights bit for bit and the
+    same ledger; returns the stages' ledger."""
     import ece
     from ece.config import load_params
 
@@ -98,6 +100,11 @@ def test_api_edit_equals_the_stages_with_earlier_starts(work: Path) -> None:
     ledger = pl.read_parquet(work / "artifacts/edited/ledger.parquet")
     same = ["batch", "layer", "fact_ids", "z_loss", "z_steps", "z_start", "z_earlier", "neurons", "delta_norm"]
     assert result.ledger.select(same).equals(ledger.select(same))
+    return ledger
+
+
+def test_api_edit_equals_the_stages_with_earlier_starts(work: Path) -> None:
+    ledger = api_matches_stages(work)
     assert ledger.filter(pl.col("batch") == 2)["z_earlier"][0].to_list() == [2, 1]
 
 
@@ -105,7 +112,9 @@ def test_api_edit_equals_the_stages_with_earlier_starts(work: Path) -> None:
 def windowed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same project with z of two batches at a time: window 0 = batches 0 and 1, window 1 = batch 2."""
     work = base_project(tmp_path_factory, "z_windows")
-    set_params(work, {"method": "ece", "z.warm_start": "object", "z.warm_from_earlier": True, "z.window_batches": 2})
+    set_params(
+        work, {"method": "ece", "z.warm_start": "object", "z.warm_from_earlier": "anchors", "z.window_batches": 2}
+    )
     write(work, TARGETS)
     return work
 
@@ -134,7 +143,8 @@ def test_a_window_is_one_z_batch_and_later_windows_start_from_it(windowed: Path)
 
 
 def test_api_edit_equals_the_stages_with_windows(windowed: Path) -> None:
-    test_api_edit_equals_the_stages_with_earlier_starts(windowed)
+    ledger = api_matches_stages(windowed)
+    assert ledger.filter(pl.col("batch") == 2)["z_earlier"][0].to_list() == [2, 1]
 
 
 def test_memit_z_does_not_depend_on_the_window(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -151,3 +161,35 @@ def test_memit_z_does_not_depend_on_the_window(tmp_path_factory: pytest.TempPath
         )
         assert rows["file"].n_unique() == (3 if window == 1 else 2)
     assert torch.allclose(z[1], z[2], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def all_at_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Batch 2 holds two English facts, both with an earlier English fact (f1, f3), under mode `all`."""
+    work = base_project(tmp_path_factory, "warm_all")
+    set_params(work, {"method": "ece", "z.warm_start": "object", "z.warm_from_earlier": "all"})
+    write(work, {**TARGETS, "f5": "English"})
+    return work
+
+
+def test_all_starts_every_fact_with_an_earlier_object_at_once(all_at_once: Path) -> None:
+    """Mode `all`: f5 does not wait for f4 (which `anchors` would make its anchor): both start from the
+    mean δ of f1 and f3, each in a group of its own."""
+    rows = index(all_at_once).sort("id")
+    assert dict(zip(rows["id"], rows["anchor"])) == {f"f{i}": f"f{i}" for i in range(6)}
+    assert dict(zip(rows["id"], rows["earlier"])) == {"f0": 0, "f1": 0, "f2": 0, "f3": 1, "f4": 2, "f5": 2}
+
+
+def test_anchors_makes_the_second_fact_a_member(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The same facts under mode `anchors`: f5 is f4's member and starts from f4's δ (no earlier count)."""
+    work = base_project(tmp_path_factory, "warm_anchors")
+    set_params(work, {"method": "ece", "z.warm_start": "object", "z.warm_from_earlier": "anchors"})
+    write(work, {**TARGETS, "f5": "English"})
+    rows = index(work).sort("id")
+    assert rows.filter(pl.col("id") == "f5").select("anchor", "earlier").row(0) == ("f4", 0)
+    assert rows.filter(pl.col("id") == "f4").select("anchor", "earlier").row(0) == ("f4", 2)
+
+
+def test_api_edit_equals_the_stages_with_all_at_once(all_at_once: Path) -> None:
+    ledger = api_matches_stages(all_at_once)
+    assert ledger.filter(pl.col("batch") == 2)["z_earlier"][0].to_list() == [2, 2]
