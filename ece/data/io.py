@@ -103,8 +103,13 @@ def read_timings(path: Path) -> dict[int, float]:
 
 
 def link_or_copy(src: str | Path, dst: str | Path) -> None:
-    """A hard link where the file system allows one (no second copy of a large file), else a copy."""
+    """A hard link where the file system allows one (no second copy of a large file), else a copy made
+    under a temporary name, so that `dst` is either absent or whole. Creates `dst`'s folder: a fresh
+    workspace reusing another's files has none yet."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
     except OSError:
-        shutil.copy2(src, dst)
+        with atomic_path(dst) as tmp:
+            shutil.copy2(src, tmp)

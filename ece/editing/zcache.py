@@ -114,7 +114,6 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
                 )
             seconds_of[path.name] = time.perf_counter() - start
             computed += len(window)
-            Z_STORE.mkdir(parents=True, exist_ok=True)
             link_or_copy(path, Z_STORE / path.name)
         stored, delta = _stored_z(path, batch)
         seconds = seconds_of.get(path.name, float("nan"))  # NaN: reused from a cache made elsewhere
