@@ -120,7 +120,8 @@ def test_one_training_step_lowers_the_loss(tiny_llama, tmp_path: Path) -> None:
     encoded = encode_record(adapter, tok, LAYERS[0] - 1, rec[0])
 
     def loss(editor: MendEditor) -> float:
-        l_edit, l_loc = edit_losses(editor, adapter, encoded, observe=False)
+        with torch.no_grad():
+            l_edit, l_loc = edit_losses(editor, adapter, encoded, observe=False)
         return float(p.mend.c_edit * l_edit + p.mend.c_loc * l_loc)
 
     assert loss(after) < loss(before)
