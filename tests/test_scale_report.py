@@ -16,8 +16,8 @@ PRE = {"efficacy": 0.26, "generalization": 0.20, "specificity": 0.74, "perplexit
 GOOD = {"efficacy": 0.995, "generalization": 0.91, "specificity": 0.72, "perplexity": 30.5, "score": 0.85}
 
 
-def _row(method: str, post: dict[str, float]) -> dict[str, Any]:
-    return {"method": method, "pre": PRE, "post": post}
+def _row(method: str, post: dict[str, float], dataset: str = "cf", variant: str = "") -> dict[str, Any]:
+    return {"row": f"{dataset}-{method}{variant}", "method": method, "pre": PRE, "post": post}
 
 
 def _verdicts(dataset: str, rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -55,9 +55,31 @@ def test_score_target_waits_for_both_baselines_and_zsre_has_its_own() -> None:
     assert (
         "not judged" in _verdicts("cf", [_row("ece", GOOD), _row("memit", GOOD)])["score ahead of MEMIT and AlphaEdit"]
     )
-    zsre = _verdicts("zsre", [_row("ece", {**GOOD, "efficacy": 0.96, "specificity": 0.735})])
+    zsre = _verdicts("zsre", [_row("ece", {**GOOD, "efficacy": 0.96, "specificity": 0.735}, "zsre")])
     assert zsre == {"efficacy >= 0.95": "met", "generalization >= 0.90": "met", "specificity >= unedited - 0.01": "met"}
     assert scale.targets("cf", [_row("memit", GOOD)]) == []  # no ECE row, nothing to judge
+
+
+def test_variant_rows_are_listed_but_never_judged() -> None:
+    """A variant (one setting changed) is neither ECE's row nor a baseline: ECE is judged against the
+    released MEMIT and AlphaEdit, and a variant of ECE alone leaves nothing to judge."""
+    rows = [
+        _row("ece", GOOD),
+        _row("memit", {**GOOD, "score": 0.80}),
+        _row("alphaedit", {**GOOD, "score": 0.84}),
+        _row("alphaedit", {**GOOD, "score": 0.95}, variant="-e10"),  # ahead of ECE, but not AlphaEdit as released
+    ]
+    assert _verdicts("cf", rows)["score ahead of MEMIT and AlphaEdit"] == "met"
+    assert scale.targets("cf", [_row("ece", {**GOOD, "efficacy": 0.5}, variant="-nowarm")]) == []
+    assert {"cf-alphaedit-e10", "cf-ece-nowarm", "zsre-ece-nowarm"} <= set(scale.ROWS)
+    assert (
+        "method=alphaedit" in scale.ROWS["cf-alphaedit-e10"]
+        and "alphaedit.nullspace_energy=0.1" in scale.ROWS["cf-alphaedit-e10"]
+    )
+    assert not set(scale.VARIANTS) & {r.split("-", 1)[1] for r in scale.DEFAULT_ROWS}
+    base = {"n_facts": 2000, "family": "comparison", "pre": PRE, "seconds_per_batch": {}, "seconds_total": {}}
+    table = scale.markdown([{**base, **r, "eval_seconds": {}, "z_row_steps": None} for r in rows])
+    assert "| alphaedit-e10 | " in table and "| alphaedit | " in table
 
 
 def test_z_row_steps_summed_over_batches_and_shown_per_row() -> None:
