@@ -3,6 +3,7 @@
     python bench/scale.py queue [--rows cf-ece cf-memit ...]   # one `dvc exp run --queue` per row
     python bench/scale.py start [--jobs 2]                      # DVC's queue runs them (one at a time by default)
     python bench/scale.py report                                # reports/scale.md, scale.json, plots/scale.png
+    python bench/scale.py queue --rows cf-alphaedit-e10         # a variant: one setting changed (VARIANTS)
 
 Each row is an experiment named `scale-<row>` with `-S` overrides of params.yaml (bench/experiments.py), so
 `dvc exp show` lists them and `dvc exp apply scale-cf-ece` brings one back into the workspace. Every
