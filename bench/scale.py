@@ -50,11 +50,8 @@ VARIANTS = {
     # ECE without warm starts across batches: does z.warm_from_earlier cost perplexity at 2000 edits?
     "ece-nowarm": ["method=ece", "z.warm_from_earlier=none"],
 }
-ROWS = {
-    f"{d}-{m}": [*setting, *over, *COMMON]
-    for d, over in DATASETS.items()
-    for m, setting in [*((m, [f"method={m}"]) for m in METHODS), *VARIANTS.items()]
-}
+SETTINGS = {m: [f"method={m}"] for m in METHODS} | VARIANTS  # row name (after the dataset) -> overrides
+ROWS = {f"{d}-{name}": [*setting, *over, *COMMON] for d, over in DATASETS.items() for name, setting in SETTINGS.items()}
 DEFAULT_ROWS = [f"{d}-{m}" for d in DATASETS for m in ("ece", "memit", "alphaedit")]
 REWRITE = ("efficacy", "generalization", "specificity", "score")
 OUT_JSON = ROOT / "reports" / "scale.json"
