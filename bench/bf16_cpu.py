@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sweep import ROOT, cpu_name, median_seconds
+from scratch import ROOT, cpu_name, median_seconds
 
 from ece.config import load_params
 from ece.data.facts import Fact

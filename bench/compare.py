@@ -1,23 +1,28 @@
-"""Every method on the same facts, through the real pipeline and evaluation: reports/compare.md + plot.
+"""Every method on the same facts, through the real pipeline and evaluation, as DVC experiments.
 
-For each dataset, every method runs the stage scripts (prepare → evaluate) in one scratch folder per
-dataset, .cache/compare/<dataset>, so the covariance statistics, the unedited model's evaluation and
-each batch's z are computed once and shared by the methods that use the same ones. Example (the
-numbers in the README):
+    python bench/compare.py queue [--methods ece memit ...] [--datasets counterfact zsre] [--n-facts 50]
+    python bench/compare.py start       # DVC's queue runs them, one at a time
+    python bench/compare.py report      # reports/compare.md, compare.json, plots/compare.png
 
-    python bench/compare.py --n-facts 50
+Each row is an experiment `compare-<dataset>-<method>` (`dvc exp show` lists them, `dvc exp apply
+compare-counterfact-ece` brings one back): params.yaml with the method, the dataset and the number of
+facts as `-S` overrides, plus any `--set a.b=value` (MEND and SERAC rows pass their training budget
+that way: the README lists the overrides each row ran with, and reports/compare.json keeps them). The
+queued runs share the machine-local scratch (bench/experiments.py), so the unedited model's evaluation
+and each batch's z are computed once for the rows that need the same ones (AlphaEdit reuses MEMIT's z:
+its z seconds then read `reused`).
 
 Rows = methods; columns = rewrite metrics per dataset (pre → post), fluency, general ability,
-perplexity and seconds per batch split by phase. Results accumulate in reports/compare.json (a rerun
-of a method/dataset pair replaces its row); reports/compare.md and reports/plots/compare.png are
-redrawn from all rows. Timings are comparable only between rows measured on an otherwise idle machine.
+perplexity and seconds per batch split by phase (apply_edits' own timings). A row whose experiment
+this repository no longer holds keeps its stored copy in reports/compare.json; a row found again
+replaces it. Timings are comparable only between rows measured on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +30,21 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from sweep import ROOT, run_stages  # noqa: E402
+from experiments import add, results, start  # noqa: E402
+from rows import ROOT, code_of, fmt, mean_general, merge, seconds_of, z_row_steps  # noqa: E402
 
-from ece.config import METHODS  # noqa: E402
+from ece.config import METHODS, load_params  # noqa: E402
+from ece.errors import EceError  # noqa: E402
 from ece.eval.plotting import save_png  # noqa: E402
 
+PREFIX = "compare-"
 DATASETS = {
     "counterfact": ["data.edit_dataset=data/counterfact/counterfact_compact_0-19999.json"],
     # zsRE has no generation prompts; general ability is a property of the edited model, measured on
     # the CounterFact run
     "zsre": ["data.edit_dataset=data/zsre/zsre_mem_eval_837.json", "evaluate.general_tasks=[]"],
 }
+ORDER = [f"{d}-{m}" for d in DATASETS for m in METHODS]  # a row is named <dataset>-<method>
 REWRITE = ("efficacy", "generalization", "specificity")
 PHASES = ("attribution", "clustering", "z", "update")
 OUT_JSON = ROOT / "reports" / "compare.json"
@@ -43,45 +52,55 @@ OUT_MD = ROOT / "reports" / "compare.md"
 OUT_PNG = ROOT / "reports" / "plots" / "compare.png"
 
 
-def run(method: str, dataset: str, n_facts: int, extra: list[str]) -> dict[str, Any]:
+def row_overrides(method: str, dataset: str, n_facts: int, extra: list[str]) -> list[str]:
+    """The `-S` overrides of one row, checked against params.yaml so that a typo fails here and not in a
+    queued run an hour later."""
     overrides = [f"method={method}", f"data.n_facts={n_facts}", *DATASETS[dataset], *extra]
-    work = ROOT / ".cache" / "compare" / dataset
-    start = time.perf_counter()
-    p, stage_seconds = run_stages(
-        overrides,
-        work,
-        ["prepare", "covariance", "attribute", "cluster", "precompute_z", "train_editor", "apply_edits", "evaluate"],
-    )
-    metrics = json.loads((work / "reports" / "metrics.json").read_text())
-    timings = json.loads((work / "reports" / "timings.json").read_text())
-    return {
-        "method": method,
-        "dataset": dataset,
-        "n_facts": metrics["n_facts"],
-        "batch_size": p.edit.batch_size,
-        "overrides": overrides,
-        "date": time.strftime("%Y-%m-%d"),
-        "pre": metrics["pre"],
-        "post": metrics["post"],
-        "seconds_per_batch": timings["seconds_per_batch"],
-        "stage_seconds": stage_seconds,
-        "wall_seconds": round(time.perf_counter() - start, 1),
-    }
+    load_params(ROOT / "params.yaml", overrides)
+    return overrides
 
 
-def _f(x: Any, digits: int = 3) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
+def collect() -> list[dict[str, Any]]:
+    """One row per finished `compare-*` experiment in this repository."""
+    rows = []
+    for name, r in results(PREFIX).items():
+        m, row = r["metrics"], name.removeprefix(PREFIX)
+        if not m or row not in ORDER:
+            continue
+        date = subprocess.run(["git", "log", "-1", "--format=%cs", r["rev"]], cwd=ROOT, capture_output=True, text=True)
+        rows.append(
+            {
+                "row": row,
+                "method": m["method"],
+                "dataset": row.split("-", 1)[0],
+                "n_facts": m["n_facts"],
+                "batch_size": (r["params"] or {}).get("edit", {}).get("batch_size"),
+                "overrides": r["overrides"],
+                "rev": r["rev"],
+                "code": code_of(r["rev"]),
+                "date": date.stdout.strip(),
+                "pre": m["pre"],
+                "post": m["post"],
+                "seconds_per_batch": (r["timings"] or {}).get("seconds_per_batch", {}),
+                "z_row_steps": z_row_steps(r["runs"]),
+            }
+        )
+    return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "# Methods compared on the same facts",
         "",
-        f"Generated by `bench/compare.py` (last run {max(r['date'] for r in rows)}). SmolLM2-135M, edits in "
-        "sequential batches, every fact evaluated after the last batch; pre → **post**. CounterFact metrics are "
-        "the probability comparisons of MEMIT/ECE, zsRE's are top-1 token accuracy. General ability and "
-        "perplexity are measured on the model edited with CounterFact. Seconds per batch are the pipeline's own "
-        "phase timings (z is 0 for fine-tuning, attribution/clustering only for ECE).",
+        f"Generated by `bench/compare.py report` (latest row run {max(r['date'] for r in rows)}) from the DVC "
+        "experiments `compare-<dataset>-<method>` and, for rows whose experiments this repository no longer "
+        "holds, their stored copy in reports/compare.json (with the overrides each row ran with). SmolLM2-135M, "
+        "edits in sequential batches, every fact evaluated after the last batch; pre → **post**. CounterFact "
+        "metrics are the probability comparisons of MEMIT/ECE, zsRE's are teacher-forced token accuracy. General "
+        "ability and perplexity are measured on the model edited with CounterFact. Seconds per batch are the "
+        "pipeline's own phase timings (z is 0 for fine-tuning, attribution/clustering only for ECE; `reused` = "
+        "z batches computed by another row's run, so only the update ran here); `code` is the commit a row ran "
+        "(rows from before compare ran as experiments have none).",
         "",
     ]
     for dataset in DATASETS:
@@ -93,37 +112,33 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         head = ["method", *REWRITE, "score"]
         if dataset == "counterfact":
             head += ["fluency", "general ability (mean acc.)", "perplexity"]
-        head += [f"s/batch {ph}" for ph in PHASES] + ["s/batch total"]
+        head += [f"s/batch {ph}" for ph in PHASES] + ["s/batch total", "code"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in sorted(subset, key=lambda r: METHODS.index(r["method"])):
+        for r in subset:
             pre, post = r["pre"], r["post"]
-            cells = [f"{_f(pre[m])} → **{_f(post[m])}**" for m in (*REWRITE, "score")]
+            cells = [f"{fmt(pre[m])} → **{fmt(post[m])}**" for m in (*REWRITE, "score")]
             if dataset == "counterfact":
-                cells.append(f"{_f(pre['fluency'], 1)} → {_f(post['fluency'], 1)}")
-                cells.append(f"{_f(mean_general(pre))} → {_f(mean_general(post))}")
-                cells.append(f"{_f(pre['perplexity'], 2)} → {_f(post['perplexity'], 2)}")
-            sec = r["seconds_per_batch"]
-            cells += [_f(sec.get(ph, 0.0), 1) for ph in PHASES] + [_f(sum(sec.get(ph, 0.0) for ph in PHASES), 1)]
-            lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+                cells.append(f"{fmt(pre['fluency'], 1)} → {fmt(post['fluency'], 1)}")
+                cells.append(f"{fmt(mean_general(pre))} → {fmt(mean_general(post))}")
+                cells.append(f"{fmt(pre['perplexity'], 2)} → {fmt(post['perplexity'], 2)}")
+            sec = {ph: seconds_of(r["seconds_per_batch"].get(ph, 0.0)) for ph in PHASES}
+            cells += ["reused" if sec[ph] is None else fmt(sec[ph], 1) for ph in PHASES]
+            cells.append(fmt(None if None in sec.values() else sum(sec.values()), 1))  # type: ignore[arg-type]
+            lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {r.get('code') or '–'} |")
         lines.append("")
     lines += [
-        "Reproduce one row: `dvc exp run -S method=<name> -S data.n_facts=<n>` (the same stages), or rerun "
-        "`python bench/compare.py --methods <name>`.",
+        "Reproduce one row: `dvc exp apply compare-<dataset>-<method>`, or `python bench/compare.py queue "
+        "--methods <name> --datasets <dataset> [--set a.b=value ...]`, then `start` and `report`.",
         "",
     ]
     return "\n".join(lines)
-
-
-def mean_general(summary: dict[str, Any]) -> float | None:
-    accs = [m["accuracy"] for m in summary.get("general", {}).values() if m.get("accuracy") is not None]
-    return sum(accs) / len(accs) if accs else None
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
     fig, axes = plt.subplots(1, len(datasets) + 1, figsize=(5 * (len(datasets) + 1), 4))
     for ax, dataset in zip(axes, datasets):
-        subset = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: METHODS.index(r["method"]))
+        subset = [r for r in rows if r["dataset"] == dataset]
         width = 0.8 / len(REWRITE)
         for j, m in enumerate(REWRITE):
             ax.bar([i + j * width for i in range(len(subset))], [r["post"][m] for r in subset], width, label=m)
@@ -132,13 +147,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(f"{dataset}: after editing")
         ax.legend(fontsize=8)
     ax = axes[-1]
-    cf = sorted((r for r in rows if r["dataset"] == datasets[0]), key=lambda r: METHODS.index(r["method"]))
-    bottom = [0.0] * len(cf)
+    first = [r for r in rows if r["dataset"] == datasets[0]]
+    bottom = [0.0] * len(first)
     for ph in PHASES:
-        vals = [r["seconds_per_batch"].get(ph, 0.0) for r in cf]
-        ax.bar([r["method"] for r in cf], vals, bottom=bottom, label=ph)
+        vals = [seconds_of(r["seconds_per_batch"].get(ph, 0.0)) or 0.0 for r in first]
+        ax.bar([r["method"] for r in first], vals, bottom=bottom, label=ph)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_title(f"seconds per batch ({datasets[0]})")
+    ax.set_title(f"seconds per batch ({datasets[0]}; reused z counts 0)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_png(fig, path)
@@ -146,21 +161,39 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    ap.add_argument("--n-facts", type=int, default=50)
-    ap.add_argument("--set", action="append", default=[], help="extra a.b=value override for every run")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("queue", help="queue one experiment per method and dataset")
+    q.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    q.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    q.add_argument("--n-facts", type=int, default=50)
+    q.add_argument("--set", action="append", default=[], help="extra a.b=value override for every queued row")
+    sub.add_parser("start", help="run the queue")
+    sub.add_parser("report", help="collect finished rows into reports/compare.*")
     args = ap.parse_args()
-    rows = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else []
-    for dataset in args.datasets:
-        for method in args.methods:
-            print(f"== compare: {method} on {dataset}", flush=True)
-            row = run(method, dataset, args.n_facts, args.set)
-            rows = [r for r in rows if (r["method"], r["dataset"]) != (method, dataset)] + [row]
-            OUT_JSON.write_text(json.dumps(rows, indent=2))
-            OUT_MD.write_text(markdown(rows))
-            plot(rows, OUT_PNG)
-            print({m: row["post"][m] for m in (*REWRITE, "score")}, row["seconds_per_batch"], flush=True)
+    if args.cmd == "queue":
+        try:
+            queued = {
+                f"{PREFIX}{d}-{m}": row_overrides(m, d, args.n_facts, args.set)
+                for d in args.datasets
+                for m in args.methods
+            }
+        except EceError as err:
+            raise SystemExit(f"error: {err}") from None
+        for name, overrides in queued.items():
+            add(name, overrides)
+            print(f"queued {name}: {' '.join(overrides)}")
+    elif args.cmd == "start":
+        start(1)
+        print("started; `dvc queue status` shows progress, `dvc queue logs <name>` a run's output")
+    else:
+        stored = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else []
+        rows = merge(stored, collect(), ORDER)
+        if not rows:
+            raise SystemExit("no finished compare experiment in this repository: queue and start them first")
+        OUT_JSON.write_text(json.dumps(rows, indent=2) + "\n")
+        OUT_MD.write_text(markdown(rows))
+        plot(rows, OUT_PNG)
+        print(f"{len(rows)} rows -> {OUT_MD}, {OUT_JSON}, {OUT_PNG}")
 
 
 if __name__ == "__main__":

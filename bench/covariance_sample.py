@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from sweep import ROOT, inside, run_stages
+from scratch import ROOT, inside, run_stages
 
 from ece.config import Params, load_params
 from ece.data.io import sha256_file

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sweep import ROOT
+from scratch import ROOT
 
 from ece.editing import covariance as current
 from ece.model.adapter import ModelAdapter

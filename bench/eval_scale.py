@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from eval_speed import facts_and_references
-from sweep import ROOT
+from scratch import ROOT
 
 from ece.config import load_params
 from ece.eval.generation import spread

@@ -3,7 +3,7 @@
     python bench/experiments.py add scale-cf-ece -S method=ece -S data.n_facts=2000   # queue one experiment
     python bench/experiments.py start [-j 1]        # run the queue in the background (DVC's workers)
     python bench/experiments.py wait                # block until the queue is empty; exit 1 if a run failed
-    python bench/experiments.py results scale-      # metrics.json + curve.json of finished experiments, as JSON
+    python bench/experiments.py results scale-      # metrics, curve, timings, params and overrides of finished experiments, as JSON
     ARGS=$(python bench/experiments.py args configs/llama3-8b.yaml model.name=/data/llama3) && dvc exp run $ARGS
                                                     # a model config (configs/*.yaml) as checked -S overrides
 
@@ -147,12 +147,52 @@ def read_at(rev: str, path: str) -> Any:
     return yaml.safe_load(shown.stdout) if shown.returncode == 0 else None
 
 
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested params as dotted names → values (lists are values, as `-S` sets them)."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_params(base: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """The `key=value` overrides that turn params `base` into `run`, in `run`'s order."""
+    before = flatten(base)
+    return [
+        f"{key}={_override_value(value)}"
+        for key, value in flatten(run).items()
+        if key not in before or before[key] != value
+    ]
+
+
+def overrides(rev: str) -> list[str]:
+    """What an experiment ran with, read back from git rather than from a note kept beside it: its
+    params.yaml against that of the commit it was queued from (an experiment commit's parent)."""
+    return changed_params(read_at(f"{rev}^", "params.yaml") or {}, read_at(rev, "params.yaml") or {})
+
+
+def read_output(rev: str, path: str) -> bytes | None:
+    """A DVC-tracked output (e.g. artifacts/z/index.parquet) as the experiment produced it, from this
+    machine's DVC cache; None when the cache no longer holds it."""
+    import dvc.api  # here: only reports that read outputs pay for importing DVC
+
+    try:
+        with dvc.api.open(path, rev=rev, mode="rb") as f:
+            return f.read()
+    except Exception:  # DVC raises several types for a missing or garbage-collected output
+        return None
+
+
 def results(prefix: str = "") -> dict[str, dict[str, Any]]:
-    """metrics.json, curve.json, timings.json, ledger_runs.json (per-batch run facts) and params.yaml of every
-    finished experiment whose name starts with `prefix`."""
+    """metrics.json, curve.json, timings.json, ledger_runs.json (per-batch run facts), params.yaml and the
+    overrides of every finished experiment whose name starts with `prefix`."""
     return {
         name: {
             "rev": rev,
+            "overrides": overrides(rev),
             "metrics": read_at(rev, "reports/metrics.json"),
             "curve": read_at(rev, "reports/curve.json"),
             "timings": read_at(rev, "reports/timings.json"),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import add, results, start
-from scale import code_of, mean_general, merge, seconds_of, z_row_steps
+from rows import code_of, fmt, mean_general, merge, seconds_of, z_row_steps, z_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["model.name=gemma3-270m", "edit.layers=[3,4,5,6,7]"]
@@ -54,10 +54,6 @@ def collect() -> list[dict[str, Any]]:
     return rows
 
 
-def _f(x: Any, digits: int = 3) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
-
-
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = ["model", *METRICS, "general ability", "z row-steps", "z s/batch", "update s/batch", "code"]
     first = rows[0]
@@ -75,18 +71,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
         "| unedited | "
-        + " | ".join(_f(first["pre"].get(m), 2 if m in ("fluency", "perplexity") else 3) for m in METRICS)
-        + f" | {_f(mean_general(first['pre']))} | – | – | – | |",
+        + " | ".join(fmt(first["pre"].get(m), 2 if m in ("fluency", "perplexity") else 3) for m in METRICS)
+        + f" | {fmt(mean_general(first['pre']))} | – | – | – | |",
     ]
     for r in rows:
         sec = r["seconds_per_batch"]
-        z = [seconds_of(sec.get(k)) for k in ("z", "attribution", "clustering")]
         lines.append(
             f"| {r['row']} | "
-            + " | ".join(_f(r["post"].get(m), 2 if m in ("fluency", "perplexity") else 3) for m in METRICS)
-            + f" | {_f(mean_general(r['post']))} | {'–' if r['z_row_steps'] is None else r['z_row_steps']}"
-            + f" | {_f(sum(x or 0.0 for x in z), 1) if z[0] is not None else 'reused'}"
-            + f" | {_f(seconds_of(sec.get('update')), 1)} | {r.get('code') or '–'} |"
+            + " | ".join(fmt(r["post"].get(m), 2 if m in ("fluency", "perplexity") else 3) for m in METRICS)
+            + f" | {fmt(mean_general(r['post']))} | {'–' if r['z_row_steps'] is None else r['z_row_steps']}"
+            + f" | {z_seconds(sec, r['z_row_steps'])}"
+            + f" | {fmt(seconds_of(sec.get('update')), 1)} | {r.get('code') or '–'} |"
         )
     return "\n".join([*lines, ""])
 

@@ -5,7 +5,7 @@
 
 First greedy completions of the first CounterFact prompts by the unedited model (does the GGUF
 conversion give a working model?), then per window one batch of the first N facts through the real
-stages (bench/sweep.py's run_config: prepare → apply_edits, then the rewrite metrics of the unedited
+stages (bench/scratch.py's run_config: prepare → apply_edits, then the rewrite metrics of the unedited
 and the edited model). `--plain` is an ablation: W_out's target in residual-stream units
 (`ModelAdapter.w_out_target` as the identity, which is right for Llama-style blocks) instead of through
 Gemma's post-feedforward norm; it runs in its own scratch folder so no checkpoint is shared.
@@ -20,7 +20,7 @@ import json
 import time
 from typing import Any
 
-from sweep import ROOT, run_config
+from scratch import ROOT, run_config
 
 from ece.config import load_params
 from ece.data.loaders import load_edits

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from sweep import ROOT, inside, run_stages
+from scratch import ROOT, inside, run_stages
 
 from ece.audit.ledger import LEDGER_RUNS
 from ece.config import load_params

@@ -1,7 +1,7 @@
 """The measured effect of the places where this project deliberately differs from MEMIT's code.
 
 Not a test: a measurement. Two choices are checked, each against the project as shipped, by running
-the real stages (bench/sweep.py's `run_stages`, prepare → apply_edits, covariance included) on the
+the real stages (bench/scratch.py's `run_stages`, prepare → apply_edits, covariance included) on the
 same CounterFact facts and scoring every fact after the last batch:
 
 - `document start`: every prompt (and every covariance chunk) opens with `<|endoftext|>` because
@@ -29,7 +29,7 @@ from typing import Any
 import polars as pl
 import torch
 from safetensors import safe_open
-from sweep import ROOT, inside, run_stages
+from scratch import ROOT, inside, run_stages
 
 import ece.editing.covariance
 import ece.editing.zvec

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from experiments import add, results, start  # noqa: E402
+from rows import code_of, edit_seconds, fmt, mean_general, merge, seconds_of, z_row_steps, z_seconds  # noqa: E402
 
 from ece.eval.plotting import save_png  # noqa: E402
 
@@ -59,15 +59,6 @@ OUT_MD = ROOT / "reports" / "scale.md"
 OUT_PNG = ROOT / "reports" / "plots" / "scale.png"
 
 
-def _f(x: Any, digits: int = 3) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
-
-
-def mean_general(summary: dict[str, Any]) -> float | None:
-    accs = [m["accuracy"] for m in (summary.get("general") or {}).values() if m.get("accuracy") is not None]
-    return sum(accs) / len(accs) if accs else None
-
-
 def collect() -> list[dict[str, Any]]:
     """One row per finished `scale-*` experiment in this repository."""
     rows = []
@@ -94,42 +85,6 @@ def collect() -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def code_of(rev: str) -> str | None:
-    """The commit an experiment ran from (its commit's parent): which code produced the row."""
-    out = subprocess.run(["git", "rev-parse", "--short", f"{rev}^"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or None
-
-
-def merge(stored: list[dict[str, Any]], found: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
-    """The report's rows: every finished experiment, plus the stored rows whose experiments this repository
-    no longer holds (experiments live in one machine's git refs; a row run elsewhere or in an earlier
-    session survives only in reports/scale.json, with its experiment commit in `rev`). A row found again
-    replaces its stored version. Ordered as `order` lists the rows (others last)."""
-    by_row = {r["row"]: r for r in stored} | {r["row"]: r for r in found}
-    return sorted(by_row.values(), key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
-
-
-def z_row_steps(runs: list[dict[str, Any]] | None) -> int | None:
-    """z row-steps over all batches (one row = one fact in one forward/backward of the z descent): the
-    cost of z that does not depend on what else ran on the machine. None when the runs record none (a run
-    without ledger_runs.json); a method without z (UltraEdit) records 0 per batch."""
-    steps = [b["z_row_steps"] for b in runs or [] if "z_row_steps" in b]
-    return sum(steps) if steps else None
-
-
-def seconds_of(x: Any) -> float | None:
-    """A phase's seconds as the timings file holds them; None for the NaN of a phase this run did not
-    compute (z reused from the scratch cache: DVC writes NaN, read back from YAML as a string)."""
-    return float(x) if isinstance(x, (int, float)) and x == x else None
-
-
-def edit_seconds(seconds: dict[str, Any]) -> float | None:
-    """Seconds of editing proper (every phase apply_edits times: attribution, clustering, z, update);
-    None when a phase was not computed in this run."""
-    parts = [seconds_of(v) for v in seconds.values()]
-    return None if None in parts else sum(parts)  # type: ignore[arg-type]
 
 
 # The benchmark issue's targets, per dataset: (what, test on (pre, post, the other methods' post)).
@@ -170,13 +125,6 @@ def targets(dataset: str, subset: list[dict[str, Any]]) -> list[str]:
         verdict = "met" if test(ece["pre"], ece["post"], others) else "**NOT met**"
         lines.append(f"- {what}: {verdict}")
     return [*lines, ""]
-
-
-def _z_seconds(sec: dict[str, Any], row_steps: int | None) -> str:
-    z = seconds_of(sec.get("z"))
-    if z is not None:
-        return _f(z + (seconds_of(sec.get("attribution")) or 0.0) + (seconds_of(sec.get("clustering")) or 0.0), 1)
-    return "reused" if row_steps else "–"
 
 
 def label(row: dict[str, Any]) -> str:
@@ -223,18 +171,18 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines.append(
             "| unedited | "
-            + " | ".join(_f(pre.get(m)) for m in REWRITE)
-            + f" | {_f(pre.get('perplexity'), 2)} | {_f(mean_general(pre))} | – | – | – | – | – | |"
+            + " | ".join(fmt(pre.get(m)) for m in REWRITE)
+            + f" | {fmt(pre.get('perplexity'), 2)} | {fmt(mean_general(pre))} | – | – | – | – | – | |"
         )
         for r in subset:
             post, sec = r["post"], r["seconds_per_batch"]
             lines.append(
                 f"| {label(r)} | "
-                + " | ".join(_f(post.get(m)) for m in REWRITE)
-                + f" | {_f(post.get('perplexity'), 2)} | {_f(mean_general(post))}"
+                + " | ".join(fmt(post.get(m)) for m in REWRITE)
+                + f" | {fmt(post.get('perplexity'), 2)} | {fmt(mean_general(post))}"
                 + f" | {'–' if r['z_row_steps'] is None else r['z_row_steps']}"
-                + f" | {_z_seconds(sec, r['z_row_steps'])} | {_f(seconds_of(sec.get('update')), 1)}"
-                + f" | {_f(edit_seconds(r['seconds_total']), 0)} | {_f(edit_seconds(r['eval_seconds']), 0)}"
+                + f" | {z_seconds(sec, r['z_row_steps'])} | {fmt(seconds_of(sec.get('update')), 1)}"
+                + f" | {fmt(edit_seconds(r['seconds_total']), 0)} | {fmt(edit_seconds(r['eval_seconds']), 0)}"
                 + f" | {r.get('code') or '–'} |"
             )
         lines += ["", *targets(d, subset)]

@@ -1,7 +1,7 @@
 """Seconds per batch of ECE and MEMIT on the same facts, side by side, in one process.
 
 Not a test: a measurement. Each configuration runs the real stage scripts (attribute → apply_edits,
-bench/sweep.run_stages) in a fresh scratch folder .cache/speed/<config>, with the covariance
+bench/scratch.run_stages) in a fresh scratch folder .cache/speed/<config>, with the covariance
 statistics of the main pipeline copied in (run `make run` or `dvc repro covariance` first), and reads
 the per-batch phase timings and z row-steps the pipeline itself records (reports/ledger_runs.json).
 
@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from sweep import ROOT, cpu_name, inside, run_stages
+from scratch import ROOT, cpu_name, inside, run_stages
 
 from ece.audit.ledger import LEDGER_RUNS
 from ece.eval.metrics import fact_metrics, summarise

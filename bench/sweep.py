@@ -1,151 +1,172 @@
-"""Sweep params over the real pipeline and tabulate the rewrite metrics, pre vs post.
+"""Sweep params over the real pipeline as DVC experiments and tabulate the rewrite metrics, pre vs post.
 
-Each configuration runs the stage functions themselves (prepare → apply_edits) in a scratch folder,
-so the numbers are those of the pipeline, not of a re-implementation. Example:
-
-    python bench/sweep.py --name layers --n-facts 40 \
+    python bench/sweep.py queue --name layers --n-facts 40 \\
         --grid "edit.layers=[2,3,4,5,6]" --grid "edit.layers=[4,5,6,7,8]"
+    python bench/sweep.py start                  # DVC's queue runs them, one at a time
+    python bench/sweep.py report --name layers   # reports/sweep_layers.md and .json
 
-Writes reports/sweep_<name>.md and .json (appending rows; rerun a name to extend it).
+Each configuration (one --grid: space-separated a.b=value overrides, plus --common and the number of
+facts) is an experiment `sweep-<name>-<hash of its overrides>`: `dvc exp show` lists them with their
+params, `dvc exp apply` brings one back, and queueing the same configuration again replaces it. Every
+stage runs, evaluate included; add `--common "evaluate.general_tasks=[]"` when general ability is not
+the question. The queued runs share the machine-local scratch (bench/experiments.py), so configurations
+that differ only after z reuse its batches.
+
+The report reads what each experiment ran with back from git (its params.yaml against the commit it was
+queued from), its metrics, its timings, its z row-steps and the mean target NLL of its z (from
+artifacts/z/index.parquet in this machine's DVC cache). Rerun `queue` with more --grid values to extend
+a sweep; rows whose experiments this repository no longer holds stay in reports/sweep_<name>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
+import hashlib
+import io
 import json
-import os
-import platform
-import statistics
-import sys
+import re
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import polars as pl
+from experiments import add, read_output, results, start
+from rows import ROOT, code_of, fmt, merge, seconds_of, z_row_steps, z_seconds
 
-from ece.config import Params, load_params
-from ece.eval.metrics import fact_metrics, summarise
-from ece.model.loading import load_model
+from ece.config import load_params
+from ece.errors import EceError
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the stage scripts are imported as modules of `stages`
-STAGES = ["prepare", "covariance", "attribute", "cluster", "precompute_z", "train_editor", "apply_edits"]
-
-
-def cpu_name() -> str:
-    """The CPU's model name as the kernel reports it (platform.processor() is empty on Linux)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        lines = []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "unknown"
+REWRITE = ("efficacy", "generalization", "specificity", "score")
 
 
-def median_seconds(runs: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-    """Median seconds of each callable, one warm-up each, then `reps` rounds alternating between them."""
-    for fn in runs.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def experiment_name(name: str, overrides: list[str]) -> str:
+    """`sweep-<name>-<8 hex>`: the hash keeps the name a valid git ref whatever the overrides hold
+    (brackets, commas) and makes the same configuration land on the same experiment."""
+    return f"sweep-{name}-{hashlib.sha1(' '.join(overrides).encode()).hexdigest()[:8]}"
 
 
-@contextlib.contextmanager
-def inside(folder: Path):
-    old = Path.cwd()
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-PATHS = (
-    ("data", "edit_dataset"),
-    ("data", "generation_prompts"),
-    ("covariance", "corpus"),
-    ("train_editor", "data"),
-    ("evaluate", "general_dir"),
-    ("evaluate", "ppl_corpus"),
-    ("evaluate", "reference_corpus"),
-)
-
-
-def run_stages(overrides: list[str], work: Path, stages: list[str] = STAGES) -> tuple[Params, dict[str, float]]:
-    """Run the stage scripts' `main` in order inside `work` (outputs land there); seconds per stage."""
-    p = load_params(ROOT / "params.yaml", overrides)
-    for section, key in PATHS:  # the project's data, read from the scratch folder
-        cfg = getattr(p, section)
-        if getattr(cfg, key) is not None:
-            setattr(cfg, key, str(ROOT / getattr(cfg, key)))
-    seconds = {}
-    with inside(work):
-        for stage in stages:
-            start = time.perf_counter()
-            importlib.import_module(f"stages.{stage}").main(p)
-            seconds[stage] = round(time.perf_counter() - start, 1)
-    return p, seconds
-
-
-def run_config(overrides: list[str], work: Path) -> dict:
-    p, seconds = run_stages(overrides, work)
-    with inside(work):
-        facts = pl.read_parquet("artifacts/prepared/edits.parquet")
-        post = summarise(fact_metrics(*load_model("artifacts/edited/model"), facts))
-        pre = summarise(fact_metrics(*load_model(p.model.name), facts))
-        z = pl.read_parquet("artifacts/z/index.parquet")
-    return {"overrides": overrides, "pre": pre, "post": post, "z_nll": z["nll"].mean(), "seconds": seconds}
-
-
-def table(rows: list[dict]) -> str:
-    head = "| config | efficacy | generalization | specificity | score | mean z NLL | z s | update s |\n|---|---|---|---|---|---|---|---|\n"
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = []
-    for r in rows:
-        pre, post = r["pre"], r["post"]
-        cells = [f"{fmt(pre[m])} → **{fmt(post[m])}**" for m in ("efficacy", "generalization", "specificity", "score")]
-        lines.append(
-            f"| `{' '.join(r['overrides'])}` | "
-            + " | ".join(cells)
-            + f" | {r['z_nll']:.3f} | {r['seconds']['precompute_z']} | {r['seconds']['apply_edits']} |"
+def check_name(name: str) -> str:
+    """A sweep name usable in an experiment name and a report file, whose report (if any) was written by
+    this script: the earlier in-process sweeps' reports have rows of another shape and stay as they are."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise EceError(f"sweep name {name!r}", "use letters, digits and underscores only")
+    out = ROOT / "reports" / f"sweep_{name}.json"
+    if out.exists() and any("row" not in r for r in json.loads(out.read_text())):
+        raise EceError(
+            f"{out.relative_to(ROOT)} holds an earlier in-process sweep, kept as it was",
+            "give this sweep another --name",
         )
-    return head + "\n".join(lines) + "\n"
+    return name
+
+
+def plan(name: str, grids: list[str], common: list[str]) -> dict[str, list[str]]:
+    """experiment name → overrides for each grid point, checked against params.yaml before anything is
+    queued (a typo fails here, not in a run an hour later)."""
+    planned = {}
+    for grid in grids:
+        overrides = [*common, *grid.split()]
+        load_params(ROOT / "params.yaml", overrides)
+        planned[experiment_name(name, overrides)] = overrides
+    return planned
+
+
+def mean_z_nll(rev: str) -> float | None:
+    raw = read_output(rev, "artifacts/z/index.parquet")
+    return None if raw is None else float(pl.read_parquet(io.BytesIO(raw))["nll"].mean())
+
+
+def collect(name: str) -> list[dict[str, Any]]:
+    """One row per finished experiment of sweep `name` in this repository."""
+    rows = []
+    for exp, r in results(f"sweep-{name}-").items():
+        m = r["metrics"]
+        if not m:
+            continue
+        rows.append(
+            {
+                "row": exp,
+                "rev": r["rev"],
+                "code": code_of(r["rev"]),
+                "overrides": r["overrides"],
+                "n_facts": m["n_facts"],
+                "pre": m["pre"],
+                "post": m["post"],
+                "z_nll": mean_z_nll(r["rev"]),
+                "z_row_steps": z_row_steps(r["runs"]),
+                "seconds_per_batch": (r["timings"] or {}).get("seconds_per_batch", {}),
+            }
+        )
+    return rows
+
+
+def shared(rows: list[dict[str, Any]]) -> list[str]:
+    """The overrides every row ran with (the sweep's common part; none when there is one row)."""
+    if len(rows) < 2:
+        return []
+    return [o for o in rows[0]["overrides"] if all(o in r["overrides"] for r in rows[1:])]
+
+
+def markdown(name: str, rows: list[dict[str, Any]]) -> str:
+    common = shared(rows)
+    head = ["config", *REWRITE, "mean z NLL", "z row-steps", "z s/batch", "update s/batch", "code"]
+    lines = [
+        f"# Sweep `{name}`",
+        "",
+        f"Generated by `bench/sweep.py report --name {name}` on {time.strftime('%Y-%m-%d')} from the DVC "
+        f"experiments `sweep-{name}-*`. Every row ran with `{' '.join(common) or '(nothing in common)'}`; "
+        "config = its other overrides of params.yaml. Pre → **post**, every fact evaluated after the last batch. "
+        "Seconds are wall-clock on this machine (z includes attribution and clustering; `reused` = z batches "
+        "computed by another row's run); `code` is the commit a row ran.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        pre, post, sec = r["pre"], r["post"], r["seconds_per_batch"]
+        config = " ".join(o for o in r["overrides"] if o not in common) or "params.yaml"
+        cells = [f"{fmt(pre[m])} → **{fmt(post[m])}**" for m in REWRITE]
+        lines.append(
+            f"| `{config}` | "
+            + " | ".join(cells)
+            + f" | {fmt(r['z_nll'])} | {'–' if r['z_row_steps'] is None else r['z_row_steps']}"
+            + f" | {z_seconds(sec, r['z_row_steps'])} | {fmt(seconds_of(sec.get('update')), 1)}"
+            + f" | {r.get('code') or '–'} |"
+        )
+    return "\n".join([*lines, ""])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--name", required=True, help="sweep name: reports/sweep_<name>.md")
-    ap.add_argument("--grid", action="append", required=True, help="space-separated a.b=value overrides for one run")
-    ap.add_argument("--common", default="", help="overrides applied to every run")
-    ap.add_argument("--n-facts", type=int, default=40)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("queue", help="queue one experiment per --grid")
+    q.add_argument("--name", required=True, help="sweep name: experiments sweep-<name>-*, reports/sweep_<name>.md")
+    q.add_argument("--grid", action="append", required=True, help="space-separated a.b=value overrides for one run")
+    q.add_argument("--common", default="", help="space-separated overrides applied to every run")
+    q.add_argument("--n-facts", type=int, default=40)
+    sub.add_parser("start", help="run the queue")
+    r = sub.add_parser("report", help="collect a sweep's finished rows into reports/sweep_<name>.*")
+    r.add_argument("--name", required=True)
     args = ap.parse_args()
-    out = ROOT / "reports" / f"sweep_{args.name}.json"
-    rows = json.loads(out.read_text()) if out.exists() else []
-    common = [f"data.n_facts={args.n_facts}", *args.common.split()]
-    for i, grid in enumerate(args.grid):
-        overrides = grid.split()
-        print(f"== {args.name} {i + 1}/{len(args.grid)}: {overrides}", flush=True)
-        # one scratch folder per sweep: the z cache is reused by configs that differ only after z
-        row = run_config(common + overrides, ROOT / ".cache" / "sweeps" / args.name)
-        row["overrides"] = overrides
-        rows.append(row)
-        out.write_text(json.dumps(rows, indent=2))
-        md = (
-            f"# Sweep `{args.name}`\n\nCounterFact, first {args.n_facts} facts, common overrides "
-            f"`{' '.join(common)}`; pre → **post**, evaluated after the last batch. Generated by bench/sweep.py "
-            f"on {time.strftime('%Y-%m-%d')}.\n\n" + table(rows)
-        )
-        (ROOT / "reports" / f"sweep_{args.name}.md").write_text(md)
-        print(table([row]), flush=True)
+    try:
+        if args.cmd == "queue":
+            name = check_name(args.name)
+            for exp, overrides in plan(name, args.grid, [f"data.n_facts={args.n_facts}", *args.common.split()]).items():
+                add(exp, overrides)
+                print(f"queued {exp}: {' '.join(overrides)}")
+        elif args.cmd == "start":
+            start(1)
+            print("started; `dvc queue status` shows progress, `dvc queue logs <name>` a run's output")
+        else:
+            name = check_name(args.name)
+            out = ROOT / "reports" / f"sweep_{name}.json"
+            stored = json.loads(out.read_text()) if out.exists() else []
+            rows = merge(stored, collect(name), [r["row"] for r in stored])
+            if not rows:
+                raise EceError(f"no finished experiment of sweep {name!r}", "queue and start it first")
+            out.write_text(json.dumps(rows, indent=2) + "\n")
+            out.with_suffix(".md").write_text(markdown(name, rows))
+            print(f"{len(rows)} rows -> {out.with_suffix('.md')}, {out}")
+    except EceError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from sweep import ROOT, cpu_name, median_seconds
+from scratch import ROOT, cpu_name, median_seconds
 
 from ece.config import load_params
 from ece.data.facts import Fact

@@ -1,7 +1,7 @@
 """How z should be optimised: step size, clamp, stop rule, and what the shared phase starts members from.
 
 Not a test: a measurement. Every configuration runs the real stages (prepare → apply_edits, the
-functions of bench/sweep.py) on the same CounterFact facts in its own scratch folder, with one
+functions of bench/scratch.py) on the same CounterFact facts in its own scratch folder, with one
 covariance computed once and copied in, and is then scored after the last batch. Per configuration:
 z row-steps (one row = one fact in one forward/backward of the z descent), z seconds, mean target NLL
 of z, mean ‖δ‖/‖h‖, and efficacy / generalization / specificity / score of the edited model.
@@ -39,7 +39,7 @@ from typing import Any
 import polars as pl
 import torch
 from safetensors import safe_open
-from sweep import ROOT, inside, run_stages
+from scratch import ROOT, inside, run_stages
 
 from ece.eval.metrics import fact_metrics, summarise
 from ece.model.loading import load_model
@@ -223,7 +223,7 @@ def run_worker(name: str, config: Config, common: list[str]) -> dict[str, Any]:
             job,
         ]
         env = {k: v for k, v in os.environ.items() if k != "ECE_SCRATCH"}
-        # this tree's ece before any installed copy (sweep imports ece before it puts ROOT on sys.path)
+        # this tree's ece before any installed copy (scratch imports ece before it puts ROOT on sys.path)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
         load = os.getloadavg()[0]
         subprocess.run(command, check=True, env=env)

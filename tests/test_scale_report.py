@@ -1,5 +1,5 @@
-"""bench/scale.py's report: ECE's row judged against the benchmark's targets from hand-made rows, each
-target flipping on exactly the number it names."""
+"""bench/scale.py's report and the row helpers of bench/rows.py it uses: ECE's row judged against the
+benchmark's targets from hand-made rows, each target flipping on exactly the number it names."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import rows as report_rows  # noqa: E402
 import scale  # noqa: E402
 
 PRE = {"efficacy": 0.26, "generalization": 0.20, "specificity": 0.74, "perplexity": 30.0, "score": 0.29}
@@ -84,9 +85,9 @@ def test_variant_rows_are_listed_but_never_judged() -> None:
 
 def test_z_row_steps_summed_over_batches_and_shown_per_row() -> None:
     runs = [{"batch": 0, "z_row_steps": 650}, {"batch": 1, "z_row_steps": 590}]
-    assert scale.z_row_steps(runs) == 1240
-    assert scale.z_row_steps([{"batch": 0, "update": 1.0}]) is None  # UltraEdit: no z
-    assert scale.z_row_steps(None) is None  # an experiment without the file
+    assert report_rows.z_row_steps(runs) == 1240
+    assert report_rows.z_row_steps([{"batch": 0, "update": 1.0}]) is None  # UltraEdit: no z
+    assert report_rows.z_row_steps(None) is None  # an experiment without the file
     base = {
         "n_facts": 200,
         "family": "comparison",
@@ -111,10 +112,10 @@ def test_z_row_steps_summed_over_batches_and_shown_per_row() -> None:
 def test_z_seconds_of_a_row_that_reused_another_rows_z() -> None:
     """DVC's timings hold NaN for a phase the run did not compute; read back from YAML it is the string
     'NaN'. Such a row shows `reused` for z and no edit total, not a sum that leaves z out."""
-    assert scale.seconds_of("NaN") is None and scale.seconds_of(float("nan")) is None
-    assert scale.seconds_of(12) == 12.0
-    assert scale.edit_seconds({"z": "NaN", "update": 2768.0}) is None
-    assert scale.edit_seconds({"attribution": 10.0, "z": 3000.0, "update": 2000.0}) == 5010.0
+    assert report_rows.seconds_of("NaN") is None and report_rows.seconds_of(float("nan")) is None
+    assert report_rows.seconds_of(12) == 12.0
+    assert report_rows.edit_seconds({"z": "NaN", "update": 2768.0}) is None
+    assert report_rows.edit_seconds({"attribution": 10.0, "z": 3000.0, "update": 2000.0}) == 5010.0
     base = {"n_facts": 2000, "family": "comparison", "pre": PRE, "post": GOOD, "eval_seconds": {}}
     rows = [
         {
@@ -150,7 +151,7 @@ def test_merge_keeps_stored_rows_whose_experiments_are_gone_and_replaces_found_o
         {"row": "cf-ece", "rev": "c", "score": 0.7},
     ]
     found = [{"row": "cf-ece", "rev": "d", "score": 0.8}, {"row": "cf-alphaedit", "rev": "e", "score": 0.5}]
-    merged = scale.merge(stored, found, list(scale.ROWS))
+    merged = report_rows.merge(stored, found, list(scale.ROWS))
     # The issue's row order (ROWS: CounterFact before zsRE, ECE, MEMIT, AlphaEdit), not the input order.
     assert [(r["row"], r["rev"]) for r in merged] == [
         ("cf-ece", "d"),
@@ -158,4 +159,4 @@ def test_merge_keeps_stored_rows_whose_experiments_are_gone_and_replaces_found_o
         ("cf-alphaedit", "e"),
         ("zsre-ece", "a"),
     ]
-    assert scale.merge([], [], list(scale.ROWS)) == []
+    assert report_rows.merge([], [], list(scale.ROWS)) == []

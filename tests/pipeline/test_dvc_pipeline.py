@@ -153,13 +153,15 @@ def test_identical_recompute_keeps_the_covariance_hash(repo: Path) -> None:
 
 
 def test_queued_experiment_runs_from_a_clean_commit(repo: Path, tmp_path: Path) -> None:
-    """The documented way to queue work (bench/experiments.py): `dvc exp run --queue` + `dvc queue start`,
-    run by DVC in a temporary copy of the repository, finds this environment's interpreter and the
-    copy's own ece/, and its metrics come back from the experiment's commit."""
+    """The documented way to queue work (bench/experiments.py, here through bench/sweep.py): `dvc exp run
+    --queue` + `dvc queue start`, run by DVC in a temporary copy of the repository, finds this environment's
+    interpreter and the copy's own ece/; the experiment's metrics, the overrides it ran with and its z
+    (from the DVC cache) come back into a sweep report."""
     work = tmp_path / "queued"
     shutil.copytree(repo, work, ignore=shutil.ignore_patterns(".cache"))
     (work / "bench").mkdir()
-    shutil.copy(ROOT / "bench/experiments.py", work / "bench/experiments.py")
+    for script in ("experiments.py", "rows.py", "sweep.py"):
+        shutil.copy(ROOT / "bench" / script, work / "bench" / script)
     identity = {
         "GIT_AUTHOR_NAME": "t",
         "GIT_AUTHOR_EMAIL": "t@t",
@@ -175,12 +177,29 @@ def test_queued_experiment_runs_from_a_clean_commit(repo: Path, tmp_path: Path) 
 
     for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "base"]):
         assert call(*cmd).returncode == 0
-    script = str(work / "bench/experiments.py")
-    for args in (["add", "t-memit", "-S", "method=memit"], ["start"], ["wait"]):
-        done = call(sys.executable, script, *args)
+    experiments, sweep = str(work / "bench/experiments.py"), str(work / "bench/sweep.py")
+    typo = call(sys.executable, sweep, "queue", "--name", "t", "--grid", "method=memit edit.layerz=[1]")
+    assert typo.returncode != 0 and "layerz" in typo.stderr + typo.stdout
+    assert "sweep-t-" not in call(DVC, "queue", "status").stdout, "a bad grid queues nothing"
+    for args in (
+        [sweep, "queue", "--name", "t", "--n-facts", "3", "--grid", "method=memit"],
+        [experiments, "start"],
+        [experiments, "wait"],
+    ):
+        done = call(sys.executable, *args)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    found = json.loads(call(sys.executable, script, "results", "t-").stdout)
-    assert set(found) == {"t-memit"}
-    metrics = found["t-memit"]["metrics"]
-    assert metrics["method"] == "memit" and 0 <= metrics["post"]["efficacy"] <= 1
+    found = json.loads(call(sys.executable, experiments, "results", "sweep-t-").stdout)
+    assert len(found) == 1
+    (result,) = found.values()
+    assert sorted(result["overrides"]) == ["data.n_facts=3", "method=memit"]  # params.yaml against its commit
+    metrics = result["metrics"]
+    assert metrics["method"] == "memit" and metrics["n_facts"] == 3 and 0 <= metrics["post"]["efficacy"] <= 1
     assert (work / ".cache").is_dir(), "queued runs share the repository's .cache as their scratch (ECE_SCRATCH)"
+
+    reported = call(sys.executable, sweep, "report", "--name", "t")
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    (row,) = json.loads((work / "reports/sweep_t.json").read_text())
+    assert row["post"] == metrics["post"] and row["overrides"] == result["overrides"]
+    assert row["z_nll"] is not None and row["z_nll"] >= 0, "z's index read back from the DVC cache"
+    table = (work / "reports/sweep_t.md").read_text()
+    assert f"**{metrics['post']['efficacy']:.3f}**" in table and "method=memit" in table

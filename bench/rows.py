@@ -1,0 +1,65 @@
+"""Report rows read from finished DVC experiments: what the benchmark reports (scale, compare, sweep,
+gemma3_compare) share when they turn an experiment's metrics, timings and ledger into a table row."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def mean_general(summary: dict[str, Any]) -> float | None:
+    """Mean accuracy over the general-ability tasks of one evaluation (None when none ran)."""
+    accs = [m["accuracy"] for m in (summary.get("general") or {}).values() if m.get("accuracy") is not None]
+    return sum(accs) / len(accs) if accs else None
+
+
+def code_of(rev: str) -> str | None:
+    """The commit an experiment ran from (its commit's parent): which code produced the row."""
+    out = subprocess.run(["git", "rev-parse", "--short", f"{rev}^"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def merge(stored: list[dict[str, Any]], found: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
+    """The report's rows: every finished experiment, plus the stored rows whose experiments this repository
+    no longer holds (experiments live in one machine's git refs; a row run elsewhere or in an earlier
+    session survives only in the report's JSON, with its experiment commit in `rev`). A row found again
+    replaces its stored version. Ordered as `order` lists the rows (others last, in their own order)."""
+    by_row = {r["row"]: r for r in stored} | {r["row"]: r for r in found}
+    return sorted(by_row.values(), key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
+
+
+def z_row_steps(runs: list[dict[str, Any]] | None) -> int | None:
+    """z row-steps over all batches (one row = one fact in one forward/backward of the z descent): the
+    cost of z that does not depend on what else ran on the machine. None when the runs record none (a run
+    without ledger_runs.json); a method without z (UltraEdit) records 0 per batch."""
+    steps = [b["z_row_steps"] for b in runs or [] if "z_row_steps" in b]
+    return sum(steps) if steps else None
+
+
+def seconds_of(x: Any) -> float | None:
+    """A phase's seconds as the timings file holds them; None for the NaN of a phase this run did not
+    compute (z reused from the scratch cache: DVC writes NaN, read back from YAML as a string)."""
+    return float(x) if isinstance(x, (int, float)) and x == x else None
+
+
+def edit_seconds(seconds: dict[str, Any]) -> float | None:
+    """Seconds of editing proper (every phase apply_edits times: attribution, clustering, z, update);
+    None when a phase was not computed in this run."""
+    parts = [seconds_of(v) for v in seconds.values()]
+    return None if None in parts else sum(parts)  # type: ignore[arg-type]
+
+
+def z_seconds(sec: dict[str, Any], row_steps: int | None) -> str:
+    """z's seconds per batch (attribution and clustering included) as a table cell: `reused` when this run
+    took its z batches from the scratch cache (another run computed them), `–` for a method without z."""
+    z = seconds_of(sec.get("z"))
+    if z is not None:
+        return fmt(z + (seconds_of(sec.get("attribution")) or 0.0) + (seconds_of(sec.get("clustering")) or 0.0), 1)
+    return "reused" if row_steps else "–"

@@ -1,0 +1,102 @@
+"""The stage scripts run in-process in a scratch folder: for measurements that time phases or read a
+stage's outputs directly (speed, z design, covariance sampling, GPU checks). Rows of a results table
+(methods compared, parameter sweeps, the scale benchmark) are DVC experiments instead: bench/experiments.py.
+
+`run_stages` imports each stage's `main` and calls it with params.yaml plus overrides inside the scratch
+folder, with the project's data paths made absolute, so the numbers are those of the pipeline itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from ece.config import Params, load_params
+from ece.eval.metrics import fact_metrics, summarise
+from ece.model.loading import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the stage scripts are imported as modules of `stages`
+STAGES = ["prepare", "covariance", "attribute", "cluster", "precompute_z", "train_editor", "apply_edits"]
+# params that name a file of the project: read from the scratch folder by absolute path
+PATHS = (
+    ("data", "edit_dataset"),
+    ("data", "generation_prompts"),
+    ("covariance", "corpus"),
+    ("train_editor", "data"),
+    ("evaluate", "general_dir"),
+    ("evaluate", "ppl_corpus"),
+    ("evaluate", "reference_corpus"),
+)
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the kernel reports it (platform.processor() is empty on Linux)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown"
+
+
+def median_seconds(runs: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+    """Median seconds of each callable, one warm-up each, then `reps` rounds alternating between them."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+@contextlib.contextmanager
+def inside(folder: Path) -> Iterator[None]:
+    old = Path.cwd()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def run_stages(overrides: list[str], work: Path, stages: list[str] = STAGES) -> tuple[Params, dict[str, float]]:
+    """Run the stage scripts' `main` in order inside `work` (outputs land there); seconds per stage."""
+    p = load_params(ROOT / "params.yaml", overrides)
+    for section, key in PATHS:
+        cfg = getattr(p, section)
+        if getattr(cfg, key) is not None:
+            setattr(cfg, key, str(ROOT / getattr(cfg, key)))
+    seconds = {}
+    with inside(work):
+        for stage in stages:
+            start = time.perf_counter()
+            importlib.import_module(f"stages.{stage}").main(p)
+            seconds[stage] = round(time.perf_counter() - start, 1)
+    return p, seconds
+
+
+def run_config(overrides: list[str], work: Path) -> dict[str, Any]:
+    """prepare → apply_edits in `work`, then the rewrite metrics of the unedited and the edited model
+    (no general ability, fluency or perplexity: a quick look at one configuration)."""
+    p, seconds = run_stages(overrides, work)
+    with inside(work):
+        facts = pl.read_parquet("artifacts/prepared/edits.parquet")
+        post = summarise(fact_metrics(*load_model("artifacts/edited/model"), facts))
+        pre = summarise(fact_metrics(*load_model(p.model.name), facts))
+        z = pl.read_parquet("artifacts/z/index.parquet")
+    return {"overrides": overrides, "pre": pre, "post": post, "z_nll": z["nll"].mean(), "seconds": seconds}

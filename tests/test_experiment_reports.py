@@ -1,0 +1,91 @@
+"""The reports built on DVC experiments (bench/experiments.py, bench/sweep.py, bench/compare.py), from
+hand-made params and rows: the overrides read back from two params files, sweep experiment names that
+git accepts, and the table cells a reader relies on. The queued run itself is tested end to end in
+tests/pipeline/test_dvc_pipeline.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import compare  # noqa: E402
+import experiments  # noqa: E402
+import sweep  # noqa: E402
+
+from ece.errors import EceError  # noqa: E402
+
+SUMMARY = {"efficacy": 0.2, "generalization": 0.1, "specificity": 0.7, "score": 0.25}
+
+
+def test_changed_params_lists_exactly_what_differs_in_dvc_spelling() -> None:
+    base = {"method": "ece", "edit": {"layers": [3, 4], "batch_size": 25}, "z": {"lr": 0.5, "stop": None}}
+    run = {"method": "memit", "edit": {"layers": [3, 5], "batch_size": 25}, "z": {"lr": 0.5, "stop": True, "k": 2}}
+    assert experiments.changed_params(base, run) == ["method=memit", "edit.layers=[3,5]", "z.stop=true", "z.k=2"]
+    assert experiments.changed_params(run, run) == []
+
+
+def test_sweep_experiment_names_are_git_refs_and_stable() -> None:
+    a = sweep.experiment_name("layers", ["data.n_facts=40", "edit.layers=[2,3,4]"])
+    assert a == sweep.experiment_name("layers", ["data.n_facts=40", "edit.layers=[2,3,4]"])
+    assert a != sweep.experiment_name("layers", ["data.n_facts=40", "edit.layers=[2,3,5]"])
+    checked = subprocess.run(["git", "check-ref-format", f"refs/exps/{a}"], capture_output=True)
+    assert checked.returncode == 0 and a.startswith("sweep-layers-")
+
+
+def test_sweep_refuses_bad_names_typos_and_the_earlier_reports() -> None:
+    with pytest.raises(EceError, match="sweep name"):
+        sweep.check_name("a/b")
+    with pytest.raises(EceError, match="earlier in-process sweep"):
+        sweep.check_name("layers")  # reports/sweep_layers.json: rows of the old in-process script
+    with pytest.raises(EceError, match="layerz"):
+        sweep.plan("t", ["edit.layerz=[1]"], ["data.n_facts=4"])
+
+
+def _sweep_row(overrides: list[str], z: Any) -> dict[str, Any]:
+    return {
+        "row": "sweep-t-" + overrides[-1],
+        "overrides": overrides,
+        "pre": SUMMARY,
+        "post": {**SUMMARY, "efficacy": 0.9},
+        "z_nll": 0.05,
+        "z_row_steps": 120,
+        "seconds_per_batch": {"attribution": 1.0, "clustering": 0.5, "z": z, "update": 2.0},
+    }
+
+
+def test_sweep_table_splits_common_overrides_from_each_config() -> None:
+    rows = [_sweep_row(["data.n_facts=40", "z.lr=1.0"], 10.0), _sweep_row(["data.n_facts=40", "z.lr=2.0"], "NaN")]
+    table = sweep.markdown("t", rows)
+    assert "Every row ran with `data.n_facts=40`" in table
+    cells = [line.split(" | ") for line in table.splitlines() if line.startswith("| `")]
+    assert [c[0] for c in cells] == ["| `z.lr=1.0`", "| `z.lr=2.0`"]
+    assert [c[7] for c in cells] == ["11.5", "reused"]  # z + attribution + clustering; NaN = z from the cache
+    assert "(nothing in common)" in sweep.markdown("t", rows[:1])  # one row: its overrides are its config
+
+
+def test_compare_table_shows_reused_z_and_no_total_for_it() -> None:
+    def row(method: str, z: Any) -> dict[str, Any]:
+        summary = {**SUMMARY, "fluency": 500.0, "perplexity": 30.0, "general": {}}
+        return {
+            "row": f"zsre-{method}",
+            "method": method,
+            "dataset": "zsre",
+            "n_facts": 50,
+            "batch_size": 25,
+            "date": "2026-12-03",
+            "pre": summary,
+            "post": summary,
+            "seconds_per_batch": {"z": z, "update": 4.0},
+            "code": "abc1234",
+        }
+
+    lines = compare.markdown([row("memit", 70.0), row("alphaedit", "NaN")]).splitlines()
+    memit = next(line for line in lines if line.startswith("| memit"))
+    alphaedit = next(line for line in lines if line.startswith("| alphaedit"))
+    assert memit.split(" | ")[-6:] == ["0.0", "0.0", "70.0", "4.0", "74.0", "abc1234 |"]
+    assert alphaedit.split(" | ")[-6:] == ["0.0", "0.0", "reused", "4.0", "–", "abc1234 |"]
