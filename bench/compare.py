@@ -30,7 +30,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from experiments import add, results, start  # noqa: E402
+from experiments import queue, results, start  # noqa: E402
 from rows import ROOT, code_of, fmt, mean_general, merge, seconds_of, z_row_steps  # noqa: E402
 
 from ece.config import METHODS, load_params  # noqa: E402
@@ -179,12 +179,9 @@ def main() -> None:
             }
         except EceError as err:
             raise SystemExit(f"error: {err}") from None
-        for name, overrides in queued.items():
-            add(name, overrides)
-            print(f"queued {name}: {' '.join(overrides)}")
+        queue(queued)
     elif args.cmd == "start":
         start(1)
-        print("started; `dvc queue status` shows progress, `dvc queue logs <name>` a run's output")
     else:
         stored = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else []
         rows = merge(stored, collect(), ORDER)

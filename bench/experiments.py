@@ -101,9 +101,18 @@ def config_args(path: str, extra: list[str]) -> list[str]:
     return [a for o in overrides for a in ("-S", o)]
 
 
+def queue(planned: dict[str, list[str]]) -> None:
+    """Queue one experiment per name (replacing any of that name), saying what each runs with."""
+    for name, overrides in planned.items():
+        add(name, overrides)
+        print(f"queued {name}: {' '.join(overrides)}")
+
+
 def start(jobs: int = 1) -> None:
-    """Start DVC's queue workers (they run detached and outlive this process)."""
+    """Start DVC's queue workers (they run detached and outlive this process; a worker already running
+    is not started twice)."""
     dvc("queue", "start", "-j", str(jobs))
+    print("started; `dvc queue status` shows progress, `dvc queue logs <name>` a run's output")
 
 
 def queue_state() -> dict[str, list[str]]:
@@ -220,7 +229,7 @@ def main() -> None:
     r.add_argument("prefix", nargs="?", default="")
     args = ap.parse_args()
     if args.cmd == "add":
-        add(args.name, args.overrides)
+        queue({args.name: args.overrides})
     elif args.cmd == "args":
         try:
             print(" ".join(config_args(args.config, args.extra)))

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments import add, results, start
+from experiments import queue, results, start
 from rows import code_of, fmt, mean_general, merge, seconds_of, z_row_steps, z_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,12 +95,9 @@ def main() -> None:
     sub.add_parser("report", help="collect finished rows into reports/gemma3.*")
     args = ap.parse_args()
     if args.cmd == "queue":
-        for method in args.rows:
-            add(ROWS[method], [*OVERRIDES, f"method={method}"])
-            print(f"queued {ROWS[method]}")
+        queue({ROWS[method]: [*OVERRIDES, f"method={method}"] for method in args.rows})
     elif args.cmd == "start":
         start(1)
-        print("started; `dvc queue status` shows progress")
     else:
         stored = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else []
         rows = merge(stored, collect(), list(ROWS))

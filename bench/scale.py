@@ -28,7 +28,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from experiments import add, results, start  # noqa: E402
+from experiments import queue, results, start  # noqa: E402
 from rows import code_of, edit_seconds, fmt, mean_general, merge, seconds_of, z_row_steps, z_seconds  # noqa: E402
 
 from ece.eval.plotting import save_png  # noqa: E402
@@ -221,12 +221,9 @@ def main() -> None:
     sub.add_parser("report", help="collect finished rows into reports/scale.*")
     args = ap.parse_args()
     if args.cmd == "queue":
-        for row in args.rows:
-            add(PREFIX + row, [*ROWS[row], *args.set])
-            print(f"queued {PREFIX + row}")
+        queue({PREFIX + row: [*ROWS[row], *args.set] for row in args.rows})
     elif args.cmd == "start":
         start(args.jobs)
-        print("started; `dvc queue status` shows progress, `dvc queue logs <name>` a run's output")
     else:
         stored = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else []
         rows = merge(stored, collect(), list(ROWS))

@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 import polars as pl
-from experiments import add, read_output, results, start
+from experiments import queue, read_output, results, start
 from rows import ROOT, code_of, fmt, merge, seconds_of, z_row_steps, z_seconds
 
 from ece.config import load_params
@@ -149,12 +149,9 @@ def main() -> None:
     try:
         if args.cmd == "queue":
             name = check_name(args.name)
-            for exp, overrides in plan(name, args.grid, [f"data.n_facts={args.n_facts}", *args.common.split()]).items():
-                add(exp, overrides)
-                print(f"queued {exp}: {' '.join(overrides)}")
+            queue(plan(name, args.grid, [f"data.n_facts={args.n_facts}", *args.common.split()]))
         elif args.cmd == "start":
             start(1)
-            print("started; `dvc queue status` shows progress, `dvc queue logs <name>` a run's output")
         else:
             name = check_name(args.name)
             out = ROOT / "reports" / f"sweep_{name}.json"
