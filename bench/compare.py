@@ -8,12 +8,13 @@ Each row is an experiment `compare-<dataset>-<method>` (`dvc exp show` lists the
 compare-counterfact-ece` brings one back): params.yaml with the method, the dataset and the number of
 facts as `-S` overrides, plus any `--set a.b=value` (MEND and SERAC rows pass their training budget
 that way: the README lists the overrides each row ran with, and reports/compare.json keeps them). The
-queued runs share the machine-local scratch (bench/experiments.py), so the unedited model's evaluation
-and each batch's z are computed once for the rows that need the same ones (AlphaEdit reuses MEMIT's z:
-its z seconds then read `reused`).
+queued runs share the machine-local scratch (bench/experiments.py) and DVC's run cache, so the unedited
+model's evaluation and each batch's z are computed once for the rows that need the same ones: AlphaEdit's
+z stage is MEMIT's, restored by DVC with the seconds of the run that computed it.
 
 Rows = methods; columns = rewrite metrics per dataset (pre → post), fluency, general ability,
-perplexity and seconds per batch split by phase (apply_edits' own timings). A row whose experiment
+perplexity, z row-steps (z's cost whatever else ran) and seconds per batch split by phase (apply_edits'
+own timings). A row whose experiment
 this repository no longer holds keeps its stored copy in reports/compare.json; a row found again
 replaces it. Timings are comparable only between rows measured on an otherwise idle machine.
 """
@@ -98,9 +99,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "edits in sequential batches, every fact evaluated after the last batch; pre → **post**. CounterFact "
         "metrics are the probability comparisons of MEMIT/ECE, zsRE's are teacher-forced token accuracy. General "
         "ability and perplexity are measured on the model edited with CounterFact. Seconds per batch are the "
-        "pipeline's own phase timings (z is 0 for fine-tuning, attribution/clustering only for ECE; `reused` = "
-        "z batches computed by another row's run, so only the update ran here); `code` is the commit a row ran "
-        "(rows from before compare ran as experiments have none).",
+        "pipeline's own phase timings (z is 0 for fine-tuning, attribution/clustering only for ECE; AlphaEdit's z "
+        "is MEMIT's, computed once, with the seconds of the run that computed it; `reused` = z batches taken from "
+        "the scratch cache, so only the update ran here); z row-steps (facts × forward/backward passes of z's "
+        "descent) measure z's cost independently of what else ran. `code` is the commit a row ran (rows from "
+        "before compare ran as experiments have neither).",
         "",
     ]
     for dataset in DATASETS:
@@ -112,7 +115,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         head = ["method", *REWRITE, "score"]
         if dataset == "counterfact":
             head += ["fluency", "general ability (mean acc.)", "perplexity"]
-        head += [f"s/batch {ph}" for ph in PHASES] + ["s/batch total", "code"]
+        head += ["z row-steps", *(f"s/batch {ph}" for ph in PHASES), "s/batch total", "code"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in subset:
             pre, post = r["pre"], r["post"]
@@ -121,6 +124,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 cells.append(f"{fmt(pre['fluency'], 1)} → {fmt(post['fluency'], 1)}")
                 cells.append(f"{fmt(mean_general(pre))} → {fmt(mean_general(post))}")
                 cells.append(f"{fmt(pre['perplexity'], 2)} → {fmt(post['perplexity'], 2)}")
+            cells.append("–" if r.get("z_row_steps") is None else str(r["z_row_steps"]))
             sec = {ph: seconds_of(r["seconds_per_batch"].get(ph, 0.0)) for ph in PHASES}
             cells += ["reused" if sec[ph] is None else fmt(sec[ph], 1) for ph in PHASES]
             cells.append(fmt(None if None in sec.values() else sum(sec.values()), 1))  # type: ignore[arg-type]

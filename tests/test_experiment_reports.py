@@ -69,7 +69,7 @@ def test_sweep_table_splits_common_overrides_from_each_config() -> None:
 
 
 def test_compare_table_shows_reused_z_and_no_total_for_it() -> None:
-    def row(method: str, z: Any) -> dict[str, Any]:
+    def row(method: str, z: Any, row_steps: int | None = None) -> dict[str, Any]:
         summary = {**SUMMARY, "fluency": 500.0, "perplexity": 30.0, "general": {}}
         return {
             "row": f"zsre-{method}",
@@ -82,10 +82,11 @@ def test_compare_table_shows_reused_z_and_no_total_for_it() -> None:
             "post": summary,
             "seconds_per_batch": {"z": z, "update": 4.0},
             "code": "abc1234",
+            "z_row_steps": row_steps,
         }
 
-    lines = compare.markdown([row("memit", 70.0), row("alphaedit", "NaN")]).splitlines()
+    lines = compare.markdown([row("memit", 70.0, 376), row("alphaedit", "NaN")]).splitlines()
     memit = next(line for line in lines if line.startswith("| memit"))
     alphaedit = next(line for line in lines if line.startswith("| alphaedit"))
-    assert memit.split(" | ")[-6:] == ["0.0", "0.0", "70.0", "4.0", "74.0", "abc1234 |"]
-    assert alphaedit.split(" | ")[-6:] == ["0.0", "0.0", "reused", "4.0", "–", "abc1234 |"]
+    assert memit.split(" | ")[-7:] == ["376", "0.0", "0.0", "70.0", "4.0", "74.0", "abc1234 |"]
+    assert alphaedit.split(" | ")[-7:] == ["–", "0.0", "0.0", "reused", "4.0", "–", "abc1234 |"]
