@@ -34,8 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from experiments import queue, results, start  # noqa: E402
 from rows import ROOT, code_of, fmt, mean_general, merge, seconds_of, z_row_steps  # noqa: E402
 
-from ece.config import METHODS, load_params  # noqa: E402
-from ece.errors import EceError  # noqa: E402
+from ece.config import METHODS  # noqa: E402
 from ece.eval.plotting import save_png  # noqa: E402
 
 PREFIX = "compare-"
@@ -51,14 +50,6 @@ PHASES = ("attribution", "clustering", "z", "update")
 OUT_JSON = ROOT / "reports" / "compare.json"
 OUT_MD = ROOT / "reports" / "compare.md"
 OUT_PNG = ROOT / "reports" / "plots" / "compare.png"
-
-
-def row_overrides(method: str, dataset: str, n_facts: int, extra: list[str]) -> list[str]:
-    """The `-S` overrides of one row, checked against params.yaml so that a typo fails here and not in a
-    queued run an hour later."""
-    overrides = [f"method={method}", f"data.n_facts={n_facts}", *DATASETS[dataset], *extra]
-    load_params(ROOT / "params.yaml", overrides)
-    return overrides
 
 
 def collect() -> list[dict[str, Any]]:
@@ -175,15 +166,13 @@ def main() -> None:
     sub.add_parser("report", help="collect finished rows into reports/compare.*")
     args = ap.parse_args()
     if args.cmd == "queue":
-        try:
-            queued = {
-                f"{PREFIX}{d}-{m}": row_overrides(m, d, args.n_facts, args.set)
+        queue(
+            {
+                f"{PREFIX}{d}-{m}": [f"method={m}", f"data.n_facts={args.n_facts}", *DATASETS[d], *args.set]
                 for d in args.datasets
                 for m in args.methods
             }
-        except EceError as err:
-            raise SystemExit(f"error: {err}") from None
-        queue(queued)
+        )
     elif args.cmd == "start":
         start(1)
     else:

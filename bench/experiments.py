@@ -33,6 +33,7 @@ from ece.config import load_params
 from ece.errors import EceError
 
 DVC = str(Path(sys.executable).with_name("dvc"))
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def env() -> dict[str, str]:
@@ -94,7 +95,7 @@ def config_args(path: str, extra: list[str]) -> list[str]:
         raise EceError(f"not key=value: {bare}", "write e.g. model.name=/path/to/the/model")
     merged = dict(o.split("=", 1) for o in [*read_overrides(path), *extra])
     overrides = [f"{key}={value}" for key, value in merged.items()]
-    load_params("params.yaml", overrides)
+    load_params(PARAMS, overrides)
     spaced = [o for o in overrides if any(c.isspace() for c in o)]
     if spaced:
         raise EceError(f"overrides with whitespace: {spaced}", "pass such a value as its own -S after the $(...)")
@@ -102,7 +103,14 @@ def config_args(path: str, extra: list[str]) -> list[str]:
 
 
 def queue(planned: dict[str, list[str]]) -> None:
-    """Queue one experiment per name (replacing any of that name), saying what each runs with."""
+    """Queue one experiment per name (replacing any of that name), saying what each runs with. Every set of
+    overrides is checked against params.yaml first, so a typo fails here with nothing queued, not in a run
+    an hour later."""
+    try:
+        for overrides in planned.values():
+            load_params(PARAMS, overrides)
+    except EceError as err:
+        raise SystemExit(f"error: {err}") from None
     for name, overrides in planned.items():
         add(name, overrides)
         print(f"queued {name}: {' '.join(overrides)}")

@@ -42,8 +42,8 @@ def test_sweep_refuses_bad_names_typos_and_the_earlier_reports() -> None:
         sweep.check_name("a/b")
     with pytest.raises(EceError, match="earlier in-process sweep"):
         sweep.check_name("layers")  # reports/sweep_layers.json: rows of the old in-process script
-    with pytest.raises(EceError, match="layerz"):
-        sweep.plan("t", ["edit.layerz=[1]"], ["data.n_facts=4"])
+    with pytest.raises(SystemExit, match="layerz"):  # checked before anything is queued
+        experiments.queue(sweep.plan("t", ["edit.layerz=[1]"], ["data.n_facts=4"]))
 
 
 def _sweep_row(overrides: list[str], z: Any) -> dict[str, Any]:
