@@ -13,6 +13,7 @@ import pytest
 
 PROBE = """
 import ctypes, ctypes.util, os, sys
+from ece.stage import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else None
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
