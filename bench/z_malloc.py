@@ -1,13 +1,13 @@
 """What glibc's handling of freed memory costs z on this machine: the same z, two allocator settings, side by side.
 
-On the project's 2-core machine (a Firecracker VM) a process spends a fifth or more of its CPU time in
+On the project's 2-core machine (a Firecracker VM) a process spends about a sixth of its CPU time in
 the kernel during z: every pass allocates and frees the activations kept for the backward, glibc
 returns the large blocks to the kernel (mmap/munmap, heap trimming) and the next pass faults them in
 again, page by page. This runs MEMIT's z (every fact from zero, params.yaml's step rule) on the first
 N CounterFact facts in fresh child processes, alternating between:
 
 - default: glibc as it comes;
-- keep: `ece.stage.keep_freed_memory()` first, as every stage does on the CPU (mallopt: no mmap'd blocks,
+- keep: `ece.stage.keep_freed_memory()` first, as every stage does (`run_stage`; mallopt: no mmap'd blocks,
   the heap's top trimmed only beyond 2 GiB), so a pass reuses the pages the pass before it faulted in.
 
 Per run: seconds to build the z problem and to optimise, row-steps, the child's user/system CPU seconds
@@ -36,20 +36,18 @@ OUT = ROOT / "reports" / "z_malloc"
 
 
 def child(n_facts: int, setting: str) -> dict[str, Any]:
-    """One z run in this process, with glibc's defaults or keeping freed memory."""
+    """One z run in this process, with glibc's defaults or keeping freed memory (set before the model loads)."""
     import torch
-
-    from ece.stage import keep_freed_memory
-
-    if setting == "keep":
-        assert keep_freed_memory(), "not glibc: nothing to compare"
 
     from ece.config import load_params
     from ece.data.facts import Fact
     from ece.data.loaders import load_edits
     from ece.editing.zvec import build_problem, two_step_z
     from ece.model.workbench import Workbench
+    from ece.stage import keep_freed_memory
 
+    if setting == "keep":
+        assert keep_freed_memory(), "not glibc: nothing to compare"
     p = load_params(ROOT / "params.yaml", [f"data.n_facts={n_facts}"])
     wb = Workbench.open(p)
     facts = [Fact.from_row(r) for r in load_edits(p.data).iter_rows(named=True)]
@@ -119,7 +117,7 @@ def main() -> None:
         f"{args.facts} --reps {args.reps}` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPU cores, "
         f"{cpu_name()}). MEMIT's z (params.yaml's step rule) on the first {args.facts} CounterFact facts, "
         f"each run a fresh process, the settings alternating; medians of {args.reps} runs. default: glibc as it "
-        "comes; keep: `ece.stage.keep_freed_memory()` first, as every stage does on the CPU.\n\n" + table(runs) + "\n"
+        "comes; keep: `ece.stage.keep_freed_memory()` first, as every stage does.\n\n" + table(runs) + "\n"
     )
     OUT.with_suffix(".md").write_text(text, encoding="utf-8")
     OUT.with_suffix(".json").write_text(json.dumps({"facts": args.facts, "runs": runs}, indent=1) + "\n")
