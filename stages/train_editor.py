@@ -19,10 +19,8 @@ from ece.config import Params
 from ece.data.codehash import code_hash
 from ece.data.io import write_json
 from ece.editing.editor_io import write_marker
-from ece.editing.trained import TRAINERS, train_editor
 from ece.eval.plotting import plot_training_curve
 from ece.methods import REGISTRY
-from ece.model.workbench import Workbench
 from ece.stage import run_stage
 
 
@@ -33,6 +31,11 @@ def main(p: Params) -> None:
         plot_training_curve([], f"method {p.method} trains no editor", EDITOR_PLOT)
         print(f"train_editor: method {p.method} needs no trained editor; wrote the marker {EDITOR}/editor.json")
         return
+    # Imported only for a trained editor: the trainers and the model code take 4-7 s to import, which
+    # every other method's run (the default pipeline's included) would pay to write a marker.
+    from ece.editing.trained import TRAINERS, train_editor
+    from ece.model.workbench import Workbench
+
     result = train_editor(Workbench.open(p), p, code_hash(__file__))
     c = result.config
     write_json(EDITOR_CURVE, {"method": p.method, "trained_editor": True, **c, "curve": result.curve})

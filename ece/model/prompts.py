@@ -43,14 +43,23 @@ def context_templates(model: torch.nn.Module, tok: PreTrainedTokenizerBase, n: i
     """ "{}" plus `n` greedy continuations of fixed starter words, each followed by ". {}".
 
     Greedy decoding makes the templates a pure function of the model, so every stage that needs
-    them recomputes the same list without sharing state.
+    them recomputes the same list without sharing state. Starters of one token length decode
+    together (`greedy_rows`): a one-token step reads every weight of the model, so five
+    continuations one after another cost five times the memory traffic of one batch (4.1-4.6 s vs
+    about 1 s for SmolLM2's five on 2 cores, in every stage that opens the model).
     """
     if n > len(STARTERS):
         raise EceError(f"z.n_context must be <= {len(STARTERS)}, got {n}", "use 5 (MEMIT's value)")
+    prompts = [document_start(tok) + tok(starter).input_ids for starter in STARTERS[:n]]  # BOS as in `encode`
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    outs: dict[int, Tensor] = {}
+    for rows in by_length.values():
+        outs.update(zip(rows, greedy_rows(model, tok, [prompts[i] for i in rows], length)))
     templates = ["{}"]
-    for starter in STARTERS[:n]:
-        out = greedy_ids(model, tok, document_start(tok) + tok(starter).input_ids, length)  # BOS as in `encode`
-        text = tok.decode(out, skip_special_tokens=True).replace("{", " ").replace("}", " ")
+    for i in range(n):
+        text = tok.decode(outs[i], skip_special_tokens=True).replace("{", " ").replace("}", " ")
         templates.append(" ".join(text.split()) + ". {}")
     return templates
 
@@ -153,12 +162,33 @@ def greedy(model: torch.nn.Module, tok: PreTrainedTokenizerBase, texts: list[str
 @torch.no_grad()
 def greedy_ids(model: torch.nn.Module, tok: PreTrainedTokenizerBase, ids: list[int], max_new_tokens: int) -> Tensor:
     """Greedy continuation of one token sequence: the whole sequence, prompt included, (T,)."""
-    x = torch.tensor([ids], device=model.device)
+    return greedy_rows(model, tok, [ids], max_new_tokens)[0]
+
+
+@torch.no_grad()
+def greedy_rows(
+    model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: list[list[int]], max_new_tokens: int
+) -> list[Tensor]:
+    """Greedy continuations of token sequences of one length, decoded as one batch (no padding, so
+    each row's continuation is its own): each whole sequence, prompt included, (T,). A row that ends
+    (EOS) before the others is padded after its end, and the padding is cut off again."""
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError(f"greedy_rows decodes rows of one length, got lengths {sorted({len(r) for r in rows})}")
+    x = torch.tensor(rows, device=model.device)
     out = model.generate(
         x,
         attention_mask=torch.ones_like(x),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tok.pad_token_id,
-    )
-    return out[0].cpu()
+    ).cpu()
+    ends = model.generation_config.eos_token_id
+    ends = [] if ends is None else [ends] if isinstance(ends, int) else list(ends)
+    return [_until_end(row, x.shape[1], ends) for row in out]
+
+
+def _until_end(row: Tensor, prompt_len: int, ends: list[int]) -> Tensor:
+    """`row` cut after its first end-of-sequence token among the new ones: decoded alone it would
+    stop there; in a batch, generate pads it until the other rows are done."""
+    done = torch.nonzero(torch.isin(row[prompt_len:], torch.tensor(ends, dtype=row.dtype))).squeeze(1)
+    return row[: prompt_len + int(done[0]) + 1] if len(done) else row

@@ -172,12 +172,47 @@ def test_context_templates_start_from_the_tokenizers_own_bos(tiny_llama, byte_to
     """The context prefixes are generated after the document start, once, whichever way the tokenizer gives it."""
     model, tok = tiny_llama
     seen: list[list[int]] = []
-    real = prompts.greedy_ids
-    monkeypatch.setattr(prompts, "greedy_ids", lambda m, t, ids, n: seen.append(ids) or real(m, t, ids, n))
+    real = prompts.greedy_rows
+    monkeypatch.setattr(prompts, "greedy_rows", lambda m, t, rows, n: seen.extend(rows) or real(m, t, rows, n))
     context_templates(model, byte_tok_with_bos, 3, 6)
     context_templates(model, tok, 3, 6)
     starters = [tok(s, add_special_tokens=False).input_ids for s in prompts.STARTERS[:3]]
     assert seen == [[tok.eos_token_id] + ids for ids in starters] * 2
+
+
+def _one_at_a_time(model, ids: list[int], n: int) -> torch.Tensor:
+    x = torch.tensor([ids])
+    return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)[0]
+
+
+@pytest.mark.parametrize("kind_fixture", ["tiny_llama", "tiny_gpt2"])
+def test_context_templates_decode_starters_of_one_length_together_as_alone(request, kind_fixture):
+    """Ten starters of byte lengths 1-9 (groups of up to three decode as one batch) give the templates
+    that decoding each starter alone with generate gives."""
+    model, tok = request.getfixturevalue(kind_fixture)
+    expected = ["{}"]
+    for starter in prompts.STARTERS:
+        ids = document_start(tok) + tok(starter).input_ids
+        text = tok.decode(_one_at_a_time(model, ids, 6), skip_special_tokens=True)
+        expected.append(" ".join(text.replace("{", " ").replace("}", " ").split()) + ". {}")
+    assert context_templates(model, tok, len(prompts.STARTERS), 6) == expected
+
+
+def test_greedy_rows_cut_each_row_at_its_own_end(tiny_llama):
+    """A row of a batch that reaches an end-of-sequence token before the others ends there, as it does alone."""
+    model, tok = tiny_llama
+    rows = [[tok.eos_token_id] + tok(s).input_ids for s in ("The", "You", "She")]
+    model.generation_config.eos_token_id = None
+    free = [_one_at_a_time(model, r, 8) for r in rows]
+    end = int(free[0][len(rows[0]) + 2])  # row 0 stops at or before its third new token
+    model.generation_config.eos_token_id = end
+    alone = [_one_at_a_time(model, r, 8) for r in rows]
+    assert int(alone[0][-1]) == end and len(alone[0]) <= len(rows[0]) + 3 < max(len(a) for a in alone)
+    got = prompts.greedy_rows(model, tok, rows, 8)
+    assert [g.tolist() for g in got] == [a.tolist() for a in alone]
+    assert prompts.greedy_ids(model, tok, rows[1], 8).tolist() == alone[1].tolist()
+    with pytest.raises(ValueError, match="one length"):
+        prompts.greedy_rows(model, tok, [rows[0], rows[0][:2]], 8)
 
 
 @pytest.mark.parametrize("kind_fixture", ["tiny_llama", "tiny_gpt2"])
