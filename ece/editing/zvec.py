@@ -20,6 +20,7 @@ phase run after the whole shared phase (tested); only how the rows are packed in
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -147,24 +148,88 @@ def _block_output(adapter: ModelAdapter, enc: Encoded, layer: int) -> Tensor:
     return hidden
 
 
-def _frozen_prefix(adapter: ModelAdapter, layer: int, hidden: Tensor, mask: Tensor, prefix_len: Tensor) -> KV:
+def _frozen_prefix(
+    adapter: ModelAdapter, layer: int, hidden: Tensor, mask: Tensor, prefix_len: Tensor, ids: Tensor, group: Tensor
+) -> KV:
     """`adapter.prefix_kv` of the (R, P) prefix tokens, in blocks of rows of about one prefix length, each
     run only up to its longest prefix (zero beyond it: those positions are masked for the rows of the
     block, whose prefixes end there). Computing every row's keys and values up to the longest prefix of
-    the batch is the costliest part of building a z problem (~0.5 s per fact on 2 cores, padded)."""
-    order = torch.argsort(prefix_len, stable=True)
+    the batch was the costliest part of building a z problem (~0.5 s per fact on 2 cores, padded).
+
+    Rows of one `group` (one context template) begin with the same tokens (`ids`): the document start
+    and the template's text, ~11 of a CounterFact row's ~14 prefix tokens. Those are run once per group
+    and only each row's own tail after them (`_prefix_tails`); causal attention makes the shared tokens'
+    keys and values the same in every row. A group sharing fewer than `MIN_SHARED` tokens runs whole."""
     kv: dict[int, tuple[Tensor, Tensor]] = {}
-    for start, end, width in length_blocks(prefix_len[order], KEY_BLOCK_COST):
-        if width == 0:  # rows whose subject opens the row: no prefix
-            continue
-        rows = order[start:end]
-        for l, (k, v) in adapter.prefix_kv(layer, hidden[rows, :width], mask[rows, :width]).items():
+
+    def put(rows: Tensor, width: int, got: KV) -> None:
+        for l, (k, v) in got.items():
             if l not in kv:
                 shape = (hidden.shape[0], k.shape[1], hidden.shape[1], k.shape[3])
                 kv[l] = (k.new_zeros(shape), v.new_zeros(shape))
             kv[l][0][rows.to(k.device), :, :width] = k
             kv[l][1][rows.to(v.device), :, :width] = v
+
+    whole = torch.zeros(len(prefix_len), dtype=torch.bool)
+    for g in torch.unique(group).tolist():
+        rows = torch.nonzero(group == g).squeeze(1)
+        shared = _shared_length(ids[rows], prefix_len[rows])
+        if shared < MIN_SHARED:
+            whole[rows] = True
+            continue
+        first = rows[:1]
+        common = adapter.prefix_kv(layer, hidden[first, :shared], mask[first, :shared])
+        _prefix_tails(adapter, layer, hidden, prefix_len, rows, shared, common, put)
+    rest = torch.nonzero(whole).squeeze(1)
+    order = rest[torch.argsort(prefix_len[rest], stable=True)]
+    for start, end, width in length_blocks(prefix_len[order], KEY_BLOCK_COST):
+        if width == 0:  # rows whose subject opens the row: no prefix
+            continue
+        rows = order[start:end]
+        put(rows, width, adapter.prefix_kv(layer, hidden[rows, :width], mask[rows, :width]))
     return kv
+
+
+MIN_SHARED = 2  # shared tokens below which a group's prefixes are run whole (one token: the document start)
+
+
+def _shared_length(ids: Tensor, prefix_len: Tensor) -> int:
+    """How many first tokens every row of `ids` (rows, P) has in common, within every row's prefix."""
+    shortest = int(prefix_len.min())
+    same = (ids[:, :shortest] == ids[:1, :shortest]).all(0)
+    differ = torch.nonzero(~same)
+    return int(differ[0]) if len(differ) else shortest
+
+
+def _prefix_tails(
+    adapter: ModelAdapter,
+    layer: int,
+    hidden: Tensor,
+    prefix_len: Tensor,
+    rows: Tensor,
+    shared: int,
+    common: KV,
+    put: Callable[[Tensor, int, KV], None],
+) -> None:
+    """The keys and values of `rows`' prefixes from their `common` first `shared` tokens' on: each row's
+    tail (its prefix after them) in blocks of about one tail length, the common part as a frozen past."""
+    tail = prefix_len[rows] - shared
+    order = torch.argsort(tail, stable=True)
+    for start, end, width in length_blocks(tail[order], KEY_BLOCK_COST):
+        block = rows[order[start:end]]
+        n = len(block)
+        past = {l: (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for l, (k, v) in common.items()}
+        if width == 0:
+            put(block, shared, {l: (k.contiguous(), v.contiguous()) for l, (k, v) in past.items()})
+            continue
+        s = torch.arange(width)
+        real = s[None, :] < tail[order[start:end]][:, None]  # (n, width)
+        sees_own = (s[None, :] <= s[:, None])[None] & real[:, None, :]  # (n, width, width)
+        allowed = torch.cat([torch.ones(n, width, shared, dtype=torch.bool), sees_own], dim=2)
+        attn = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+        positions = (shared + s).expand(n, -1)
+        got = adapter.prefix_kv(layer, hidden[block, shared : shared + width], attn, past, positions)
+        put(block, shared + width, got)
 
 
 @torch.no_grad()
@@ -202,11 +267,15 @@ def build_problem(
     new_row = torch.empty_like(order)
     new_row[order] = torch.arange(len(order))
     prefix_hidden, prefix_mask = hidden[order, :n_prefix], enc.attention_mask[order, :n_prefix]
+    prefix_ids = enc.input_ids[order, :n_prefix]
+    template = torch.cat([torch.arange(t).repeat(n), torch.full((n,), t)])  # the KL rows: a group of their own
     return ZProblem(
         hidden=hidden[rows, index][order],
         position_ids=index[order],
         attn=attn[order],
-        prefix=_frozen_prefix(adapter, layer, prefix_hidden, prefix_mask, pos[order]) if n_prefix else {},
+        prefix=_frozen_prefix(adapter, layer, prefix_hidden, prefix_mask, pos[order], prefix_ids, template[order])
+        if n_prefix
+        else {},
         row_fact=row_fact[order],
         labels=labels_from_subject[order],
         kl_rows=new_row[kl_rows],

@@ -50,17 +50,24 @@ KV = dict[int, tuple[Tensor, Tensor]]  # block index -> (keys, values), (batch, 
 
 class _FrozenPrefix(DynamicCache):
     """A cache that prepends fixed keys/values at every block and never grows, so one prefix serves
-    every optimisation step (DynamicCache would append each step's tokens to it)."""
+    every optimisation step (DynamicCache would append each step's tokens to it). With `keep`, it
+    also keeps each block's prefix + new keys/values (`kept`): the keys and values of the whole
+    sequence, computed for the new tokens only."""
 
-    def __init__(self, kv: KV) -> None:
+    def __init__(self, kv: KV, keep: bool = False) -> None:
         super().__init__()
         self.kv = kv
+        self.keep = keep
+        self.kept: KV = {}
 
     def update(
         self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[Tensor, Tensor]:
         keys, values = self.kv[layer_idx]
-        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+        both = torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+        if self.keep:
+            self.kept[layer_idx] = both
+        return both
 
 
 class StopForward(Exception):
@@ -350,14 +357,28 @@ class ModelAdapter:
             ).last_hidden_state
 
     @torch.no_grad()
-    def prefix_kv(self, layer: int, hidden: Tensor, attention_mask: Tensor) -> KV:
+    def prefix_kv(
+        self,
+        layer: int,
+        hidden: Tensor,
+        attention_mask: Tensor,
+        past: KV | None = None,
+        position_ids: Tensor | None = None,
+    ) -> KV:
         """Keys and values of every block above `layer` for hidden states that will not change.
 
-        With them, `final_hidden_from(..., prefix=...)` runs only the tokens that do change.
+        With them, `final_hidden_from(..., prefix=...)` runs only the tokens that do change. With `past`
+        (keys and values of earlier tokens, from this function), `hidden` holds only the tokens after
+        them, `position_ids` their positions and `attention_mask` is additive as in `final_hidden_from`;
+        the result covers past and new tokens, but only the new ones are computed.
         """
-        cache = DynamicCache()
-        self._run_above(layer, hidden, attention_mask, None, cache)
-        return {l: (cache.layers[l].keys, cache.layers[l].values) for l in range(layer + 1, self.n_layers)}
+        if past is not None:
+            cache = _FrozenPrefix(past, keep=True)
+            self._run_above(layer, hidden, attention_mask, position_ids, cache)
+            return {l: cache.kept[l] for l in range(layer + 1, self.n_layers)}
+        dynamic = DynamicCache()
+        self._run_above(layer, hidden, attention_mask, None, dynamic)
+        return {l: (dynamic.layers[l].keys, dynamic.layers[l].values) for l in range(layer + 1, self.n_layers)}
 
     def final_hidden_from(
         self,

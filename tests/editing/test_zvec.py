@@ -862,3 +862,29 @@ def test_earlier_objects_all_takes_every_fact_with_an_earlier_object_out_of_its_
     fresh = [fact(5, "B"), fact(6, "B")]
     same = (torch.tensor([0, 0]), torch.tensor([0]))
     assert history.regroup(fresh, *same) == same  # no earlier object: the groups as they are
+
+
+@pytest.mark.parametrize("kind_fixture", ["tiny_llama", "tiny_gpt2"])
+def test_frozen_prefix_runs_a_templates_shared_tokens_once(request, kind_fixture, facts, monkeypatch):
+    """The prefix keys and values with each template's shared tokens run once and only the rows' tails
+    after them equal those of every row's prefix run whole; and the shared part is run once per template."""
+    model, tok = request.getfixturevalue(kind_fixture)
+    adapter = ModelAdapter(model)
+    templates = ["{}", "Once upon a time. {}", "In the beginning there was {}"]
+    calls: list[tuple[int, bool]] = []
+    real = adapter.prefix_kv
+    monkeypatch.setattr(
+        adapter, "prefix_kv", lambda *a, **k: calls.append((a[1].shape[0], len(a) > 3)) or real(*a, **k)
+    )
+    shared = build_problem(adapter, tok, facts, LAYER, templates)
+    monkeypatch.setattr(zvec, "MIN_SHARED", 10**6)  # every group runs whole, as before the sharing
+    whole = build_problem(adapter, tok, facts, LAYER, templates)
+    assert (
+        sum(1 for rows, tail in calls[: len(calls) // 2] if rows == 1 and not tail) >= 2
+    )  # two templates' shared parts
+    assert shared.prefix.keys() == whole.prefix.keys() and torch.equal(shared.prefix_len, whole.prefix_len)
+    seen = torch.arange(whole.prefix[LAYER + 1][0].shape[2])[None, :] < whole.prefix_len[:, None]  # (R, P)
+    assert seen.sum() > len(facts) * len(templates)
+    for l, (k, v) in whole.prefix.items():  # positions past a row's prefix are masked: not compared
+        for got, want in ((shared.prefix[l][0], k), (shared.prefix[l][1], v)):
+            assert torch.allclose(got.transpose(1, 2)[seen], want.transpose(1, 2)[seen], atol=1e-5)
