@@ -75,11 +75,13 @@ def walked(walker: LayerKeys, layers: list[int]) -> dict[int, torch.Tensor]:
 
 
 def z_problem(wb: Workbench, p: Params, facts: list[Fact], padded: bool) -> dict[int, torch.Tensor]:
-    """z's problem built as today (rows and prefixes in length blocks) or as up to commit 3f0fea6 (one
-    padded block each: the block functions replaced by one block of every row); h and the losses at δ = 0."""
+    """z's problem built as today (rows and prefixes in length blocks, template prefixes shared) or as up
+    to commit 3f0fea6 (one padded block each: the block functions replaced by one block of every row, every
+    prefix run whole); h and the losses at δ = 0."""
     one_block = {
         "length_sorted_blocks": lambda enc: [(torch.arange(enc.input_ids.shape[0]), enc.input_ids.shape[1])],
         "length_blocks": lambda lengths, _cost: [(0, len(lengths), int(lengths.max()))],
+        "MIN_SHARED": 10**9,  # every prefix run whole, as before the shared template prefixes (bench/z_prefix.py)
     }
     saved = {name: getattr(zvec, name) for name in one_block}
     layer = p.edit.layers[-1]
