@@ -26,13 +26,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from scratch import ROOT, cpu_name, median_seconds
+from scratch import ROOT, cpu_name, first_facts, median_seconds
 
-from ece.config import load_params
-from ece.data.facts import Fact
-from ece.data.loaders import load_edits
 from ece.editing.zvec import build_problem, fact_losses, native_cpu_bfloat16, z_adapter
-from ece.model.workbench import Workbench
 
 OUT = ROOT / "reports" / "bf16_cpu"
 
@@ -46,9 +42,7 @@ def matmul_runs(rows: int) -> dict[str, Callable[[], Any]]:
 
 
 def z_pass_runs(n_facts: int) -> dict[str, Callable[[], Any]]:
-    p = load_params(ROOT / "params.yaml", [f"data.n_facts={n_facts}"])
-    wb = Workbench.open(p)
-    facts = [Fact.from_row(r) for r in load_edits(p.data).iter_rows(named=True)]
+    p, wb, facts = first_facts(n_facts)
     layer = p.edit.layers[-1]
     runs = {}
     for name in ("float32", "bfloat16"):

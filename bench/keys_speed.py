@@ -22,20 +22,17 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import replace
-from pathlib import Path
 
 import torch
+from scratch import ROOT, first_facts
 
-from ece.config import Params, load_params
+from ece.config import Params
 from ece.data.facts import Fact
-from ece.data.loaders import load_edits
 from ece.editing import zvec
 from ece.editing.keys import LayerKeys, _template_mean, keys_and_hidden, length_sorted_blocks, templated
 from ece.model.prompts import at_positions, encode
 from ece.model.workbench import Workbench
 
-ROOT = Path(__file__).resolve().parents[1]
 BEFORE, TODAY = "padded (before)", "length blocks (today)"
 PATHS = ("update", "attribution", "z problem")
 WHAT = {
@@ -128,10 +125,7 @@ def main() -> None:
     ap.add_argument("--n-facts", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    p = load_params(ROOT / "params.yaml")
-    p = replace(p, data=replace(p.data, n_facts=args.n_facts))
-    facts = [Fact.from_row(r) for r in load_edits(p.data).iter_rows(named=True)]
-    wb = Workbench.open(p)
+    p, wb, facts = first_facts(args.n_facts)
     layers = list(p.edit.layers)
     runs = paths(wb, p, facts, layers)
     seconds: dict[str, list[float]] = {name: [] for name in runs}

@@ -22,8 +22,11 @@ from typing import Any
 import polars as pl
 
 from ece.config import Params, load_params
+from ece.data.facts import Fact
+from ece.data.loaders import load_edits
 from ece.eval.metrics import fact_metrics, summarise
 from ece.model.loading import load_model
+from ece.model.workbench import Workbench
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the stage scripts are imported as modules of `stages`
@@ -48,6 +51,13 @@ def cpu_name() -> str:
         lines = []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     return names[0] if names else platform.processor() or "unknown"
+
+
+def first_facts(n_facts: int) -> tuple[Params, Workbench, list[Fact]]:
+    """params.yaml with data.n_facts = `n_facts`, its model opened and those first facts of the edit
+    dataset: how a bench that times z, keys or a pass on the real model starts."""
+    p = load_params(ROOT / "params.yaml", [f"data.n_facts={n_facts}"])
+    return p, Workbench.open(p), [Fact.from_row(r) for r in load_edits(p.data).iter_rows(named=True)]
 
 
 def median_seconds(runs: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:

@@ -30,13 +30,9 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from scratch import ROOT, cpu_name, median_seconds
+from scratch import ROOT, cpu_name, first_facts, median_seconds
 
-from ece.config import load_params
-from ece.data.facts import Fact
-from ece.data.loaders import load_edits
 from ece.editing.zvec import ZProblem, build_problem, fact_losses
-from ece.model.workbench import Workbench
 
 OUT = ROOT / "reports" / "z_blocks"
 
@@ -59,9 +55,7 @@ LAYOUTS = {"padded": padded, "runs": unmerged, "blocks": lambda problem: problem
 
 
 def measure(n_facts: int, reps: int) -> dict[str, Any]:
-    p = load_params(ROOT / "params.yaml", [f"data.n_facts={n_facts}"])
-    wb = Workbench.open(p)
-    facts = [Fact.from_row(r) for r in load_edits(p.data).iter_rows(named=True)]
+    p, wb, facts = first_facts(n_facts)
     layer = p.edit.layers[-1]
     problem = build_problem(wb.adapter, wb.tok, facts, layer, wb.templates)
     one_by_one = [problem.subset(torch.tensor([i])) for i in range(problem.n_facts)]

@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from scratch import ROOT, cpu_name
+from scratch import ROOT, cpu_name, first_facts
 
 SETTINGS = ["default", "keep"]
 OUT = ROOT / "reports" / "z_malloc"
@@ -39,18 +39,12 @@ def child(n_facts: int, setting: str) -> dict[str, Any]:
     """One z run in this process, with glibc's defaults or keeping freed memory (set before the model loads)."""
     import torch
 
-    from ece.config import load_params
-    from ece.data.facts import Fact
-    from ece.data.loaders import load_edits
     from ece.editing.zvec import build_problem, two_step_z
-    from ece.model.workbench import Workbench
     from ece.stage import keep_freed_memory
 
     if setting == "keep":
         assert keep_freed_memory(), "not glibc: nothing to compare"
-    p = load_params(ROOT / "params.yaml", [f"data.n_facts={n_facts}"])
-    wb = Workbench.open(p)
-    facts = [Fact.from_row(r) for r in load_edits(p.data).iter_rows(named=True)]
+    p, wb, facts = first_facts(n_facts)
     layer = p.edit.layers[-1]
     before = resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
