@@ -22,8 +22,9 @@ def keep_freed_memory() -> bool:
     and glibc hands large blocks back to the kernel (mmap/munmap, trimming the heap's top), so the next
     pass faults the same memory in again, page by page. On the project's 2-core VM about a sixth of z's
     CPU time went to the kernel; with the memory kept, a pass reuses the pages the pass before it faulted
-    in: 42 % fewer page faults, a fifth less system time, z 1.04-1.12x faster (reports/z_malloc.md). The cost: the process stays at its peak resident memory until it
-    exits (the peak itself is the same), which a stage process, run once over one model, does not mind.
+    in: 42 % fewer page faults, a fifth less system time, z 1.04-1.12x faster (reports/z_malloc.md).
+    The cost: the process stays at its peak resident memory until it exits (the peak itself is the
+    same), which a stage process, run once over one model, does not mind.
     The computation is unchanged, so are the results."""
     name = ctypes.util.find_library("c")
     if sys.platform != "linux" or name is None:

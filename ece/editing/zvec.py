@@ -121,17 +121,25 @@ def split_at_subject(mask: Tensor, pos: Tensor) -> tuple[int, Tensor, Tensor, Te
     additive attention mask: token s sees prefix tokens before its row's subject and its own tokens
     up to s. Every query sees at least its own row's first token, so no softmax row is empty.
     """
-    lengths = mask.sum(1)
-    width = int((lengths - pos).max())
+    own_len = mask.sum(1) - pos
+    width = int(own_len.max())
     n_prefix = int(pos.max())
+    index = (pos[:, None] + torch.arange(width)).clamp(max=mask.shape[1] - 1)
+    sees_prefix = torch.arange(n_prefix)[None, :] < pos[:, None]  # (R, P)
+    real, attn = after_prefix_attn(sees_prefix, own_len, width)
+    return n_prefix, index, real, attn
+
+
+def after_prefix_attn(sees_prefix: Tensor, own_len: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Which of the (R, width) own tokens of rows that follow a frozen prefix are real (`own_len` per
+    row), and their additive attention mask (R, 1, width, P + width): each token sees the prefix
+    positions `sees_prefix` (R, P) marks and its own row's real tokens up to itself."""
     s = torch.arange(width)
-    index = (pos[:, None] + s).clamp(max=mask.shape[1] - 1)
-    real = s[None, :] < (lengths - pos)[:, None]
-    sees_prefix = torch.arange(n_prefix)[None, None, :] < pos[:, None, None]  # (R, 1, P)
+    real = s[None, :] < own_len[:, None]
     sees_own = (s[None, :] <= s[:, None])[None] & real[:, None, :]  # (R, S, S)
-    allowed = torch.cat([sees_prefix.expand(-1, width, -1), sees_own], dim=2)
+    allowed = torch.cat([sees_prefix[:, None, :].expand(-1, width, -1), sees_own], dim=2)
     attn = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    return n_prefix, index, real, attn[:, None]
+    return real, attn[:, None]
 
 
 def _block_output(adapter: ModelAdapter, enc: Encoded, layer: int) -> Tensor:
@@ -220,14 +228,10 @@ def _prefix_tails(
         n = len(block)
         past = {l: (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for l, (k, v) in common.items()}
         if width == 0:
-            put(block, shared, {l: (k.contiguous(), v.contiguous()) for l, (k, v) in past.items()})
+            put(block, shared, past)
             continue
-        s = torch.arange(width)
-        real = s[None, :] < tail[order[start:end]][:, None]  # (n, width)
-        sees_own = (s[None, :] <= s[:, None])[None] & real[:, None, :]  # (n, width, width)
-        allowed = torch.cat([torch.ones(n, width, shared, dtype=torch.bool), sees_own], dim=2)
-        attn = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
-        positions = (shared + s).expand(n, -1)
+        _, attn = after_prefix_attn(torch.ones(n, shared, dtype=torch.bool), tail[order[start:end]], width)
+        positions = (shared + torch.arange(width)).expand(n, -1)
         got = adapter.prefix_kv(layer, hidden[block, shared : shared + width], attn, past, positions)
         put(block, shared + width, got)
 

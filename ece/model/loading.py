@@ -19,21 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ece.config import Params
 from ece.data.io import atomic_dir
@@ -81,7 +69,11 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_model(kind: str, seed: int = 0, n_layers: int = 4) -> tuple[nn.Module, PreTrainedTokenizerFast]:
-    """A randomly initialised model small enough to build in ~0.1 s."""
+    """A randomly initialised model small enough to build in ~0.1 s.
+
+    The model classes are read from `transformers` here, not imported at the top: transformers imports a
+    family's modeling code on first use, and a stage on a real model would otherwise import all four
+    (~0.5 s of every stage's start-up)."""
     tok = byte_tokenizer()
     torch.manual_seed(seed)
     ids = dict(
@@ -99,18 +91,18 @@ def tiny_model(kind: str, seed: int = 0, n_layers: int = 4) -> tuple[nn.Module, 
         tie_word_embeddings=True,
     )
     if kind == "tiny-llama":
-        model: nn.Module = LlamaForCausalLM(LlamaConfig(**decoder))
+        model: nn.Module = transformers.LlamaForCausalLM(transformers.LlamaConfig(**decoder))
     elif kind == "tiny-qwen2":  # Llama's layout plus biases on q/k/v, which W_out edits must leave alone
-        model = Qwen2ForCausalLM(Qwen2Config(**decoder))
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**decoder))
         with torch.no_grad():  # Qwen2 initialises the biases to 0, which would hide them
             for name, param in model.named_parameters():
                 if name.endswith("_proj.bias"):
                     param.normal_(0.0, 0.5)
     elif kind == "tiny-gpt2":
-        cfg = GPT2Config(**ids, n_embd=32, n_inner=64, n_layer=n_layers, n_head=4, n_positions=512)
-        model = GPT2LMHeadModel(cfg)
+        cfg = transformers.GPT2Config(**ids, n_embd=32, n_inner=64, n_layer=n_layers, n_head=4, n_positions=512)
+        model = transformers.GPT2LMHeadModel(cfg)
     elif kind == "tiny-gemma3":
-        cfg = Gemma3TextConfig(
+        cfg = transformers.Gemma3TextConfig(
             **decoder,
             head_dim=8,
             query_pre_attn_scalar=8,
@@ -119,7 +111,7 @@ def tiny_model(kind: str, seed: int = 0, n_layers: int = 4) -> tuple[nn.Module, 
             # run with another block's type (rope base, mask) shows in the output
             layer_types=[("sliding_attention", "full_attention")[l % 2] for l in range(n_layers)],
         )
-        model = Gemma3ForCausalLM(cfg)
+        model = transformers.Gemma3ForCausalLM(cfg)
         with torch.no_grad():  # Gemma initialises every norm gain 1 + w to 1; the real model's
             for name, param in model.named_parameters():  # post-MLP gains span 0.3-160
                 if name.endswith("layernorm.weight"):

@@ -44,22 +44,15 @@ def context_templates(model: torch.nn.Module, tok: PreTrainedTokenizerBase, n: i
 
     Greedy decoding makes the templates a pure function of the model, so every stage that needs
     them recomputes the same list without sharing state. Starters of one token length decode
-    together (`greedy_rows`): a one-token step reads every weight of the model, so five
-    continuations one after another cost five times the memory traffic of one batch (4.1-4.6 s vs
-    about 1 s for SmolLM2's five on 2 cores, in every stage that opens the model).
+    together (`greedy_by_length`): SmolLM2's five took 3.93 s one after another and 1.15 s so on
+    2 cores (reports/stage_startup.md), in every stage that opens the model.
     """
     if n > len(STARTERS):
         raise EceError(f"z.n_context must be <= {len(STARTERS)}, got {n}", "use 5 (MEMIT's value)")
     prompts = [document_start(tok) + tok(starter).input_ids for starter in STARTERS[:n]]  # BOS as in `encode`
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(i)
-    outs: dict[int, Tensor] = {}
-    for rows in by_length.values():
-        outs.update(zip(rows, greedy_rows(model, tok, [prompts[i] for i in rows], length)))
     templates = ["{}"]
-    for i in range(n):
-        text = tok.decode(outs[i], skip_special_tokens=True).replace("{", " ").replace("}", " ")
+    for out in greedy_by_length(model, tok, prompts, length):
+        text = tok.decode(out, skip_special_tokens=True).replace("{", " ").replace("}", " ")
         templates.append(" ".join(text.split()) + ". {}")
     return templates
 
@@ -152,17 +145,25 @@ def at_positions(x: Tensor, pos: Tensor) -> Tensor:
 
 def greedy(model: torch.nn.Module, tok: PreTrainedTokenizerBase, texts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy continuation (new text only) of each text, after the tokenizer's document start."""
-    out = []
-    for text in texts:
-        ids = document_start(tok) + list(tok(text).input_ids)
-        out.append(tok.decode(greedy_ids(model, tok, ids, max_new_tokens)[len(ids) :], skip_special_tokens=True))
-    return out
+    rows = [document_start(tok) + list(tok(text).input_ids) for text in texts]
+    outs = greedy_by_length(model, tok, rows, max_new_tokens)
+    return [tok.decode(out[len(ids) :], skip_special_tokens=True) for ids, out in zip(rows, outs)]
 
 
 @torch.no_grad()
-def greedy_ids(model: torch.nn.Module, tok: PreTrainedTokenizerBase, ids: list[int], max_new_tokens: int) -> Tensor:
-    """Greedy continuation of one token sequence: the whole sequence, prompt included, (T,)."""
-    return greedy_rows(model, tok, [ids], max_new_tokens)[0]
+def greedy_by_length(
+    model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: list[list[int]], max_new_tokens: int
+) -> list[Tensor]:
+    """Greedy continuations of token sequences of any lengths, in their order: the rows of one length
+    decode as one batch (`greedy_rows`). Each one-token step reads every weight of the model, so a
+    batch of k rows costs about one row's time, not k."""
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(rows):
+        by_length.setdefault(len(ids), []).append(i)
+    outs: dict[int, Tensor] = {}
+    for same in by_length.values():
+        outs.update(zip(same, greedy_rows(model, tok, [rows[i] for i in same], max_new_tokens)))
+    return [outs[i] for i in range(len(rows))]
 
 
 @torch.no_grad()

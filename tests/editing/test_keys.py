@@ -210,9 +210,22 @@ def test_greedy_rows_cut_each_row_at_its_own_end(tiny_llama):
     assert int(alone[0][-1]) == end and len(alone[0]) <= len(rows[0]) + 3 < max(len(a) for a in alone)
     got = prompts.greedy_rows(model, tok, rows, 8)
     assert [g.tolist() for g in got] == [a.tolist() for a in alone]
-    assert prompts.greedy_ids(model, tok, rows[1], 8).tolist() == alone[1].tolist()
     with pytest.raises(ValueError, match="one length"):
         prompts.greedy_rows(model, tok, [rows[0], rows[0][:2]], 8)
+
+
+@pytest.mark.parametrize("kind_fixture", ["tiny_llama", "tiny_gpt2"])
+def test_greedy_continues_texts_of_mixed_lengths_as_each_alone(request, kind_fixture):
+    """`greedy` decodes texts of one token length together and returns every text's own continuation, in
+    the texts' order, as decoding it alone after the document start does."""
+    model, tok = request.getfixturevalue(kind_fixture)
+    texts = ["The", "Paris is", "You", "A cat sat", "It is"]  # byte lengths 3, 8, 3, 9, 5
+    expected = []
+    for text in texts:
+        ids = document_start(tok) + tok(text).input_ids
+        expected.append(tok.decode(_one_at_a_time(model, ids, 5)[len(ids) :], skip_special_tokens=True))
+    assert prompts.greedy(model, tok, texts, 5) == expected
+    assert len(set(expected)) > 1  # the texts do not all continue alike, so an order mix-up would show
 
 
 @pytest.mark.parametrize("kind_fixture", ["tiny_llama", "tiny_gpt2"])
