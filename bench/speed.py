@@ -32,7 +32,12 @@ configuration's quality is read in the same run.
 
 Prints and writes reports/speed.md / .json: per batch size and configuration, seconds per batch split
 by phase (update = keys + solve + cache P), z row-steps per batch (one row = one fact in one
-forward/backward), and each configuration's time over ECE's (the `ece` row, else the first ece-* row). Timings are only comparable when nothing else runs.
+forward/backward), and each configuration's time over ECE's (the `ece` row, else the first ece-* row).
+With --batches > 1 also every batch's seconds and row-steps (a table, and reports/plots/<out>.png): ECE
+starts facts from earlier batches' δ of the same new object, so its batches get cheaper as objects
+repeat, and the mean depends on how many batches ran. Timings are only comparable when nothing else runs.
+
+    python bench/speed.py --render --out speed_2000   # the report again from reports/speed_2000.json
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from scratch import ROOT, cpu_name, inside, run_stages
 
 from ece.audit.ledger import LEDGER_RUNS
 from ece.eval.metrics import fact_metrics, summarise
+from ece.eval.plotting import pyplot, save_png
 from ece.model.loading import load_model
 
 PHASES = ("attribution", "clustering", "z", "update_keys", "update_solve", "update_cache")
@@ -151,6 +157,8 @@ def render(results: dict[str, Any]) -> str:
                 + " | ".join(f"{r[ph]:.1f}" for ph in PHASES)
                 + f" | {total(r):.1f} | {r['z_row_steps']:.0f} | {ratio} |"
             )
+    if results.get("batches", 1) > 1:
+        lines += per_batch_lines(results)
     if results.get("scores"):
         lines += [
             "",
@@ -166,6 +174,58 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_batch_lines(results: dict[str, Any]) -> list[str]:
+    """Every batch's total seconds and z row-steps, one column pair per configuration, and the ratio of
+    each configuration's batch time to ECE's (the same base as the mean table)."""
+    lines = []
+    for size, per_config in results["sizes"].items():
+        configs = list(per_config)
+        base = "ece" if "ece" in per_config else configs[0]
+        lines += [
+            "",
+            f"Every batch of {size} (seconds = all phases; row-steps = z's; the plot: reports/plots/"
+            f"{results.get('out', 'speed')}.png):",
+            "",
+            "| batch | " + " | ".join(f"{c} s | {c} row-steps" for c in configs) + f" | s over {base}'s |",
+            "|---:|" + "---:|---:|" * len(configs) + "---|",
+        ]
+        for i in range(min(len(rows) for rows in per_config.values())):
+            cells = [(total(per_config[c][i]), per_config[c][i]["z_row_steps"]) for c in configs]
+            ratios = ", ".join(
+                f"{c} {total(per_config[c][i]) / total(per_config[base][i]):.2f}×" for c in configs if c != base
+            )
+            lines.append(f"| {i} | " + " | ".join(f"{t:.1f} | {n}" for t, n in cells) + f" | {ratios or '–'} |")
+    return lines
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Seconds and z row-steps of every batch, one line per configuration (one figure row per batch size)."""
+    plt = pyplot()
+    sizes = results["sizes"]
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 3.6 * len(sizes)), squeeze=False)
+    for (size, per_config), (ax_s, ax_n) in zip(sizes.items(), axes):
+        for config, rows in per_config.items():
+            batches = [r["batch"] for r in rows]
+            ax_s.plot(batches, [total(r) for r in rows], marker="o", label=config)
+            ax_n.plot(batches, [r["z_row_steps"] for r in rows], marker="o", label=config)
+        ax_s.set(xlabel="batch", ylabel="seconds (all phases)", title=f"batches of {size}: seconds per batch")
+        ax_n.set(xlabel="batch", ylabel="z row-steps", title=f"batches of {size}: z row-steps per batch")
+        for ax in (ax_s, ax_n):
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    """reports/<out>.md, and with more than one batch reports/plots/<out>.png."""
+    out.with_suffix(".md").write_text(render(results))
+    if results.get("batches", 1) > 1:
+        plot(results, ROOT / "reports" / "plots" / f"{out.name}.png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="*", type=int, default=[25, 100])
@@ -173,14 +233,21 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=1, help="sequential batches per size (mean per batch reported)")
     ap.add_argument("--out", default="speed", help="report name: reports/<out>.md / .json")
     ap.add_argument("--score", action="store_true", help="also score each edited model's rewrite metrics")
+    ap.add_argument("--render", action="store_true", help="only write the report again from reports/<out>.json")
     args = ap.parse_args()
-    results: dict[str, Any] = {
+    out = ROOT / "reports" / args.out
+    if args.render:
+        results = json.loads(out.with_suffix(".json").read_text())
+        write(results | {"out": args.out}, out)
+        print(render(results | {"out": args.out}))
+        return
+    results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU cores ({cpu_name()}), no GPU",
         "batches": args.batches,
+        "out": args.out,
         "sizes": {},
     }
-    out = ROOT / "reports" / args.out
     for size in args.sizes:
         for config in args.configs:
             print(f"== speed: {config}, {args.batches} batch(es) of {size}", flush=True)
@@ -190,7 +257,7 @@ def main() -> None:
                 scores[config] = score(config, size * args.batches, size)
             out.with_suffix(".json").write_text(json.dumps(results, indent=2))
             print(render(results), flush=True)
-    out.with_suffix(".md").write_text(render(results))
+    write(results, out)
     print(render(results))
 
 
