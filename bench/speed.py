@@ -35,7 +35,9 @@ by phase (update = keys + solve + cache P), z row-steps per batch (one row = one
 forward/backward), and each configuration's time over ECE's (the `ece` row, else the first ece-* row).
 With --batches > 1 also every batch's seconds and row-steps (a table, and reports/plots/<out>.png): ECE
 starts facts from earlier batches' δ of the same new object, so its batches get cheaper as objects
-repeat, and the mean depends on how many batches ran. Timings are only comparable when nothing else runs.
+repeat, and the mean depends on how many batches ran. And every configuration's z row-steps on the
+facts grouped by how ECE's descent of each started: cold (as MEMIT), from a batch-mate with the same new
+object, or from earlier batches' δ. Timings are only comparable when nothing else runs.
 
     python bench/speed.py --render --out speed_2000   # the report again from reports/speed_2000.json
 """
@@ -53,6 +55,7 @@ from typing import Any
 import polars as pl
 from scratch import ROOT, cpu_name, inside, run_stages
 
+from ece.artifacts import Z_DIR
 from ece.audit.ledger import LEDGER_RUNS
 from ece.eval.metrics import fact_metrics, summarise
 from ece.eval.plotting import pyplot, save_png
@@ -124,6 +127,57 @@ def score(config: str, n_facts: int, batch_size: int) -> dict[str, float | None]
         return summarise(fact_metrics(*load_model("artifacts/edited/model"), facts))
 
 
+START_KINDS = {
+    "cold": "a new object no earlier fact had (from δ = 0, as MEMIT)",
+    "member": "a new object an earlier fact of its batch had (from that fact's final δ)",
+    "earlier": "a new object only earlier batches had (from their mean final δ)",
+}
+
+
+def fact_starts(config: str, n_facts: int, batch_size: int) -> dict[str, list[Any]] | None:
+    """Each fact's z row-steps and how its descent started (`START_KINDS`), from the z index the run wrote
+    (None when its scratch folder is gone)."""
+    index = ROOT / ".cache" / "speed" / f"{config}-{n_facts}x{batch_size}" / Z_DIR / "index.parquet"
+    if not index.exists():
+        return None
+    z = pl.read_parquet(index).sort("id")
+    start = (
+        pl.when(pl.col("anchor") != pl.col("id"))
+        .then(pl.lit("member"))
+        .when(pl.col("earlier") > 0)
+        .then(pl.lit("earlier"))
+        .otherwise(pl.lit("cold"))
+    )
+    z = z.with_columns(start=start)
+    return {k: z[k].to_list() for k in ("id", "batch", "steps", "start")}
+
+
+def start_lines(results: dict[str, Any]) -> list[str]:
+    """z row-steps by how ECE's descent of each fact started, with every other configuration's row-steps on
+    the same facts: where ECE's savings come from, and the floor its cold facts set."""
+    lines = []
+    for size, per_config in results.get("starts", {}).items():
+        base = "ece" if "ece" in per_config else next(iter(per_config))
+        others = [c for c in per_config if c != base]
+        kinds = per_config[base]["start"]
+        lines += [
+            "",
+            f"z row-steps of batches of {size} by how {base}'s descent of a fact started ("
+            + "; ".join(f"{k}: {v}" for k, v in START_KINDS.items())
+            + "):",
+            "",
+            f"| start | facts | {base} row-steps | " + " | ".join(f"{c} row-steps" for c in others) + " |",
+            "|---|---:|---:|" + "---:|" * len(others),
+        ]
+        batches = per_config[base]["batch"]
+        for which, keep in (("all batches", lambda b: True), ("first batch", lambda b: b == 0)):
+            for kind in START_KINDS:
+                rows = [i for i, k in enumerate(kinds) if k == kind and keep(batches[i])]
+                steps = [sum(per_config[c]["steps"][i] for i in rows) for c in [base, *others]]
+                lines.append(f"| {which}: {kind} | {len(rows)} | " + " | ".join(str(n) for n in steps) + " |")
+    return lines
+
+
 def mean_batch(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Phase seconds and z row-steps of one configuration's batches, averaged per batch."""
     return {k: sum(r[k] for r in rows) / len(rows) for k in (*PHASES, "z_row_steps")}
@@ -159,6 +213,7 @@ def render(results: dict[str, Any]) -> str:
             )
     if results.get("batches", 1) > 1:
         lines += per_batch_lines(results)
+    lines += start_lines(results)
     if results.get("scores"):
         lines += [
             "",
@@ -236,10 +291,16 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="only write the report again from reports/<out>.json")
     args = ap.parse_args()
     out = ROOT / "reports" / args.out
-    if args.render:
-        results = json.loads(out.with_suffix(".json").read_text())
-        write(results | {"out": args.out}, out)
-        print(render(results | {"out": args.out}))
+    if args.render:  # the json as measured, plus how each fact started where the run's scratch is still here
+        results = json.loads(out.with_suffix(".json").read_text()) | {"out": args.out}
+        for size, per_config in results["sizes"].items():
+            for config in per_config:
+                n_facts = int(size) * results.get("batches", 1)
+                if (starts := fact_starts(config, n_facts, int(size))) is not None:
+                    results.setdefault("starts", {}).setdefault(size, {})[config] = starts
+        out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+        write(results, out)
+        print(render(results))
         return
     results = {
         "date": time.strftime("%Y-%m-%d"),
@@ -252,6 +313,9 @@ def main() -> None:
         for config in args.configs:
             print(f"== speed: {config}, {args.batches} batch(es) of {size}", flush=True)
             results["sizes"].setdefault(str(size), {})[config] = measure(config, size * args.batches, size)
+            results.setdefault("starts", {}).setdefault(str(size), {})[config] = fact_starts(
+                config, size * args.batches, size
+            )
             if args.score:
                 scores = results.setdefault("scores", {}).setdefault(str(size), {})
                 scores[config] = score(config, size * args.batches, size)
