@@ -64,6 +64,8 @@ def _step_grid() -> dict[str, list[str]]:
         ("0.5", ["z.lr=0.5"]),
         ("1", ["z.lr=1.0"]),
         ("2", ["z.lr=2.0"]),
+        ("3", ["z.lr=3.0"]),
+        ("4", ["z.lr=4.0"]),
         ("norm0.25", ["z.lr=0.25", "z.lr_scale=norm"]),
     ):
         for clamp in ("0.75", "4.0"):
