@@ -1,0 +1,74 @@
+"""bench/speed.py's report tables (pure functions of a results dict), against hand-worked figures."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import speed  # noqa: E402
+
+PHASES0 = dict.fromkeys(speed.PHASES, 0.0)
+
+
+def _batch(i: int, z: float, keys: float, row_steps: int) -> dict:
+    return PHASES0 | {"batch": i, "n_facts": 2, "z": z, "update_keys": keys, "z_row_steps": row_steps}
+
+
+RESULTS = {
+    "date": "2026-12-03",
+    "machine": "test",
+    "batches": 2,
+    "out": "speed_test",
+    "sizes": {
+        "2": {
+            "ece": [_batch(0, 9.0, 1.0, 10), _batch(1, 3.0, 1.0, 4)],
+            "memit": [_batch(0, 11.0, 1.0, 12), _batch(1, 11.0, 1.0, 12)],
+        }
+    },
+    # four facts over two batches: one cold, one batch-mate, two started from the earlier batch
+    "starts": {
+        "2": {
+            "ece": {
+                "id": ["a", "b", "c", "d"],
+                "batch": [0, 0, 1, 1],
+                "steps": [7, 3, 2, 2],
+                "start": ["cold", "member", "earlier", "earlier"],
+            },
+            "memit": {
+                "id": ["a", "b", "c", "d"],
+                "batch": [0, 0, 1, 1],
+                "steps": [7, 5, 6, 6],
+                "start": ["cold", "cold", "cold", "cold"],
+            },
+        }
+    },
+}
+
+
+def test_mean_and_per_batch_ratios_are_the_hand_worked_ones():
+    text = speed.render(RESULTS)
+    # means: ece (10 + 4) / 2 = 7 s, memit 12 s -> 12 / 7 = 1.71x; row-steps 7 and 12
+    assert "| 2 | ece | 0.0 | 0.0 | 6.0 | 1.0 | 0.0 | 0.0 | 7.0 | 7 | 1.00× |" in text
+    assert "| 2 | memit | 0.0 | 0.0 | 11.0 | 1.0 | 0.0 | 0.0 | 12.0 | 12 | 1.71× |" in text
+    # per batch: 12 / 10 = 1.20x, 12 / 4 = 3.00x
+    assert "| 0 | 10.0 | 10 | 12.0 | 12 | memit 1.20× |" in text
+    assert "| 1 | 4.0 | 4 | 12.0 | 12 | memit 3.00× |" in text
+
+
+def test_row_steps_by_how_ece_started_are_summed_over_the_same_facts():
+    rows = [line for line in speed.start_lines(RESULTS) if line.startswith("| all") or line.startswith("| first")]
+    assert rows == [
+        "| all batches: cold | 1 | 7 | 7 |",
+        "| all batches: member | 1 | 3 | 5 |",
+        "| all batches: earlier | 2 | 4 | 12 |",
+        "| first batch: cold | 1 | 7 | 7 |",
+        "| first batch: member | 1 | 3 | 5 |",
+        "| first batch: earlier | 0 | 0 | 0 |",
+    ]
+
+
+def test_a_report_without_starts_or_several_batches_has_neither_table():
+    single = {k: v for k, v in RESULTS.items() if k != "starts"} | {"batches": 1}
+    text = speed.render(single)
+    assert "Every batch" not in text and "by how" not in text
