@@ -98,9 +98,14 @@ CONFIGS = {
 STAGES = ["prepare", "attribute", "cluster", "precompute_z", "apply_edits"]
 
 
+def scratch_dir(config: str, n_facts: int, batch_size: int) -> Path:
+    """The folder one configuration's run works in (kept after the run: `score` and `fact_starts` read it)."""
+    return ROOT / ".cache" / "speed" / f"{config}-{n_facts}x{batch_size}"
+
+
 def measure(config: str, n_facts: int, batch_size: int) -> list[dict[str, Any]]:
     """Per-batch phase seconds and z row-steps of one configuration on the first n_facts CounterFact facts."""
-    work = ROOT / ".cache" / "speed" / f"{config}-{n_facts}x{batch_size}"
+    work = scratch_dir(config, n_facts, batch_size)
     shutil.rmtree(work, ignore_errors=True)  # no cached z: every batch is computed
     covariance = ROOT / "artifacts" / "covariance"
     if not covariance.exists():
@@ -122,7 +127,7 @@ def measure(config: str, n_facts: int, batch_size: int) -> list[dict[str, Any]]:
 
 def score(config: str, n_facts: int, batch_size: int) -> dict[str, float | None]:
     """Rewrite metrics of the model `measure` edited, every fact scored after the last batch."""
-    with inside(ROOT / ".cache" / "speed" / f"{config}-{n_facts}x{batch_size}"):
+    with inside(scratch_dir(config, n_facts, batch_size)):
         facts = pl.read_parquet("artifacts/prepared/edits.parquet")
         return summarise(fact_metrics(*load_model("artifacts/edited/model"), facts))
 
@@ -137,7 +142,7 @@ START_KINDS = {
 def fact_starts(config: str, n_facts: int, batch_size: int) -> dict[str, list[Any]] | None:
     """Each fact's z row-steps and how its descent started (`START_KINDS`), from the z index the run wrote
     (None when its scratch folder is gone)."""
-    index = ROOT / ".cache" / "speed" / f"{config}-{n_facts}x{batch_size}" / Z_DIR / "index.parquet"
+    index = scratch_dir(config, n_facts, batch_size) / Z_DIR / "index.parquet"
     if not index.exists():
         return None
     z = pl.read_parquet(index).sort("id")
@@ -152,12 +157,26 @@ def fact_starts(config: str, n_facts: int, batch_size: int) -> dict[str, list[An
     return {k: z[k].to_list() for k in ("id", "batch", "steps", "start")}
 
 
+def add_starts(results: dict[str, Any], size: int, config: str) -> None:
+    """Put `fact_starts` of a configuration's run into results["starts"], if its scratch folder is there."""
+    starts = fact_starts(config, size * results.get("batches", 1), size)
+    if starts is not None:
+        results.setdefault("starts", {}).setdefault(str(size), {})[config] = starts
+
+
+def base_config(per_config: dict[str, Any]) -> str | None:
+    """The configuration the others are compared with: `ece`, else the first ece-* one (None: no ECE ran)."""
+    return "ece" if "ece" in per_config else next((c for c in per_config if c.startswith("ece")), None)
+
+
 def start_lines(results: dict[str, Any]) -> list[str]:
     """z row-steps by how ECE's descent of each fact started, with every other configuration's row-steps on
     the same facts: where ECE's savings come from, and the floor its cold facts set."""
     lines = []
     for size, per_config in results.get("starts", {}).items():
-        base = "ece" if "ece" in per_config else next(iter(per_config))
+        base = base_config(per_config)
+        if base is None:  # the start kinds are ECE's
+            continue
         others = [c for c in per_config if c != base]
         kinds = per_config[base]["start"]
         lines += [
@@ -201,7 +220,7 @@ def render(results: dict[str, Any]) -> str:
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for size, per_config in results["sizes"].items():
-        base = "ece" if "ece" in per_config else next((c for c in per_config if c.startswith("ece")), None)
+        base = base_config(per_config)
         ece = total(mean_batch(per_config[base])) if base else None
         for config, rows in per_config.items():
             r = mean_batch(rows)
@@ -235,18 +254,18 @@ def per_batch_lines(results: dict[str, Any]) -> list[str]:
     lines = []
     for size, per_config in results["sizes"].items():
         configs = list(per_config)
-        base = "ece" if "ece" in per_config else configs[0]
+        base = base_config(per_config)
         lines += [
             "",
             f"Every batch of {size} (seconds = all phases; row-steps = z's; the plot: reports/plots/"
             f"{results.get('out', 'speed')}.png):",
             "",
-            "| batch | " + " | ".join(f"{c} s | {c} row-steps" for c in configs) + f" | s over {base}'s |",
+            "| batch | " + " | ".join(f"{c} s | {c} row-steps" for c in configs) + f" | s over {base or 'ECE'}'s |",
             "|---:|" + "---:|---:|" * len(configs) + "---|",
         ]
         for i in range(min(len(rows) for rows in per_config.values())):
             cells = [(total(per_config[c][i]), per_config[c][i]["z_row_steps"]) for c in configs]
-            ratios = ", ".join(
+            ratios = base and ", ".join(
                 f"{c} {total(per_config[c][i]) / total(per_config[base][i]):.2f}×" for c in configs if c != base
             )
             lines.append(f"| {i} | " + " | ".join(f"{t:.1f} | {n}" for t, n in cells) + f" | {ratios or '–'} |")
@@ -295,9 +314,7 @@ def main() -> None:
         results = json.loads(out.with_suffix(".json").read_text()) | {"out": args.out}
         for size, per_config in results["sizes"].items():
             for config in per_config:
-                n_facts = int(size) * results.get("batches", 1)
-                if (starts := fact_starts(config, n_facts, int(size))) is not None:
-                    results.setdefault("starts", {}).setdefault(size, {})[config] = starts
+                add_starts(results, int(size), config)
         out.with_suffix(".json").write_text(json.dumps(results, indent=2))
         write(results, out)
         print(render(results))
@@ -313,9 +330,7 @@ def main() -> None:
         for config in args.configs:
             print(f"== speed: {config}, {args.batches} batch(es) of {size}", flush=True)
             results["sizes"].setdefault(str(size), {})[config] = measure(config, size * args.batches, size)
-            results.setdefault("starts", {}).setdefault(str(size), {})[config] = fact_starts(
-                config, size * args.batches, size
-            )
+            add_starts(results, size, config)
             if args.score:
                 scores = results.setdefault("scores", {}).setdefault(str(size), {})
                 scores[config] = score(config, size * args.batches, size)

@@ -72,3 +72,12 @@ def test_a_report_without_starts_or_several_batches_has_neither_table():
     single = {k: v for k, v in RESULTS.items() if k != "starts"} | {"batches": 1}
     text = speed.render(single)
     assert "Every batch" not in text and "by how" not in text
+
+
+def test_every_table_compares_with_the_same_ece_row_when_no_plain_ece_ran():
+    """Without an `ece` row the mean table and the per-batch one both divide by the first ece-* row, even
+    when another configuration ran first."""
+    sizes = {"2": {"memit": RESULTS["sizes"]["2"]["memit"], "ece-within": RESULTS["sizes"]["2"]["ece"]}}
+    text = speed.render(RESULTS | {"sizes": sizes, "starts": {}})
+    assert "| 2 | memit | 0.0 | 0.0 | 11.0 | 1.0 | 0.0 | 0.0 | 12.0 | 12 | 1.71× |" in text
+    assert "| 0 | 12.0 | 12 | 10.0 | 10 | memit 1.20× |" in text and "s over ece-within's" in text
