@@ -28,7 +28,8 @@ Configurations:
 With --batches N each configuration edits N sequential batches of the size (the first N·size facts) and
 the table gives the mean per batch. With --score each configuration's edited model is also scored on its
 facts (efficacy, generalization, specificity; every fact after the last batch), so a faster
-configuration's quality is read in the same run.
+configuration's quality is read in the same run, and every configuration's per-fact scores minus ECE's
+on the same facts get a 95 % paired bootstrap interval (ece.eval.paired): whether a gap is noise.
 
 Prints and writes reports/speed.md / .json: per batch size and configuration, seconds per batch split
 by phase (update = keys + solve + cache P), z row-steps per batch (one row = one fact in one
@@ -57,7 +58,8 @@ from scratch import ROOT, cpu_name, inside, run_stages
 
 from ece.artifacts import Z_DIR
 from ece.audit.ledger import LEDGER_RUNS
-from ece.eval.metrics import fact_metrics, summarise
+from ece.eval.metrics import REWRITE_METRICS, fact_metrics, summarise
+from ece.eval.paired import paired_difference
 from ece.eval.plotting import pyplot, save_png
 from ece.model.loading import load_model
 
@@ -125,11 +127,13 @@ def measure(config: str, n_facts: int, batch_size: int) -> list[dict[str, Any]]:
     ]
 
 
-def score(config: str, n_facts: int, batch_size: int) -> dict[str, float | None]:
-    """Rewrite metrics of the model `measure` edited, every fact scored after the last batch."""
+def score(config: str, n_facts: int, batch_size: int) -> tuple[dict[str, float | None], dict[str, list[Any]]]:
+    """Rewrite metrics of the model `measure` edited, every fact scored after the last batch: the means,
+    and every fact's scores (id order), which the paired comparison between configurations reads."""
     with inside(scratch_dir(config, n_facts, batch_size)):
         facts = pl.read_parquet("artifacts/prepared/edits.parquet")
-        return summarise(fact_metrics(*load_model("artifacts/edited/model"), facts))
+        per_fact = fact_metrics(*load_model("artifacts/edited/model"), facts).sort("id")
+    return summarise(per_fact), {k: per_fact[k].to_list() for k in ("id", *REWRITE_METRICS)}
 
 
 START_KINDS = {
@@ -245,7 +249,40 @@ def render(results: dict[str, Any]) -> str:
             for config, m in per_config.items():
                 cells = " | ".join(f"{m[k]:.3f}" for k in ("efficacy", "generalization", "specificity", "score"))
                 lines.append(f"| {size} | {config} | {cells} |")
+    lines += paired_lines(results)
     return "\n".join(lines) + "\n"
+
+
+def paired_lines(results: dict[str, Any]) -> list[str]:
+    """Each configuration's per-fact rewrite metrics minus the base configuration's on the same facts, with
+    a 95 % paired bootstrap interval (ece.eval.paired): whether a gap between two means is more than noise."""
+    lines = []
+    for size, per_config in results.get("per_fact", {}).items():
+        base = base_config(per_config)
+        if base is None:
+            continue
+        others = [c for c in per_config if c != base]
+        if not others:
+            continue
+        lines += [
+            "",
+            f"Per fact, each configuration minus {base} on the same {len(per_config[base]['id'])} facts (batches of "
+            f"{size}): mean difference [95 % paired bootstrap interval, 10,000 resamples of the facts]; "
+            "* = the interval excludes 0:",
+            "",
+            "| config | " + " | ".join(REWRITE_METRICS) + " |",
+            "|---|" + "---|" * len(REWRITE_METRICS),
+        ]
+        for config in others:
+            if per_config[config]["id"] != per_config[base]["id"]:
+                raise ValueError(f"{config} and {base} scored different facts: no paired comparison")
+            cells = []
+            for m in REWRITE_METRICS:
+                d = paired_difference(per_config[base][m], per_config[config][m])
+                star = "*" if d.excludes_zero() else ""
+                cells.append(f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]{star}")
+            lines.append(f"| {config} − {base} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def per_batch_lines(results: dict[str, Any]) -> list[str]:
@@ -332,8 +369,9 @@ def main() -> None:
             results["sizes"].setdefault(str(size), {})[config] = measure(config, size * args.batches, size)
             add_starts(results, size, config)
             if args.score:
-                scores = results.setdefault("scores", {}).setdefault(str(size), {})
-                scores[config] = score(config, size * args.batches, size)
+                means, per_fact = score(config, size * args.batches, size)
+                results.setdefault("scores", {}).setdefault(str(size), {})[config] = means
+                results.setdefault("per_fact", {}).setdefault(str(size), {})[config] = per_fact
             out.with_suffix(".json").write_text(json.dumps(results, indent=2))
             print(render(results), flush=True)
     write(results, out)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import speed  # noqa: E402
 
@@ -81,3 +83,32 @@ def test_every_table_compares_with_the_same_ece_row_when_no_plain_ece_ran():
     text = speed.render(RESULTS | {"sizes": sizes, "starts": {}})
     assert "| 2 | memit | 0.0 | 0.0 | 11.0 | 1.0 | 0.0 | 0.0 | 12.0 | 12 | 1.71× |" in text
     assert "| 0 | 12.0 | 12 | 10.0 | 10 | memit 1.20× |" in text and "s over ece-within's" in text
+
+
+def test_paired_differences_are_memit_minus_ece_on_the_same_facts():
+    """Hand-worked: differences that are the same on every fact give that value and a zero-width interval;
+    a fact without a score on one side drops out of that metric only."""
+    per_fact = {
+        "2": {
+            "ece": {
+                "id": ["a", "b", "c", "d"],
+                "efficacy": [1.0, 1.0, 0.0, 0.5],
+                "generalization": [0.5, 0.5, 0.5, None],
+                "specificity": [0.5, 0.4, 0.3, 0.2],
+            },
+            "memit": {
+                "id": ["a", "b", "c", "d"],
+                "efficacy": [0.75, 0.75, -0.25, 0.25],  # -0.25 on every fact
+                "generalization": [0.5, 0.5, 0.5, 1.0],  # the same where both are scored
+                "specificity": [0.6, 0.5, 0.4, 0.3],  # +0.1 on every fact
+            },
+        }
+    }
+    lines = speed.paired_lines(RESULTS | {"per_fact": per_fact})
+    assert "the same 4 facts" in lines[1]
+    assert lines[-1] == (
+        "| memit − ece | -0.250 [-0.250, -0.250]* | +0.000 [+0.000, +0.000] | +0.100 [+0.100, +0.100]* |"
+    )
+    shuffled = per_fact["2"]["memit"] | {"id": ["b", "a", "c", "d"]}
+    with pytest.raises(ValueError, match="different facts"):
+        speed.paired_lines(RESULTS | {"per_fact": {"2": {"ece": per_fact["2"]["ece"], "memit": shuffled}}})
