@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -112,3 +113,15 @@ def test_paired_differences_are_memit_minus_ece_on_the_same_facts():
     shuffled = per_fact["2"]["memit"] | {"id": ["b", "a", "c", "d"]}
     with pytest.raises(ValueError, match="different facts"):
         speed.paired_lines(RESULTS | {"per_fact": {"2": {"ece": per_fact["2"]["ece"], "memit": shuffled}}})
+
+
+def test_report_json_puts_each_flat_list_on_one_line_and_reads_back_the_same(tmp_path):
+    results = RESULTS | {
+        "per_fact": {"2": {"ece": {"id": ['a "quoted" [x]', "b\\]", "{c}"], "efficacy": [1.0, None, 0.5]}}}
+    }
+    speed.write_json(results, tmp_path / "r")
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text) == results
+    assert '"efficacy": [1.0, null, 0.5]' in text
+    assert '"id": ["a \\"quoted\\" [x]", "b\\\\]", "{c}"]' in text
+    assert '"steps": [7, 3, 2, 2]' in text  # inside nested objects too
