@@ -44,8 +44,8 @@ def context_templates(model: torch.nn.Module, tok: PreTrainedTokenizerBase, n: i
 
     Greedy decoding makes the templates a pure function of the model, so every stage that needs
     them recomputes the same list without sharing state. Starters of one token length decode
-    together (`greedy_by_length`): SmolLM2's five took 3.93 s one after another and 1.15 s so on
-    2 cores (reports/stage_startup.md), in every stage that opens the model.
+    together (`greedy_by_length`): SmolLM2's five starters took 3.93 s decoded one after another and
+    1.15 s decoded together on 2 cores (reports/stage_startup.md), in every stage that opens the model.
     """
     if n > len(STARTERS):
         raise EceError(f"z.n_context must be <= {len(STARTERS)}, got {n}", "use 5 (MEMIT's value)")
