@@ -147,11 +147,13 @@ START_KINDS = {
 
 def fact_starts(config: str, n_facts: int, batch_size: int) -> dict[str, list[Any]] | None:
     """Each fact's z row-steps and how its descent started (`START_KINDS`), from the z index the run wrote
-    (None when its scratch folder is gone)."""
+    (None when its scratch folder is gone, or for a method without z, whose index holds no fact)."""
     index = scratch_dir(config, n_facts, batch_size) / Z_DIR / "index.parquet"
     if not index.exists():
         return None
     z = pl.read_parquet(index).sort("id")
+    if z.is_empty():
+        return None
     start = (
         pl.when(pl.col("anchor") != pl.col("id"))
         .then(pl.lit("member"))
@@ -183,7 +185,8 @@ def start_lines(results: dict[str, Any]) -> list[str]:
         base = base_config(per_config)
         if base is None:  # the start kinds are ECE's
             continue
-        others = [c for c in per_config if c != base]
+        # only configurations whose z covered the same facts (a method without z covers none)
+        others = [c for c in per_config if c != base and per_config[c]["id"] == per_config[base]["id"]]
         kinds = per_config[base]["start"]
         lines += [
             "",

@@ -125,3 +125,11 @@ def test_report_json_puts_each_flat_list_on_one_line_and_reads_back_the_same(tmp
     assert '"efficacy": [1.0, null, 0.5]' in text
     assert '"id": ["a \\"quoted\\" [x]", "b\\\\]", "{c}"]' in text
     assert '"steps": [7, 3, 2, 2]' in text  # inside nested objects too
+
+
+def test_start_table_leaves_out_a_configuration_without_z():
+    """UltraEdit has no z: its (empty) start entry must not break the table or get a column."""
+    starts = {"2": RESULTS["starts"]["2"] | {"ultraedit": {"id": [], "batch": [], "steps": [], "start": []}}}
+    rows = speed.start_lines(RESULTS | {"starts": starts})
+    assert "| start | facts | ece row-steps | memit row-steps |" in rows
+    assert "| all batches: cold | 1 | 7 | 7 |" in rows
