@@ -99,6 +99,7 @@ CONFIGS = {
     "ultraedit": ["method=ultraedit"],
 }
 STAGES = ["prepare", "attribute", "cluster", "precompute_z", "apply_edits"]
+RESAMPLES = 10_000  # of the facts, for each paired interval of the quality table
 
 
 def scratch_dir(config: str, n_facts: int, batch_size: int) -> Path:
@@ -272,7 +273,7 @@ def paired_lines(results: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"Per fact, each configuration minus {base} on the same {len(per_config[base]['id'])} facts (batches of "
-            f"{size}): mean difference [95 % paired bootstrap interval, 10,000 resamples of the facts]; "
+            f"{size}): mean difference [95 % paired bootstrap interval, {RESAMPLES:,} resamples of the facts]; "
             "* = the interval excludes 0:",
             "",
             "| config | " + " | ".join(REWRITE_METRICS) + " |",
@@ -283,7 +284,7 @@ def paired_lines(results: dict[str, Any]) -> list[str]:
                 raise ValueError(f"{config} and {base} scored different facts: no paired comparison")
             cells = []
             for m in REWRITE_METRICS:
-                d = paired_difference(per_config[base][m], per_config[config][m])
+                d = paired_difference(per_config[base][m], per_config[config][m], resamples=RESAMPLES)
                 star = "*" if d.excludes_zero() else ""
                 cells.append(f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]{star}")
             lines.append(f"| {config} − {base} | " + " | ".join(cells) + " |")

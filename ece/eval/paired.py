@@ -1,9 +1,10 @@
 """Is one edited model's metric really lower than another's? A paired comparison over the same facts.
 
 Two configurations edited the same facts; each fact has a score under both (efficacy, say, the share
-of its prompts where the new object wins). The mean of the per-fact differences is the difference of
-the two means, and because both scores come from the same fact, its spread is far smaller than the
-two means' own spreads would suggest: facts that are hard for one are mostly hard for the other.
+of its prompts where the new object wins). Over the facts scored under both, the mean of the per-fact
+differences is the difference of the two means, and because both scores come from the same fact, its
+spread is far smaller than the two means' own spreads would suggest: facts that are hard for one are
+mostly hard for the other.
 A 0.002 gap in specificity over 2000 facts can be a real cost or noise; the paired bootstrap
 (resample the facts with replacement, keep each fact's pair together, take the percentiles of the
 resampled mean difference) says which. Used by the benchmark reports; no stage imports it.
