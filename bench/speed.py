@@ -178,6 +178,16 @@ def base_config(per_config: dict[str, Any]) -> str | None:
     return "ece" if "ece" in per_config else next((c for c in per_config if c.startswith("ece")), None)
 
 
+def compared(per_config: dict[str, Any], base: str) -> list[str]:
+    """The configurations other than `base`, each checked to cover the same facts in the same order (a
+    per-fact table of two runs over different facts would pair the wrong rows)."""
+    others = [c for c in per_config if c != base]
+    for config in others:
+        if per_config[config]["id"] != per_config[base]["id"]:
+            raise ValueError(f"{config} and {base} cover different facts: no per-fact comparison")
+    return others
+
+
 def start_lines(results: dict[str, Any]) -> list[str]:
     """z row-steps by how ECE's descent of each fact started, with every other configuration's row-steps on
     the same facts: where ECE's savings come from, and the floor its cold facts set."""
@@ -186,8 +196,7 @@ def start_lines(results: dict[str, Any]) -> list[str]:
         base = base_config(per_config)
         if base is None:  # the start kinds are ECE's
             continue
-        # only configurations whose z covered the same facts (a method without z covers none)
-        others = [c for c in per_config if c != base and per_config[c]["id"] == per_config[base]["id"]]
+        others = compared(per_config, base)
         kinds = per_config[base]["start"]
         lines += [
             "",
@@ -267,7 +276,7 @@ def paired_lines(results: dict[str, Any]) -> list[str]:
         base = base_config(per_config)
         if base is None:
             continue
-        others = [c for c in per_config if c != base]
+        others = compared(per_config, base)
         if not others:
             continue
         lines += [
@@ -280,8 +289,6 @@ def paired_lines(results: dict[str, Any]) -> list[str]:
             "|---|" + "---|" * len(REWRITE_METRICS),
         ]
         for config in others:
-            if per_config[config]["id"] != per_config[base]["id"]:
-                raise ValueError(f"{config} and {base} scored different facts: no paired comparison")
             cells = []
             for m in REWRITE_METRICS:
                 d = paired_difference(per_config[base][m], per_config[config][m], resamples=RESAMPLES)

@@ -6,10 +6,13 @@ import json
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import speed  # noqa: E402
+
+from ece.editing.zcache import INDEX_SCHEMA  # noqa: E402
 
 PHASES0 = dict.fromkeys(speed.PHASES, 0.0)
 
@@ -127,9 +130,18 @@ def test_report_json_puts_each_flat_list_on_one_line_and_reads_back_the_same(tmp
     assert '"steps": [7, 3, 2, 2]' in text  # inside nested objects too
 
 
-def test_start_table_leaves_out_a_configuration_without_z():
-    """UltraEdit has no z: its (empty) start entry must not break the table or get a column."""
-    starts = {"2": RESULTS["starts"]["2"] | {"ultraedit": {"id": [], "batch": [], "steps": [], "start": []}}}
-    rows = speed.start_lines(RESULTS | {"starts": starts})
+def test_start_table_leaves_out_a_configuration_without_z(tmp_path, monkeypatch):
+    """UltraEdit has no z: the empty z index its run writes gives no start entry, so the table gets no
+    column for it; a configuration over other facts is refused, as in the paired table."""
+    monkeypatch.setattr(speed, "ROOT", tmp_path)
+    index = speed.scratch_dir("ultraedit", 4, 2) / speed.Z_DIR / "index.parquet"
+    index.parent.mkdir(parents=True)
+    pl.DataFrame(schema=INDEX_SCHEMA).write_parquet(index)  # what precompute_z writes for a method without z
+    results = json.loads(json.dumps(RESULTS))
+    speed.add_starts(results, 2, "ultraedit")
+    rows = speed.start_lines(results)
     assert "| start | facts | ece row-steps | memit row-steps |" in rows
     assert "| all batches: cold | 1 | 7 | 7 |" in rows
+    other = results["starts"]["2"]["memit"] | {"id": ["b", "a", "c", "d"]}
+    with pytest.raises(ValueError, match="different facts"):
+        speed.start_lines(results | {"starts": {"2": results["starts"]["2"] | {"memit": other}}})
