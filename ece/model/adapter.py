@@ -193,25 +193,27 @@ class ModelAdapter:
         self, forward: Callable[[], object], key_layers: list[int], out_layers: list[int]
     ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         """Run `forward` with hooks that record W_out inputs at `key_layers` and block outputs at
-        `out_layers`, stopping after the highest of them."""
+        `out_layers`, stopping as soon as the highest of them is recorded: at the W_out input when that
+        layer's block output is not asked for (the covariance stage's case), so its W_out, the rest of its
+        block and every block above are never run."""
         keys: dict[int, Tensor] = {}
         outs: dict[int, Tensor] = {}
         last = max([*key_layers, *out_layers])
-        handles = []
-        for l in key_layers:
-            handles.append(
-                self.w_out_module(l).register_forward_hook(
-                    lambda _m, inp, _o, l=l: keys.__setitem__(l, inp[0].detach().float())
-                )
-            )
+
+        def on_key(_m: nn.Module, inp: tuple[Tensor, ...], l: int) -> None:
+            keys[l] = inp[0].detach().float()
+            if l == last and l not in out_layers:
+                raise StopForward
 
         def on_block(_m: nn.Module, _i: object, out: object, l: int) -> None:
-            if l in out_layers:
-                outs[l] = _block_output(out).detach().float()
+            outs[l] = _block_output(out).detach().float()
             if l == last:
                 raise StopForward
 
-        for l in sorted({*out_layers, last}):
+        handles = [
+            self.w_out_module(l).register_forward_pre_hook(lambda m, i, l=l: on_key(m, i, l)) for l in key_layers
+        ]
+        for l in out_layers:
             handles.append(self.blocks[l].register_forward_hook(lambda m, i, o, l=l: on_block(m, i, o, l)))
         try:
             forward()

@@ -288,7 +288,7 @@ def test_layer_keys_run_only_the_blocks_above_the_last_written_layer(facts):
     adapter = ModelAdapter(model)
     runs: list[int] = []
     for b, block in enumerate(adapter.blocks):
-        block.register_forward_hook(lambda _m, _i, _o, b=b: runs.append(b))
+        block.register_forward_pre_hook(lambda _m, _i, b=b: runs.append(b))
     walker = LayerKeys(adapter, tok, facts, ["{}", "Well. {}"], out_layer=4)
     with_bare = [len(b) > 0 for b in walker.bare]  # per row block (of one length), whether it holds bare prompts
 

@@ -108,7 +108,7 @@ def test_trace_matches_manual_hooks(kind):
     for h in handles:
         h.remove()
 
-    n_hooks = sum(len(m._forward_hooks) for m in model.modules())
+    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     keys, outs = adapter.trace(ids, mask, key_layers=[0, 2], out_layers=[1, 2])
     assert sorted(keys) == [0, 2] and sorted(outs) == [1, 2]
     for l in (0, 2):
@@ -120,7 +120,7 @@ def test_trace_matches_manual_hooks(kind):
         # also the residual stream HF reports after block l
         assert torch.allclose(outs[l], full.hidden_states[l + 1], atol=1e-6)
     # no hook is left behind
-    assert sum(len(m._forward_hooks) for m in model.modules()) == n_hooks
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_hooks
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -136,6 +136,11 @@ def test_trace_stops_after_highest_requested_layer(kind, key_layers, out_layers,
         adapter.blocks[l].register_forward_pre_hook(lambda _m, _i, l=l: calls.__setitem__(l, calls[l] + 1))
         for l in range(adapter.n_layers)
     ]
+    w_out_calls = [0] * adapter.n_layers
+    handles += [
+        adapter.w_out_module(l).register_forward_hook(lambda *_a, l=l: w_out_calls.__setitem__(l, w_out_calls[l] + 1))
+        for l in range(adapter.n_layers)
+    ]
     lm_head_calls = []
     handles.append(model.get_output_embeddings().register_forward_hook(lambda *a: lm_head_calls.append(1)))
     try:
@@ -144,6 +149,8 @@ def test_trace_stops_after_highest_requested_layer(kind, key_layers, out_layers,
         for h in handles:
             h.remove()
     assert calls == [1 if l <= top else 0 for l in range(adapter.n_layers)]
+    # the top layer's W_out runs only when its block output is asked for: its input is the key
+    assert w_out_calls == [1 if l < top or (l == top and top in out_layers) else 0 for l in range(adapter.n_layers)]
     assert lm_head_calls == []
 
 
