@@ -49,6 +49,9 @@ VARIANTS = {
     "alphaedit-e10": ["method=alphaedit", "alphaedit.nullspace_energy=0.1"],
     # ECE without warm starts across batches: does z.warm_from_earlier cost perplexity at 2000 edits?
     "ece-nowarm": ["method=ece", "z.warm_from_earlier=none"],
+    # ECE with every warm start at half the borrowed δ: does that keep the speed without the larger δ
+    # (at 400 edits: ‖δ‖/‖h‖ 1.25 vs 1.47, 17 % more z row-steps, reports/z_earlier.md)?
+    "ece-warm0.5": ["method=ece", "z.warm_scale=0.5"],
 }
 SETTINGS = {m: [f"method={m}"] for m in METHODS} | VARIANTS  # row name (after the dataset) -> overrides
 ROWS = {f"{d}-{name}": [*setting, *over, *COMMON] for d, over in DATASETS.items() for name, setting in SETTINGS.items()}

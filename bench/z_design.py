@@ -41,6 +41,8 @@ import torch
 from safetensors import safe_open
 from scratch import ROOT, inside, run_stages
 
+from ece.config import load_params
+from ece.eval.general_ability import perplexity, read_tokens
 from ece.eval.metrics import fact_metrics, summarise
 from ece.model.loading import load_model
 
@@ -138,11 +140,18 @@ def _dtype_grid(batch_sizes: list[int]) -> dict[str, Config]:
 
 def _earlier_grid(batch_sizes: list[int]) -> dict[str, Config]:
     """ECE with and without z.warm_from_earlier (anchors start from the mean δ of earlier batches' facts
-    with the same new object), and MEMIT with the same step rule."""
+    with the same new object), with every warm start scaled down (z.warm_scale), and MEMIT with the same
+    step rule."""
     rows = {
         "memit (same step rule)": Config(MEMIT_Z),
         "ece": Config(["method=ece", "z.warm_from_earlier=none"]),
         "ece, warm from earlier batches": Config(["method=ece", "z.warm_from_earlier=anchors"]),
+        **{
+            f"ece, warm from earlier batches, warm starts at {scale} x the borrowed δ": Config(
+                ["method=ece", "z.warm_from_earlier=anchors", f"z.warm_scale={scale}"]
+            )
+            for scale in (0.75, 0.5)
+        },
     }
     return _per_batch_size(rows, batch_sizes)
 
@@ -180,8 +189,18 @@ def z_stats(work: Path) -> dict[str, Any]:
         "z_seconds": round(sum(seconds.values()), 1),
         "delta_over_h": sum(ratios) / len(ratios),
         "steps_max": int(index["steps"].max()),
+        "z_kl": float(index["kl"].mean()),
         "update_seconds": update.get("seconds_total", {}).get("update"),
     }
+
+
+def scored(model_dir: str, facts: pl.DataFrame) -> dict[str, Any]:
+    """Rewrite metrics of a model on `facts` and its perplexity as the evaluate stage measures it
+    (params.yaml's evaluate.ppl_corpus, ppl_tokens and ppl_window)."""
+    e = load_params(ROOT / "params.yaml").evaluate
+    model, tok = load_model(model_dir)
+    ids = read_tokens(tok, ROOT / e.ppl_corpus, e.ppl_tokens)
+    return {**summarise(fact_metrics(model, tok, facts)), "perplexity": perplexity(model, tok, ids, e.ppl_window)}
 
 
 def run_config(name: str, overrides: list[str], common: list[str]) -> dict[str, Any]:
@@ -197,7 +216,7 @@ def run_config(name: str, overrides: list[str], common: list[str]) -> dict[str, 
     seconds = time.perf_counter() - start
     with inside(work):
         facts = pl.read_parquet("artifacts/prepared/edits.parquet")
-        post = summarise(fact_metrics(*load_model("artifacts/edited/model"), facts))
+        post = scored("artifacts/edited/model", facts)
     return {
         "name": name,
         "overrides": overrides,
@@ -241,13 +260,15 @@ def render(grid: str, results: dict[str, Any]) -> str:
         f"SmolLM2-135M, CounterFact, first {results['n_facts']} facts in batches of {results['batch_size']}, "
         f"layers and λ from params.yaml, common overrides `{' '.join(results['common'])}`; every fact scored "
         f"after the last batch. Unedited: efficacy {pre['efficacy']:.2f}, generalization "
-        f"{pre['generalization']:.2f}, specificity {pre['specificity']:.2f}. A row-step is one fact in one "
-        "forward/backward of the z descent.",
+        f"{pre['generalization']:.2f}, specificity {pre['specificity']:.2f}"
+        + (f", perplexity {pre['perplexity']:.2f}" if "perplexity" in pre else "")
+        + ". A row-step is one fact in one forward/backward of the z descent; z KL is the mean KL of z's final δ "
+        "on the '{subject} is a' prompt (the term of z's loss that keeps the subject's other facts).",
         "",
         *([*NOTES[grid], ""] if grid in NOTES else []),
-        "| config | z row-steps | max steps | z s | z CPU s | CPU ms / row-step | load before | z NLL | ‖δ‖/‖h‖ | efficacy "
-        "| generalization | specificity | score | zvec.py sha256 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| config | z row-steps | max steps | z s | z CPU s | CPU ms / row-step | load before | z NLL | z KL | ‖δ‖/‖h‖ "
+        "| efficacy | generalization | specificity | score | perplexity | zvec.py sha256 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results["rows"]:
         post = r["post"]
@@ -259,11 +280,16 @@ def render(grid: str, results: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {r['name']} | {r['row_steps']} | {r['steps_max']} | {r['z_seconds']:.1f} | {cpu} | {per_row} | {load} | "
-            f"{r['z_nll']:.3f} | {r['delta_over_h']:.2f} | "
+            f"{r['z_nll']:.3f} | {_num(r.get('z_kl'), 3)} | {r['delta_over_h']:.2f} | "
             + " | ".join(f"{post[m]:.3f}" for m in ("efficacy", "generalization", "specificity", "score"))
-            + f" | {r.get('zvec_sha256', '–')} |"
+            + f" | {_num(post.get('perplexity'), 2)} | {r.get('zvec_sha256', '–')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None, digits: int) -> str:
+    """A table cell: the value to `digits` places, or – for a row measured before the column existed."""
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 NOTES = {
@@ -353,11 +379,11 @@ def main() -> None:
             "commands": commands if command in commands else [*commands, command],
         }
     )
-    if "pre" not in results:
+    if "perplexity" not in results.get("pre", {}):  # reports from before perplexity was measured get it now
         run_stages(common, WORK / "_pre", ["prepare"])
         with inside(WORK / "_pre"):
             facts = pl.read_parquet("artifacts/prepared/edits.parquet")
-        results["pre"] = summarise(fact_metrics(*load_model("smollm2-135m"), facts))
+        results["pre"] = scored("smollm2-135m", facts)
     done = {r["name"] for r in results["rows"]}
     for name, config in grid.items():
         if args.only is not None and not any(name.startswith(o) for o in args.only):

@@ -99,6 +99,8 @@ class ZCfg:
     warm_from_earlier: str = "none"  # facts whose target_new an earlier batch edited start from the mean
     # final δ of those earlier facts (ECE only; every batch's z is on the original model): none | anchors (a
     # group's anchor does; its members wait for it) | all (every such fact, at once, in its own group)
+    warm_scale: float = 1.0  # a warm start begins at this × the δ it borrows (a member's from its anchor, an
+    # anchor's from earlier facts with its object): below 1 it ends nearer the smallest δ that meets the stop rule
     facts_per_pass: int = 0  # 0: a pass runs all its facts in one forward/backward; N: N at a time (same
     # descent, less memory; the references run 1)
     window_batches: int = 1  # edit batches whose z is computed in one loop (the facts of a window are one z
@@ -261,6 +263,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("z.stop_nll", 0, True, "0 turns the early stop off"),
     ("z.facts_per_pass", 0, True, "0 descends on the whole batch at once"),
     ("z.window_batches", 1, True, "1 computes z batch by batch"),
+    ("z.warm_scale", 0, True, "1 starts from the borrowed δ as it is; 0 from zero"),
     ("update.mom2_update_weight", 0, True, "e.g. 15000"),
     ("update.max_update_norm", 0, False, "e.g. 10000 (a safety stop far above the norms of healthy updates)"),
     ("alphaedit.nullspace_threshold", 0, False, "AlphaEdit: 2e-2"),

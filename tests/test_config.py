@@ -39,6 +39,7 @@ INVALID = {
     "z.stop_nll": -0.1,
     "z.facts_per_pass": -1,
     "z.window_batches": 0,
+    "z.warm_scale": -0.5,
     "update.mom2_update_weight": -1.0,
     "update.max_update_norm": 0.0,
     "alphaedit.nullspace_threshold": 0.0,

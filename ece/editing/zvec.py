@@ -425,13 +425,15 @@ def row_lr(h: Tensor, cfg: ZCfg) -> Tensor:
 
 def release(state: ZState, waiting: Tensor, starts_from: Tensor, cfg: ZCfg) -> Tensor:
     """Start every waiting member whose anchor is through its shared steps (met the stop rule, or took
-    `cfg.shared_steps`): from the anchor's δ as it is now, with the anchor's Adam moments when
-    `cfg.carry_adam`, else fresh ones; no steps taken, not done. Returns the members still waiting."""
+    `cfg.shared_steps`): from `cfg.warm_scale` × the anchor's δ as it is now, with the anchor's Adam
+    moments when `cfg.carry_adam`, else fresh ones; no steps taken, not done. Returns the members still
+    waiting."""
     through = state.done | (state.steps >= cfg.shared_steps)
     ready = waiting & through[starts_from]
     members = torch.nonzero(ready).squeeze(1)
     if len(members):
         start = state.rows(starts_from[members])
+        start.delta.mul_(cfg.warm_scale)
         start.steps.zero_(), start.done.zero_()
         if not cfg.carry_adam:
             start.m.zero_(), start.v.zero_(), start.t.zero_()
@@ -564,7 +566,8 @@ def two_step_z(
     cfg: ZCfg,
     start: Tensor | None = None,
 ) -> ZResult:
-    """z of every fact in one loop (`optimise`), each anchor's descent from `start` (n, d) (δ = 0 without).
+    """z of every fact in one loop (`optimise`), each anchor's descent from `cfg.warm_scale` × its row of
+    `start` (n, d) (δ = 0 without).
 
     `labels[i]` is fact i's group and `anchors[c]` the fact index of group c's anchor. MEMIT is the
     case labels = anchors = arange(n), start = None: one uninterrupted descent per fact from zero.
@@ -572,7 +575,7 @@ def two_step_z(
     """
     state = ZState.zeros(*problem.h.shape)
     if start is not None:
-        state.delta = start.to(state.delta).clone()
+        state.delta = cfg.warm_scale * start.to(state.delta)
     n = problem.n_facts
     losses = FactLosses(torch.zeros(n), torch.zeros(n), torch.zeros(n))
     state = optimise(problem, adapter, layer, state, anchors[labels], cfg, losses)

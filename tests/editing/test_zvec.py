@@ -321,8 +321,8 @@ class _Descent:
         return self
 
     def member(self, p: ZProblem, carry_adam: bool) -> _Descent:
-        """A member's descent from this descent's δ as it is now."""
-        return _Descent(p, self.c, self.delta, self.opt.state[self.delta] if carry_adam else None)
+        """A member's descent from z.warm_scale × this descent's δ as it is now."""
+        return _Descent(p, self.c, self.c.warm_scale * self.delta, self.opt.state[self.delta] if carry_adam else None)
 
 
 def _reference_loop(problem, adapter, i, c, steps, rule):
@@ -431,13 +431,13 @@ def _one_loop_reference(problem: ZProblem, adapter, starts_from: torch.Tensor, c
 
 def _two_phase_reference(problem: ZProblem, adapter, starts_from: torch.Tensor, c: ZCfg, rule, start=None):
     """The schedule before the one loop, each fact alone with torch's Adam: shared_steps on every
-    anchor (from its row of `start`, else zero), then instance_steps on every fact, members from their
-    anchor's δ at the end of the shared phase."""
+    anchor (from z.warm_scale × its row of `start`, else zero), then instance_steps on every fact,
+    members from z.warm_scale × their anchor's δ at the end of the shared phase."""
     n = problem.n_facts
     d = problem.h.shape[1]
     start = torch.zeros(n, d) if start is None else start
     anchors = {
-        i: _Descent(alone(problem, i), c, start[i]).run(adapter, c.shared_steps, rule)
+        i: _Descent(alone(problem, i), c, c.warm_scale * start[i]).run(adapter, c.shared_steps, rule)
         for i in range(n)
         if int(starts_from[i]) == i
     }
@@ -808,13 +808,14 @@ def test_bfloat16_z_on_a_cpu_without_bfloat16_units_warns(monkeypatch, tiny_llam
     assert zvec.z_adapter(adapter, "model") is adapter and zvec.z_adapter(adapter, "float32") is adapter
 
 
-def test_anchors_start_from_the_given_delta_members_from_their_anchor(four):
-    """`start` (z.warm_from_earlier): each anchor's descent starts from its row; a member's row is ignored
-    (it starts from its anchor's δ) — against each fact alone with torch's Adam."""
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_anchors_start_from_the_given_delta_members_from_their_anchor(four, scale):
+    """`start` (z.warm_from_earlier): each anchor's descent starts from z.warm_scale × its row; a member's
+    row is ignored (it starts from z.warm_scale × its anchor's δ) — against each fact alone with torch's Adam."""
     adapter, problem = four
     labels, anchors = torch.tensor([0, 0, 1, 1]), torch.tensor([1, 3])
     start = 0.3 * torch.randn(4, problem.h.shape[1], generator=torch.Generator().manual_seed(0))
-    c = cfg(3, 2)
+    c = cfg(3, 2, warm_scale=scale)
     res = two_step_z(problem, adapter, LAYER, labels, anchors, c, start)
     runs = _two_phase_reference(problem, adapter, anchors[labels], c, lambda _: False, start)
     for i in range(4):
