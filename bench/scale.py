@@ -52,6 +52,8 @@ VARIANTS = {
     # ECE with every warm start at half the borrowed δ: does that keep the speed without the larger δ
     # (at 400 edits: ‖δ‖/‖h‖ 1.25 vs 1.47, 17 % more z row-steps, reports/z_earlier.md)?
     "ece-warm0.5": ["method=ece", "z.warm_scale=0.5"],
+    # Between the two: how much of 0.5's perplexity does 0.75 keep, for how many fewer z row-steps?
+    "ece-warm0.75": ["method=ece", "z.warm_scale=0.75"],
 }
 SETTINGS = {m: [f"method={m}"] for m in METHODS} | VARIANTS  # row name (after the dataset) -> overrides
 ROWS = {f"{d}-{name}": [*setting, *over, *COMMON] for d, over in DATASETS.items() for name, setting in SETTINGS.items()}
