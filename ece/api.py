@@ -68,7 +68,7 @@ def plan(wb: Workbench, p: Params, facts: pl.DataFrame, log: Log = print) -> lis
     method = method_of(p)
     all_facts = [Fact.from_row(r) for r in facts.iter_rows(named=True)]
     hashes = facts["content_hash"].to_list()
-    history = EarlierObjects.of(p, method)
+    history = EarlierObjects.of(p, method, wb)
     ranges = batch_ranges(len(all_facts), p.edit.batch_size)
     plans = []
     for window in batch_windows(len(ranges), p.z.window_batches):

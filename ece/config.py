@@ -101,6 +101,11 @@ class ZCfg:
     # group's anchor does; its members wait for it) | all (every such fact, at once, in its own group)
     warm_scale: float = 1.0  # a warm start begins at this × the δ it borrows (a member's from its anchor, an
     # anchor's from earlier facts with its object): below 1 it ends nearer the smallest δ that meets the stop rule
+    predict_cold: float = 0.0  # > 0: with warm_from_earlier, an anchor whose target_new no earlier fact had
+    # starts from this × a ridge prediction of its δ from the object's first-token input embedding, fitted
+    # on every earlier fact's final δ (0: from zero, as MEMIT)
+    predict_ridge: float = 1.0  # the ridge penalty of that fit (on unit-normed embeddings)
+    predict_min_facts: int = 100  # earlier facts the fit needs before it predicts (fewer: cold starts from zero)
     facts_per_pass: int = 0  # 0: a pass runs all its facts in one forward/backward; N: N at a time (same
     # descent, less memory; the references run 1)
     window_batches: int = 1  # edit batches whose z is computed in one loop (the facts of a window are one z
@@ -264,6 +269,9 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("z.facts_per_pass", 0, True, "0 descends on the whole batch at once"),
     ("z.window_batches", 1, True, "1 computes z batch by batch"),
     ("z.warm_scale", 0, True, "1 starts from the borrowed δ as it is; 0 from zero"),
+    ("z.predict_cold", 0, True, "0 starts new objects from zero; e.g. 2"),
+    ("z.predict_ridge", 0, False, "e.g. 1"),
+    ("z.predict_min_facts", 1, True, "e.g. 100"),
     ("update.mom2_update_weight", 0, True, "e.g. 15000"),
     ("update.max_update_norm", 0, False, "e.g. 10000 (a safety stop far above the norms of healthy updates)"),
     ("alphaedit.nullspace_threshold", 0, False, "AlphaEdit: 2e-2"),

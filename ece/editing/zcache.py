@@ -66,7 +66,7 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
     # Seconds are a fact of one run, not of the result: kept outside the cached z files, so that an
     # identical recompute writes identical bytes (and DVC reruns nothing downstream).
     seconds_of = json.loads(Z_SECONDS.read_text()) if Z_SECONDS.exists() else {}
-    history = EarlierObjects.of(p, method)
+    history = EarlierObjects.of(p, method, wb)
     ranges = batch_ranges(len(facts), p.edit.batch_size) if method.needs_z else []
     for window in batch_windows(len(ranges), p.z.window_batches):
         span = range(ranges[window[0]].start, ranges[window[-1]].stop)

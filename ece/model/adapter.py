@@ -400,6 +400,12 @@ class ModelAdapter:
         """
         return self._run_above(layer, hidden, attention_mask, position_ids, _FrozenPrefix(prefix) if prefix else None)
 
+    @torch.no_grad()
+    def input_embeddings(self, ids: Tensor) -> Tensor:
+        """The input embedding rows of token ids (as the embedding layer returns them, any scale it applies
+        included)."""
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
     def lm_head(self, hidden: Tensor) -> Tensor:
         """Logits in float32 (log-softmax over the vocabulary in bfloat16 would lose the small differences
         z's loss and the metrics compare)."""

@@ -15,6 +15,7 @@ from ece.data.facts import Fact
 from ece.editing import zvec
 from ece.editing.keys import keys_and_hidden
 from ece.editing.zvec import (
+    DeltaPredictor,
     EarlierObjects,
     ZProblem,
     ZState,
@@ -22,6 +23,7 @@ from ece.editing.zvec import (
     clamp_rows,
     compute_z,
     fact_losses,
+    object_embeddings,
     optimise,
     row_lr,
     target_ids,
@@ -431,13 +433,13 @@ def _one_loop_reference(problem: ZProblem, adapter, starts_from: torch.Tensor, c
 
 def _two_phase_reference(problem: ZProblem, adapter, starts_from: torch.Tensor, c: ZCfg, rule, start=None):
     """The schedule before the one loop, each fact alone with torch's Adam: shared_steps on every
-    anchor (from z.warm_scale × its row of `start`, else zero), then instance_steps on every fact,
+    anchor (from its row of `start`, else zero), then instance_steps on every fact,
     members from z.warm_scale × their anchor's δ at the end of the shared phase."""
     n = problem.n_facts
     d = problem.h.shape[1]
     start = torch.zeros(n, d) if start is None else start
     anchors = {
-        i: _Descent(alone(problem, i), c, c.warm_scale * start[i]).run(adapter, c.shared_steps, rule)
+        i: _Descent(alone(problem, i), c, start[i]).run(adapter, c.shared_steps, rule)
         for i in range(n)
         if int(starts_from[i]) == i
     }
@@ -810,8 +812,8 @@ def test_bfloat16_z_on_a_cpu_without_bfloat16_units_warns(monkeypatch, tiny_llam
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_anchors_start_from_the_given_delta_members_from_their_anchor(four, scale):
-    """`start` (z.warm_from_earlier): each anchor's descent starts from z.warm_scale × its row; a member's
-    row is ignored (it starts from z.warm_scale × its anchor's δ) — against each fact alone with torch's Adam."""
+    """`start` (z.warm_from_earlier): each anchor's descent starts from its row; a member's row is ignored
+    (it starts from z.warm_scale × its anchor's δ) — against each fact alone with torch's Adam."""
     adapter, problem = four
     labels, anchors = torch.tensor([0, 0, 1, 1]), torch.tensor([1, 3])
     start = 0.3 * torch.randn(4, problem.h.shape[1], generator=torch.Generator().manual_seed(0))
@@ -843,6 +845,62 @@ def test_earlier_objects_give_anchors_the_mean_delta_of_their_object():
     off.add([fact(0, "A")], d1[None])
     assert off.starts(batch, labels, anchors, 2)[0] is None
     assert history.regroup(batch, labels, anchors) == (labels, anchors)  # anchors mode keeps the groups
+
+
+def test_earlier_objects_scale_the_borrowed_mean():
+    """Hand-worked: the A anchor's start at z.warm_scale 0.5 is half of A's mean δ (2, -1)."""
+    fact = lambda i, target: Fact(f"f{i}", "s", "{} is", target)  # noqa: E731
+    history = EarlierObjects("anchors", scale=0.5)
+    history.add([fact(0, "A"), fact(1, "A")], torch.tensor([[1.0, 2.0], [3.0, -4.0]]))
+    start, _ = history.starts([fact(2, "A"), fact(3, "B")], torch.tensor([0, 1]), torch.tensor([0, 1]), 2)
+    assert start is not None and start.tolist() == [[1.0, -0.5], [0.0, 0.0]]
+
+
+def test_delta_predictor_is_the_ridge_solution():
+    """Fitted in two chunks, its prediction equals ridge regression solved independently as the least
+    squares of [X; √λ·I] A ≈ [Y; 0] on all rows at once; before min_facts it predicts nothing."""
+    g = torch.Generator().manual_seed(0)
+    x, y, new = torch.randn(30, 4, generator=g), torch.randn(30, 3, generator=g), torch.randn(5, 4, generator=g)
+    predictor = DeltaPredictor(ridge=2.0, min_facts=30)
+    predictor.add(x[:12], y[:12])
+    assert predictor.predict(new) is None  # 12 < 30 facts
+    predictor.add(x[12:], y[12:])
+    stacked_x = torch.cat([x, 2.0**0.5 * torch.eye(4)]).double()
+    stacked_y = torch.cat([y, torch.zeros(4, 3)]).double()
+    expected = new.double() @ torch.linalg.lstsq(stacked_x, stacked_y).solution
+    got = predictor.predict(new)
+    assert got is not None and torch.allclose(got.double(), expected, atol=1e-5)
+
+
+def test_cold_anchors_start_from_the_scaled_prediction():
+    """Hand-worked. A was edited before: its anchor borrows scale × A's mean δ. C and D are new objects
+    whose features equal A's and B's, and with ridge λ → 0 on one-hot features the fit returns each
+    feature's mean δ: C's anchor starts from gain × A's mean (3, 1), D's from gain × B's δ, C's member
+    from nothing (it waits for its anchor). With fewer facts than min_facts cold anchors start from zero."""
+    fact = lambda i, target: Fact(f"f{i}", "s", "{} is", target)  # noqa: E731
+    onehot = {"A": [1.0, 0.0], "B": [0.0, 1.0], "C": [1.0, 0.0], "D": [0.0, 1.0]}
+    embed = lambda facts: torch.tensor([onehot[f.target_new] for f in facts])  # noqa: E731
+    history = EarlierObjects("anchors", 0.5, DeltaPredictor(ridge=1e-9, min_facts=3), embed, gain=2.0)
+    history.add([fact(0, "A"), fact(1, "A")], torch.tensor([[2.0, 0.0], [4.0, 2.0]]))
+    batch = [fact(2, "A"), fact(3, "C"), fact(4, "C")]
+    labels, anchors = torch.tensor([0, 1, 1]), torch.tensor([0, 1])  # f4 is f3's member
+    start, counts = history.starts(batch, labels, anchors, 2)
+    assert counts.tolist() == [2, 0, 0]
+    assert start is not None and start.tolist() == [[1.5, 0.5], [0.0, 0.0], [0.0, 0.0]]  # 2 facts < 3: no fit
+    history.add([fact(5, "B")], torch.tensor([[-1.0, 5.0]]))
+    start, _ = history.starts(batch + [fact(6, "D")], torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 3]), 2)
+    assert start is not None
+    assert torch.allclose(start, torch.tensor([[1.5, 0.5], [6.0, 2.0], [0.0, 0.0], [-2.0, 10.0]]), atol=1e-6)
+
+
+def test_object_embeddings_are_the_unit_normed_first_target_token_rows(tiny_llama):
+    model, tok = tiny_llama
+    facts = [Fact("a", "s", "{} is", "Paris"), Fact("b", "s", "{} is", " Berlin Wall")]
+    got = object_embeddings(ModelAdapter(model), tok, facts)
+    table = model.get_input_embeddings().weight.detach()
+    for row, target in zip(got, ["Paris", " Berlin Wall"]):
+        first = tok(" " + target.lstrip(), add_special_tokens=False).input_ids[0]
+        assert torch.allclose(row, table[first] / table[first].norm(), atol=1e-6)
 
 
 def test_earlier_objects_all_takes_every_fact_with_an_earlier_object_out_of_its_group():
