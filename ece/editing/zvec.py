@@ -707,11 +707,10 @@ class DeltaPredictor:
     fact added so far (`z.predict_cold`).
 
     Where no earlier fact had a fact's new object there is no δ to borrow, but δ still encodes mostly
-    the object, and objects whose token embeddings are close get close δ: fitted on 1500 facts of a
-    MEMIT run, the prediction from the object's first-token input embedding has cosine ~0.27 with a
-    new fact's own δ, and started from twice it those facts took about half their steps (README
-    "Speed"). The sums XᵀX and XᵀY are kept in float64, so a fit costs one f × f solve however many
-    facts it has seen.
+    the object, and objects whose token embeddings are close get close δ, so the prediction from the
+    object's first-token input embedding points part of the way (cosine ~0.2 with the fact's own δ
+    after a fit on 100-1000 facts, and fewer z steps from it: reports/z_predict.md). The sums XᵀX and
+    XᵀY are kept in float64, so a fit costs one f × f solve however many facts it has seen.
     """
 
     def __init__(self, ridge: float, min_facts: int) -> None:
