@@ -54,8 +54,9 @@ VARIANTS = {
     "ece-warm0.5": ["method=ece", "z.warm_scale=0.5"],
     # Between the two: how much of 0.5's perplexity does 0.75 keep, for how many fewer z row-steps?
     "ece-warm0.75": ["method=ece", "z.warm_scale=0.75"],
-    # New objects' anchors started from a ridge prediction of δ (z.predict_cold=1): 20 % fewer z row-steps
-    # over 2000 edits at rewrite metrics within 0.01 (reports/speed_2000_predict.md); what of perplexity?
+    # New objects' anchors started from a ridge prediction of δ (z.predict_cold=1, the default since
+    # 19b063d): 20 % fewer z row-steps over 2000 edits at rewrite metrics within 0.01
+    # (reports/speed_2000_predict.md); this row asked what it does to perplexity
     "ece-predict1": ["method=ece", "z.predict_cold=1"],
 }
 SETTINGS = {m: [f"method={m}"] for m in METHODS} | VARIANTS  # row name (after the dataset) -> overrides
