@@ -33,6 +33,14 @@ def index(work: Path) -> pl.DataFrame:
     return pl.read_parquet(work / "artifacts/z/index.parquet")
 
 
+def deltas(work: Path) -> dict[str, torch.Tensor]:
+    """Every fact's stored final δ, by id."""
+    out = {}
+    for r in index(work).iter_rows(named=True):
+        out[r["id"]] = load_file(work / "artifacts/z/cache" / r["file"])["delta"][r["row"]]
+    return out
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = base_project(tmp_path_factory, "warm_from_earlier")
@@ -51,13 +59,7 @@ def test_anchors_count_the_earlier_facts_of_their_object(work: Path) -> None:
 def test_the_start_is_the_mean_of_the_earlier_deltas(work: Path) -> None:
     """The history rebuilt from the δ the stage stored gives f4 the hand mean (δ_f1 + δ_f3) / 2 and f5
     δ_f0 (that a descent from a given start is exact is tests/editing/test_zvec.py's)."""
-    rows = index(work)
-    delta = {}
-    for name in rows["file"].unique():
-        stored = load_file(work / "artifacts/z/cache" / name)
-        ids = rows.filter(pl.col("file") == name).sort("row")["id"].to_list()
-        delta.update(dict(zip(ids, stored["delta"])))
-
+    delta = deltas(work)
     history = EarlierObjects("anchors")
     by_id = {f["id"]: Fact(f["id"], f["subject"], f["prompt"], TARGETS.get(f["id"], f["target_new"])) for f in FACTS}
     for b in ("f0", "f1"), ("f2", "f3"):
@@ -193,14 +195,6 @@ def test_anchors_makes_the_second_fact_a_member(tmp_path_factory: pytest.TempPat
 def test_api_edit_equals_the_stages_with_all_at_once(all_at_once: Path) -> None:
     ledger = api_matches_stages(all_at_once)
     assert ledger.filter(pl.col("batch") == 2)["z_earlier"][0].to_list() == [2, 2]
-
-
-def deltas(work: Path) -> dict[str, torch.Tensor]:
-    """Every fact's stored final δ, by id."""
-    out = {}
-    for r in index(work).iter_rows(named=True):
-        out[r["id"]] = load_file(work / "artifacts/z/cache" / r["file"])["delta"][r["row"]]
-    return out
 
 
 def test_predicted_cold_starts_change_only_the_facts_after_the_fit(work: Path, tmp_path_factory) -> None:
