@@ -58,6 +58,10 @@ VARIANTS = {
     # 19b063d): 20 % fewer z row-steps over 2000 edits at rewrite metrics within 0.01
     # (reports/speed_2000_predict.md); this row asked what it does to perplexity
     "ece-predict1": ["method=ece", "z.predict_cold=1"],
+    # zsRE edited less after the two 2026-12-04 defaults (zsre-ece: efficacy 0.306 vs 0.401 before them);
+    # these two rows each undo one of them, to say which costs zsRE.
+    "ece-nopredict": ["method=ece", "z.predict_cold=0"],
+    "ece-warm1": ["method=ece", "z.warm_scale=1"],
 }
 SETTINGS = {m: [f"method={m}"] for m in METHODS} | VARIANTS  # row name (after the dataset) -> overrides
 ROWS = {f"{d}-{name}": [*setting, *over, *COMMON] for d, over in DATASETS.items() for name, setting in SETTINGS.items()}
