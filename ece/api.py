@@ -91,10 +91,10 @@ def plan(wb: Workbench, p: Params, facts: pl.DataFrame, log: Log = print) -> lis
             span = [f for batch in batches for f in batch]
             labels, anchors = z_groups(p, method, window_cluster_rows(clusters), span)
             labels, anchors = history.regroup(span, labels, anchors)
-            start_delta, earlier = history.starts(span, labels, anchors, wb.adapter.hidden_size)
-            res = batch_z(wb, p, method, span, labels, anchors, start_delta)
+            starts = history.starts(span, labels, anchors, wb.adapter.hidden_size)
+            res = batch_z(wb, p, method, span, labels, anchors, starts.delta)
             z_seconds = time.perf_counter() - start
-            every = z_rows(res, span, anchors[labels], earlier)
+            every = z_rows(res, span, anchors[labels], starts.earlier, starts.predicted)
             history.add(span, res.delta)
             first = 0
             for w, batch in enumerate(batches):

@@ -199,7 +199,7 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 def _z_steps(r: dict[str, Any]) -> str:
     if r["z_steps"] is None:
         return "–"
-    return f"{r['z_steps']} (started from {z_start(r['fact'], r['z_start'], r['z_earlier'])})"
+    return f"{r['z_steps']} (started from {z_start(r['fact'], r['z_start'], r['z_earlier'], r['z_predicted'])})"
 
 
 def render_fact(r: dict[str, Any], con: Console, top_texts: int = 10) -> None:

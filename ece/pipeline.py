@@ -94,7 +94,7 @@ def read_plans(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact]) ->
                 df["content_hash"][rng.start : rng.stop].to_list(),
                 info,
                 z,
-                zrows.select("loss", "nll", "kl", "delta_norm", "steps", "anchor", "earlier").to_dicts(),
+                zrows.select("loss", "nll", "kl", "delta_norm", "steps", "anchor", "earlier", "predicted").to_dicts(),
                 update_columns(wb, p, method, batch, batch_rows(selections, b), z, h),
                 seconds,
             )

@@ -156,6 +156,7 @@ def _batch_rows(b: int, bp: BatchPlan, changes: dict[int, LayerChange], log: Log
         "z_steps": [r["steps"] for r in bp.z_rows],
         "z_start": [r["anchor"] for r in bp.z_rows],
         "z_earlier": [r["earlier"] for r in bp.z_rows],
+        "z_predicted": [r["predicted"] for r in bp.z_rows],
     }
     ledger_rows, layer_rows = [], []
     for l, c in changes.items():

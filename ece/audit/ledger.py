@@ -60,6 +60,9 @@ LEDGER_SCHEMA: dict[str, pl.DataType] = {
     "z_steps": pl.List(pl.Int64()),  # gradient steps of each fact's z descent (early stop: fewer)
     "z_start": pl.List(pl.Utf8()),  # the fact whose shared-phase δ each fact's descent started from
     "z_earlier": pl.List(pl.Int64()),  # facts of earlier batches whose mean δ an anchor started from (0: none)
+    "z_predicted": pl.List(
+        pl.Int64()
+    ),  # facts of earlier batches the predictor of an anchor's start was fitted on (0: none)
     "neurons": pl.List(pl.Int64()),  # the columns of W_out this batch changed at this layer
     "n_neurons": pl.Int64(),
     "delta_norm": pl.Float64(),  # ‖ΔW‖_F of this batch at this layer
@@ -236,11 +239,14 @@ def read_runs(path: str | Path = LEDGER_RUNS) -> dict[int, dict[str, Any]]:
     return {int(r["batch"]): r for r in json.loads(path.read_text())} if path.exists() else {}
 
 
-def z_start(fact: str, start: str, earlier: int) -> str:
-    """Where a fact's z descent started, in words: zero, its anchor's shared δ, or the mean δ of earlier
-    batches' facts with the same new object (z.warm_from_earlier)."""
+def z_start(fact: str, start: str, earlier: int, predicted: int) -> str:
+    """Where a fact's z descent started, in words: zero, its anchor's shared δ, the mean δ of earlier
+    batches' facts with the same new object (z.warm_from_earlier) or a δ predicted from its new object by
+    a fit on earlier batches' facts (z.predict_cold)."""
     if earlier:
         return f"mean δ of {earlier} earlier fact{'s' if earlier > 1 else ''} with its new object"
+    if predicted:
+        return f"δ predicted from its new object by a fit on {predicted} earlier facts"
     return "zero" if start == fact else f"{start}'s shared δ"
 
 
@@ -303,7 +309,7 @@ def ledger_markdown(table: pl.DataFrame, runs: dict[int, dict[str, Any]]) -> str
     for r in batches.iter_rows(named=True):
         for i, fid in enumerate(r["fact_ids"]):
             z = (
-                f"{r['z_loss'][i]:.4f} | {r['z_nll'][i]:.4f} | {r['z_steps'][i]} | {z_start(fid, r['z_start'][i], r['z_earlier'][i])}"
+                f"{r['z_loss'][i]:.4f} | {r['z_nll'][i]:.4f} | {r['z_steps'][i]} | {z_start(fid, r['z_start'][i], r['z_earlier'][i], r['z_predicted'][i])}"
                 if r["z_loss"]
                 else "– | – | – | –"
             )  # fine-tuning has no z

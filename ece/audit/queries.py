@@ -74,6 +74,7 @@ def audit_fact(fact_id: str, top: int = 5) -> dict[str, Any]:
         "z_steps": first["z_steps"][i] if first["z_steps"] else None,
         "z_start": first["z_start"][i] if first["z_start"] else None,
         "z_earlier": first["z_earlier"][i] if first["z_earlier"] else 0,
+        "z_predicted": first["z_predicted"][i] if first["z_predicted"] else 0,
         "dataset_hash": first["dataset_hash"],
         "params_hash": first["params_hash"],
         "git_revision": read_runs().get(first["batch"], {}).get("git_revision"),  # None: no run record here

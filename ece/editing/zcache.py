@@ -43,8 +43,9 @@ INDEX_SCHEMA = {
     "steps": pl.Int64,
     "anchor": pl.Utf8,
     "earlier": pl.Int64,
+    "predicted": pl.Int64,
 }
-TENSORS = ("z", "h", "delta", "loss", "nll", "kl", "steps", "anchor", "earlier")  # of one batch's z file
+TENSORS = ("z", "h", "delta", "loss", "nll", "kl", "steps", "anchor", "earlier", "predicted")  # of one batch's z file
 
 
 def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], code: str) -> tuple[pl.DataFrame, int]:
@@ -73,7 +74,7 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
         batch = [facts[i] for i in span]
         labels, anchors = z_groups(p, method, window_cluster_rows([batch_rows(clusters, b) for b in window]), batch)
         labels, anchors = history.regroup(batch, labels, anchors)
-        start_delta, earlier = history.starts(batch, labels, anchors, wb.adapter.hidden_size)
+        starts = history.starts(batch, labels, anchors, wb.adapter.hidden_size)
         key = sha256_json(
             {
                 "facts": df["content_hash"][span.start : span.stop].to_list(),
@@ -85,7 +86,7 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
                 "layer": method.layers[-1],
                 "templates": wb.templates,
                 "code": code,
-                "start": sha256_bytes(start_delta.numpy().tobytes()) if start_delta is not None else None,
+                "start": sha256_bytes(starts.delta.numpy().tobytes()) if starts.delta is not None else None,
             }
         )
         path = cache / f"{key[:32]}.safetensors"
@@ -94,7 +95,7 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
             link_or_copy(Z_STORE / path.name, path)  # computed by another workspace on this machine
         if not path.exists():
             start = time.perf_counter()
-            res = batch_z(wb, p, method, batch, labels, anchors, start_delta)
+            res = batch_z(wb, p, method, batch, labels, anchors, starts.delta)
             tensors = {
                 "z": res.z,
                 "h": res.h,
@@ -104,7 +105,8 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
                 "kl": res.losses.kl,
                 "steps": res.steps,
                 "anchor": anchors[labels],
-                "earlier": earlier,
+                "earlier": starts.earlier,
+                "predicted": starts.predicted,
             }
             with atomic_path(path) as tmp:
                 save_file(
@@ -144,7 +146,7 @@ def _stored_z(path: Path, batch: list[Fact]) -> tuple[list[dict[str, Any]], Tens
     with safe_open(str(path), framework="pt") as f:
         t = {k: f.get_tensor(k) for k in TENSORS}
     res = ZResult(t["z"], t["delta"], t["h"], FactLosses(t["loss"], t["nll"], t["kl"]), t["steps"])
-    return z_rows(res, batch, t["anchor"], t["earlier"]), t["delta"]
+    return z_rows(res, batch, t["anchor"], t["earlier"], t["predicted"]), t["delta"]
 
 
 def read_z(index: pl.DataFrame, batch: int) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -685,9 +685,12 @@ def batch_z(
     return ZResult(res.z.cpu(), res.delta.cpu(), res.h.cpu(), losses, res.steps.cpu())
 
 
-def z_rows(res: ZResult, batch: list[Fact], anchors_of: Tensor, earlier: Tensor) -> list[dict[str, Any]]:
-    """Per fact of a batch: z's final losses, ‖δ‖, steps, the fact its descent started from and how many
-    earlier batches' facts that anchor started from (`earlier`, (n,); 0: from zero)."""
+def z_rows(
+    res: ZResult, batch: list[Fact], anchors_of: Tensor, earlier: Tensor, predicted: Tensor
+) -> list[dict[str, Any]]:
+    """Per fact of a batch: z's final losses, ‖δ‖, steps, the fact its descent started from, how many
+    earlier batches' facts that anchor started from the mean δ of (`earlier`, (n,); 0: none) and how many
+    the predictor of its start was fitted on (`predicted`, (n,); 0: not predicted)."""
     return [
         {
             "loss": float(res.losses.total[j]),
@@ -697,6 +700,7 @@ def z_rows(res: ZResult, batch: list[Fact], anchors_of: Tensor, earlier: Tensor)
             "steps": int(res.steps[j]),
             "anchor": batch[int(anchors_of[j])].id,
             "earlier": int(earlier[j]),
+            "predicted": int(predicted[j]),
         }
         for j in range(len(batch))
     ]
@@ -743,6 +747,26 @@ def object_embeddings(adapter: ModelAdapter, tok: PreTrainedTokenizerBase, facts
     return emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+@dataclass
+class ColdStarts:
+    """`z.predict_cold`: how an anchor whose new object no earlier fact had gets a start — `gain` × the
+    `predictor`'s δ for the object's features (`embed`)."""
+
+    predictor: DeltaPredictor
+    embed: Callable[[list[Fact]], Tensor]
+    gain: float
+
+
+class Starts(NamedTuple):
+    """Each anchor's initial δ (n, d), or None when every start is zero, and per fact where it came from:
+    how many earlier facts with its object it is the mean δ of (`earlier`), and how many earlier facts
+    the predictor that gave it was fitted on (`predicted`); both 0 for a start from zero or a member."""
+
+    delta: Tensor | None
+    earlier: Tensor
+    predicted: Tensor
+
+
 class EarlierObjects:
     """The final δ of every fact of the batches so far, summed by new object (`z.warm_from_earlier`).
 
@@ -757,40 +781,33 @@ class EarlierObjects:
     from its δ. Mode `all` (`regroup`): every fact whose object an earlier batch edited takes it and
     starts at once, in a group of its own — it need not wait for an anchor that starts from the same
     place, so the batch's first passes hold it instead of its last ones. `none`: every start is zero.
-    A borrowed mean enters at `scale` × itself (`z.warm_scale`). With a `predictor` (and `embed`, the
-    facts' features), an anchor whose object no earlier fact had starts from `gain` × its predicted δ
-    (`z.predict_cold`) instead of zero, once the predictor has seen enough facts.
+    A borrowed mean enters at `scale` × itself (`z.warm_scale`). With `cold` (`z.predict_cold`), an
+    anchor whose object no earlier fact had starts from a predicted δ instead of zero, once the
+    predictor has seen enough facts; the predictor is fitted on every fact `add` records.
     """
 
-    def __init__(
-        self,
-        mode: str,
-        scale: float = 1.0,
-        predictor: DeltaPredictor | None = None,
-        embed: Callable[[list[Fact]], Tensor] | None = None,
-        gain: float = 1.0,
-    ) -> None:
+    def __init__(self, mode: str, scale: float = 1.0, cold: ColdStarts | None = None) -> None:
         self.mode = mode
         self.enabled = mode != "none"
         self.scale = scale
-        self.predictor = predictor if self.enabled and embed is not None else None
-        self.embed = embed
-        self.gain = gain
+        self.cold = cold if self.enabled else None
         self._sum: dict[str, Tensor] = {}
         self._count: dict[str, int] = {}
 
     @classmethod
-    def of(cls, p: Params, method: Method, wb: Workbench | None = None) -> EarlierObjects:
+    def of(cls, p: Params, method: Method, wb: Workbench) -> EarlierObjects:
         """An empty history, in use for ECE with z.warm_from_earlier (otherwise every start is zero); with
-        z.predict_cold > 0 and a workbench, cold anchors start from a predicted δ."""
+        z.predict_cold > 0, cold anchors start from a predicted δ."""
         z = p.z
         mode = z.warm_from_earlier if method.clusters else "none"
-        if z.predict_cold <= 0 or wb is None:
+        if z.predict_cold <= 0:
             return cls(mode, z.warm_scale)
         predictor = DeltaPredictor(z.predict_ridge, z.predict_min_facts)
-        return cls(
-            mode, z.warm_scale, predictor, lambda facts: object_embeddings(wb.adapter, wb.tok, facts), z.predict_cold
-        )
+
+        def embed(facts: list[Fact]) -> Tensor:
+            return object_embeddings(wb.adapter, wb.tok, facts)
+
+        return cls(mode, z.warm_scale, ColdStarts(predictor, embed, z.predict_cold))
 
     def regroup(self, batch: list[Fact], labels: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
         """(labels, anchors) with, in mode `all`, every fact whose target_new an earlier batch edited taken
@@ -807,35 +824,36 @@ class EarlierObjects:
         group[new_anchors] = torch.arange(len(new_anchors))
         return group[start_of], new_anchors
 
-    def starts(self, batch: list[Fact], labels: Tensor, anchors: Tensor, d: int) -> tuple[Tensor | None, Tensor]:
-        """Each anchor's initial δ (n, d) — `scale` × the mean δ of the earlier facts with its target_new;
-        for an anchor whose target_new none had, `gain` × its predicted δ with a predictor that has seen
-        enough facts, else zero — or None when every start is zero; and per fact how many earlier
-        facts with its object it started from (0: from zero or from the prediction)."""
+    def starts(self, batch: list[Fact], labels: Tensor, anchors: Tensor, d: int) -> Starts:
+        """Each anchor's initial δ — `scale` × the mean δ of the earlier facts with its target_new; for an
+        anchor whose target_new none had, `gain` × its predicted δ once the predictor has seen enough
+        facts, else zero — and where each came from (`Starts`)."""
+        fitted = torch.zeros(len(batch), dtype=torch.long)  # its own tensor: the z file stores each field
         if not self.enabled:
-            return None, torch.zeros(len(batch), dtype=torch.long)
+            return Starts(None, torch.zeros_like(fitted), fitted)
         own = anchors[labels] == torch.arange(len(batch))
         counts = torch.tensor([self._count.get(f.target_new, 0) if own[i] else 0 for i, f in enumerate(batch)])
         cold = torch.nonzero(own & (counts == 0)).squeeze(1).tolist()
         predicted = None
-        if cold and self.predictor is not None and self.embed is not None:
-            predicted = self.predictor.predict(self.embed([batch[i] for i in cold]))
+        if cold and self.cold is not None:
+            predicted = self.cold.predictor.predict(self.cold.embed([batch[i] for i in cold]))
         if not counts.any() and predicted is None:
-            return None, counts
+            return Starts(None, counts, fitted)
         start = torch.zeros(len(batch), d)
         for i in torch.nonzero(counts).squeeze(1).tolist():
             target = batch[i].target_new
             start[i] = self.scale * (self._sum[target] / self._count[target]).float()
-        if predicted is not None:
-            start[cold] = self.gain * predicted
-        return start, counts
+        if predicted is not None and self.cold is not None:
+            start[cold] = self.cold.gain * predicted
+            fitted[cold] = self.cold.predictor.n
+        return Starts(start, counts, fitted)
 
     def add(self, batch: list[Fact], delta: Tensor) -> None:
         """Record a finished batch's final δ (n, d)."""
         if not self.enabled:
             return
-        if self.predictor is not None and self.embed is not None:
-            self.predictor.add(self.embed(batch), delta)
+        if self.cold is not None:
+            self.cold.predictor.add(self.cold.embed(batch), delta)
         for f, row in zip(batch, delta.double()):
             self._sum[f.target_new] = self._sum.get(f.target_new, torch.zeros_like(row)) + row
             self._count[f.target_new] = self._count.get(f.target_new, 0) + 1

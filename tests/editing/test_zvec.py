@@ -15,6 +15,7 @@ from ece.data.facts import Fact
 from ece.editing import zvec
 from ece.editing.keys import keys_and_hidden
 from ece.editing.zvec import (
+    ColdStarts,
     DeltaPredictor,
     EarlierObjects,
     ZProblem,
@@ -835,10 +836,10 @@ def test_earlier_objects_give_anchors_the_mean_delta_of_their_object():
     history.add([fact(0, "A"), fact(1, "B"), fact(2, "A")], torch.stack([d1, d2, d3]))
     batch = [fact(3, "A"), fact(4, "A"), fact(5, "C")]
     labels, anchors = torch.tensor([0, 0, 1]), torch.tensor([0, 2])  # f4 is f3's member
-    start, counts = history.starts(batch, labels, anchors, 2)
-    assert counts.tolist() == [2, 0, 0]
+    start, counts, predicted = history.starts(batch, labels, anchors, 2)
+    assert counts.tolist() == [2, 0, 0] and predicted.tolist() == [0, 0, 0]
     assert start is not None and start.tolist() == [[2.0, -1.0], [0.0, 0.0], [0.0, 0.0]]
-    _, member_counts = history.starts(batch, torch.tensor([0, 0, 1]), torch.tensor([1, 2]), 2)
+    _, member_counts, _ = history.starts(batch, torch.tensor([0, 0, 1]), torch.tensor([1, 2]), 2)
     assert member_counts.tolist() == [0, 2, 0]  # f4 is the anchor now
     assert history.starts([fact(6, "C")], torch.tensor([0]), torch.tensor([0]), 2)[0] is None
     off = EarlierObjects("none")
@@ -852,7 +853,7 @@ def test_earlier_objects_scale_the_borrowed_mean():
     fact = lambda i, target: Fact(f"f{i}", "s", "{} is", target)  # noqa: E731
     history = EarlierObjects("anchors", scale=0.5)
     history.add([fact(0, "A"), fact(1, "A")], torch.tensor([[1.0, 2.0], [3.0, -4.0]]))
-    start, _ = history.starts([fact(2, "A"), fact(3, "B")], torch.tensor([0, 1]), torch.tensor([0, 1]), 2)
+    start = history.starts([fact(2, "A"), fact(3, "B")], torch.tensor([0, 1]), torch.tensor([0, 1]), 2).delta
     assert start is not None and start.tolist() == [[1.0, -0.5], [0.0, 0.0]]
 
 
@@ -876,19 +877,23 @@ def test_cold_anchors_start_from_the_scaled_prediction():
     """Hand-worked. A was edited before: its anchor borrows scale × A's mean δ. C and D are new objects
     whose features equal A's and B's, and with ridge λ → 0 on one-hot features the fit returns each
     feature's mean δ: C's anchor starts from gain × A's mean (3, 1), D's from gain × B's δ, C's member
-    from nothing (it waits for its anchor). With fewer facts than min_facts cold anchors start from zero."""
+    from nothing (it waits for its anchor). With fewer facts than min_facts cold anchors start from zero.
+    Each predicted start records the 3 facts its fit saw."""
     fact = lambda i, target: Fact(f"f{i}", "s", "{} is", target)  # noqa: E731
     onehot = {"A": [1.0, 0.0], "B": [0.0, 1.0], "C": [1.0, 0.0], "D": [0.0, 1.0]}
     embed = lambda facts: torch.tensor([onehot[f.target_new] for f in facts])  # noqa: E731
-    history = EarlierObjects("anchors", 0.5, DeltaPredictor(ridge=1e-9, min_facts=3), embed, gain=2.0)
+    history = EarlierObjects("anchors", 0.5, ColdStarts(DeltaPredictor(ridge=1e-9, min_facts=3), embed, gain=2.0))
     history.add([fact(0, "A"), fact(1, "A")], torch.tensor([[2.0, 0.0], [4.0, 2.0]]))
     batch = [fact(2, "A"), fact(3, "C"), fact(4, "C")]
     labels, anchors = torch.tensor([0, 1, 1]), torch.tensor([0, 1])  # f4 is f3's member
-    start, counts = history.starts(batch, labels, anchors, 2)
-    assert counts.tolist() == [2, 0, 0]
+    start, counts, predicted = history.starts(batch, labels, anchors, 2)
+    assert counts.tolist() == [2, 0, 0] and predicted.tolist() == [0, 0, 0]
     assert start is not None and start.tolist() == [[1.5, 0.5], [0.0, 0.0], [0.0, 0.0]]  # 2 facts < 3: no fit
     history.add([fact(5, "B")], torch.tensor([[-1.0, 5.0]]))
-    start, _ = history.starts(batch + [fact(6, "D")], torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 3]), 2)
+    start, counts, predicted = history.starts(
+        batch + [fact(6, "D")], torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 3]), 2
+    )
+    assert counts.tolist() == [2, 0, 0, 0] and predicted.tolist() == [0, 3, 0, 3]
     assert start is not None
     assert torch.allclose(start, torch.tensor([[1.5, 0.5], [6.0, 2.0], [0.0, 0.0], [-2.0, 10.0]]), atol=1e-6)
 
@@ -915,7 +920,7 @@ def test_earlier_objects_all_takes_every_fact_with_an_earlier_object_out_of_its_
     labels, anchors = history.regroup(batch, torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 3]))
     assert anchors.tolist() == [0, 1, 3]
     assert anchors[labels].tolist() == [0, 1, 0, 3, 3]
-    start, counts = history.starts(batch, labels, anchors, 2)
+    start, counts, _ = history.starts(batch, labels, anchors, 2)
     assert counts.tolist() == [2, 2, 0, 2, 0]
     assert start is not None and start.tolist() == [[3.0, 1.0], [3.0, 1.0], [0.0, 0.0], [3.0, 1.0], [0.0, 0.0]]
     fresh = [fact(5, "B"), fact(6, "B")]

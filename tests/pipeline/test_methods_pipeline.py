@@ -267,6 +267,7 @@ def test_api_edit_equals_the_stages(edited: Callable[[str], Edited], method: str
         "z_steps",
         "z_start",
         "z_earlier",
+        "z_predicted",
         "neurons",
         "delta_norm",
         "col_norms",

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from scratch_project import FACTS, base_project, inside, run_stage_inprocess, set_params
 
+from ece import cli
 from ece.data.facts import Fact
 from ece.editing.zvec import EarlierObjects
 from ece.model.loading import tiny_model
@@ -64,8 +65,8 @@ def test_the_start_is_the_mean_of_the_earlier_deltas(work: Path) -> None:
     by_id = {f["id"]: Fact(f["id"], f["subject"], f["prompt"], TARGETS.get(f["id"], f["target_new"])) for f in FACTS}
     for b in ("f0", "f1"), ("f2", "f3"):
         history.add([by_id[i] for i in b], torch.stack([delta[i] for i in b]))
-    start, counts = history.starts([by_id["f4"], by_id["f5"]], torch.tensor([0, 1]), torch.tensor([0, 1]), 32)
-    assert counts.tolist() == [2, 1]
+    start, counts, _ = history.starts([by_id["f4"], by_id["f5"]], torch.tensor([0, 1]), torch.tensor([0, 1]), 32)
+    assert counts.tolist() == [2, 1] and start is not None
     assert torch.allclose(start[0], (delta["f1"].double() + delta["f3"].double()).float() / 2)
     assert torch.equal(start[1], delta["f0"])
 
@@ -100,7 +101,18 @@ def api_matches_stages(work: Path) -> pl.DataFrame:
     weights = model.state_dict()
     assert all(torch.equal(weights[name], edited[name]) for name in edited)
     ledger = pl.read_parquet(work / "artifacts/edited/ledger.parquet")
-    same = ["batch", "layer", "fact_ids", "z_loss", "z_steps", "z_start", "z_earlier", "neurons", "delta_norm"]
+    same = [
+        "batch",
+        "layer",
+        "fact_ids",
+        "z_loss",
+        "z_steps",
+        "z_start",
+        "z_earlier",
+        "z_predicted",
+        "neurons",
+        "delta_norm",
+    ]
     assert result.ledger.select(same).equals(ledger.select(same))
     return ledger
 
@@ -197,10 +209,14 @@ def test_api_edit_equals_the_stages_with_all_at_once(all_at_once: Path) -> None:
     assert ledger.filter(pl.col("batch") == 2)["z_earlier"][0].to_list() == [2, 2]
 
 
-def test_predicted_cold_starts_change_only_the_facts_after_the_fit(work: Path, tmp_path_factory) -> None:
+def test_predicted_cold_starts_change_only_the_facts_after_the_fit(
+    work: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture
+) -> None:
     """`z.predict_cold` with a fit on 2 facts: batch 0 has nothing to fit on, so its δ equal the run
-    without prediction; f2 (piano, an object no earlier fact had) starts from the predicted δ, so its δ
-    differs; the API gives the stages' weights and ledger bit for bit."""
+    without prediction; f2 (piano, an object no earlier fact had) starts from the δ predicted by a fit
+    on f0 and f1, so its δ differs and the index and ledger say so (the other facts' objects are known,
+    so they borrow); the API gives the stages' weights and ledger bit for bit; `ece audit --fact f2` says
+    where its descent started."""
     predicted = base_project(tmp_path_factory, "predict_cold")
     set_params(
         predicted,
@@ -216,4 +232,11 @@ def test_predicted_cold_starts_change_only_the_facts_after_the_fit(work: Path, t
     plain, guessed = deltas(work), deltas(predicted)
     assert torch.equal(plain["f0"], guessed["f0"]) and torch.equal(plain["f1"], guessed["f1"])
     assert not torch.allclose(plain["f2"], guessed["f2"], atol=1e-4)
-    api_matches_stages(predicted)
+    rows = index(predicted).sort("id")
+    assert dict(zip(rows["id"], rows["predicted"])) == {"f0": 0, "f1": 0, "f2": 2, "f3": 0, "f4": 0, "f5": 0}
+    assert dict(zip(rows["id"], rows["earlier"])) == {"f0": 0, "f1": 0, "f2": 0, "f3": 1, "f4": 2, "f5": 1}
+    ledger = api_matches_stages(predicted)
+    assert ledger.filter(pl.col("batch") == 1)["z_predicted"][0].to_list() == [2, 0]
+    capsys.readouterr()
+    assert cli.main(["-C", str(predicted), "audit", "--fact", "f2"]) == 0
+    assert "predicted from its new object by a fit on 2 earlier facts" in " ".join(capsys.readouterr().out.split())
