@@ -104,6 +104,8 @@ class ZCfg:
     predict_cold: float = 0.0  # > 0: with warm_from_earlier, an anchor whose target_new no earlier fact had
     # starts from this × a ridge prediction of its δ from the object's first-token input embedding, fitted
     # on every earlier fact's final δ (0: from zero, as MEMIT)
+    predict_calibrate: bool = False  # True: that prediction is also scaled by the least-squares scale of the
+    # fit's predictions onto the δ of later facts with new objects (no prediction until one batch measured it)
     predict_ridge: float = 1.0  # the ridge penalty of that fit (on unit-normed embeddings)
     predict_min_facts: int = 100  # earlier facts the fit needs before it predicts (fewer: cold starts from zero)
     facts_per_pass: int = 0  # 0: a pass runs all its facts in one forward/backward; N: N at a time (same

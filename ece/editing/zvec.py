@@ -715,6 +715,12 @@ class DeltaPredictor:
     object's first-token input embedding points part of the way (cosine ~0.2 with the fact's own δ
     after a fit on 100-1000 facts, and fewer z steps from it: reports/z_predict.md). The sums XᵀX and
     XᵀY are kept in float64, so a fit costs one f × f solve however many facts it has seen.
+
+    Ridge shrinks a prediction, and how far along it the fact's own δ lies differs between datasets, so
+    the predictor also measures, on held-out facts (predicted before it was fitted on them), the scale s
+    that brings its predictions nearest their δ: s = Σ⟨p, δ⟩ / Σ‖p‖² (`scale`; `z.predict_calibrate`).
+    A held-out fact must not have started from a prediction itself: its final δ keeps part of its
+    start, which would pull s towards the gain it started with.
     """
 
     def __init__(self, ridge: float, min_facts: int) -> None:
@@ -723,9 +729,17 @@ class DeltaPredictor:
         self.n = 0
         self._xx: Tensor | None = None
         self._xy: Tensor | None = None
+        self._pd = 0.0  # Σ ⟨p, δ⟩ over facts predicted before the fit saw them
+        self._pp = 0.0  # Σ ‖p‖² over the same facts
 
-    def add(self, x: Tensor, delta: Tensor) -> None:
-        """Add facts' features (n, f) and final δ (n, d) to the fit."""
+    def add(self, x: Tensor, delta: Tensor, held_out: Tensor | None = None) -> None:
+        """Add facts' features (n, f) and final δ (n, d) to the fit; the rows of `held_out` (n,) bool first
+        go to `scale`."""
+        if held_out is not None and held_out.any():
+            p = self.predict(x[held_out])
+            if p is not None:
+                self._pd += float((p.double() * delta[held_out].double()).sum())
+                self._pp += float(p.double().square().sum())
         x, y = x.double(), delta.double()
         xx, xy = x.T @ x, x.T @ y
         self._xx = xx if self._xx is None else self._xx + xx
@@ -739,6 +753,11 @@ class DeltaPredictor:
         eye = torch.eye(len(self._xx), dtype=self._xx.dtype)
         return (x.double() @ torch.linalg.solve(self._xx + self.ridge * eye, self._xy)).float()
 
+    def scale(self) -> float | None:
+        """The least-squares scale of held-out predictions onto their facts' δ, at least 0 (a fit that
+        points away from δ predicts nothing); None before any held-out fact was predicted."""
+        return max(self._pd / self._pp, 0.0) if self._pp > 0 else None
+
 
 def object_embeddings(adapter: ModelAdapter, tok: PreTrainedTokenizerBase, facts: list[Fact]) -> Tensor:
     """Each fact's new object as features for `DeltaPredictor`: the input embedding of its target's first
@@ -750,11 +769,20 @@ def object_embeddings(adapter: ModelAdapter, tok: PreTrainedTokenizerBase, facts
 @dataclass
 class ColdStarts:
     """`z.predict_cold`: how an anchor whose new object no earlier fact had gets a start — `gain` × the
-    `predictor`'s δ for the object's features (`embed`)."""
+    `predictor`'s δ for the object's features (`embed`), times the predictor's measured `scale` when
+    `calibrate` (no prediction until it has one)."""
 
     predictor: DeltaPredictor
     embed: Callable[[list[Fact]], Tensor]
     gain: float
+    calibrate: bool = False
+
+    def gain_now(self) -> float | None:
+        """The factor on the prediction now; None: do not predict yet."""
+        if not self.calibrate:
+            return self.gain
+        s = self.predictor.scale()
+        return None if s is None else self.gain * s
 
 
 class Starts(NamedTuple):
@@ -791,6 +819,7 @@ class EarlierObjects:
         self.enabled = mode != "none"
         self.scale = scale
         self.cold = cold if self.enabled else None
+        self._predicted_any = False  # once a start was predicted, no later δ is a held-out measure of the fit
         self._sum: dict[str, Tensor] = {}
         self._count: dict[str, int] = {}
 
@@ -807,7 +836,7 @@ class EarlierObjects:
         def embed(facts: list[Fact]) -> Tensor:
             return object_embeddings(wb.adapter, wb.tok, facts)
 
-        return cls(mode, z.warm_scale, ColdStarts(predictor, embed, z.predict_cold))
+        return cls(mode, z.warm_scale, ColdStarts(predictor, embed, z.predict_cold, z.predict_calibrate))
 
     def regroup(self, batch: list[Fact], labels: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
         """(labels, anchors) with, in mode `all`, every fact whose target_new an earlier batch edited taken
@@ -834,8 +863,8 @@ class EarlierObjects:
         own = anchors[labels] == torch.arange(len(batch))
         counts = torch.tensor([self._count.get(f.target_new, 0) if own[i] else 0 for i, f in enumerate(batch)])
         cold = torch.nonzero(own & (counts == 0)).squeeze(1).tolist()
-        predicted = None
-        if cold and self.cold is not None:
+        predicted, gain = None, self.cold.gain_now() if self.cold is not None else None
+        if cold and self.cold is not None and gain:
             predicted = self.cold.predictor.predict(self.cold.embed([batch[i] for i in cold]))
         if not counts.any() and predicted is None:
             return Starts(None, counts, fitted)
@@ -843,8 +872,9 @@ class EarlierObjects:
         for i in torch.nonzero(counts).squeeze(1).tolist():
             target = batch[i].target_new
             start[i] = self.scale * (self._sum[target] / self._count[target]).float()
-        if predicted is not None and self.cold is not None:
-            start[cold] = self.cold.gain * predicted
+        if predicted is not None and self.cold is not None and gain:
+            start[cold] = gain * predicted
+            self._predicted_any = True
             fitted[cold] = self.cold.predictor.n
         return Starts(start, counts, fitted)
 
@@ -853,7 +883,10 @@ class EarlierObjects:
         if not self.enabled:
             return
         if self.cold is not None:
-            self.cold.predictor.add(self.cold.embed(batch), delta)
+            # held out: facts with an object the fit has not seen (as those it predicts for), all from zero
+            # or from a batch-mate that was (a fact with a seen object is not held out)
+            unseen = [f.target_new not in self._count and not self._predicted_any for f in batch]
+            self.cold.predictor.add(self.cold.embed(batch), delta, torch.tensor(unseen, dtype=torch.bool))
         for f, row in zip(batch, delta.double()):
             self._sum[f.target_new] = self._sum.get(f.target_new, torch.zeros_like(row)) + row
             self._count[f.target_new] = self._count.get(f.target_new, 0) + 1

@@ -952,3 +952,55 @@ def test_frozen_prefix_runs_a_templates_shared_tokens_once(request, kind_fixture
     for l, (k, v) in whole.prefix.items():  # positions past a row's prefix are masked: not compared
         for got, want in ((shared.prefix[l][0], k), (shared.prefix[l][1], v)):
             assert torch.allclose(got.transpose(1, 2)[seen], want.transpose(1, 2)[seen], atol=1e-5)
+
+
+def test_delta_predictor_scale_is_the_least_squares_factor_on_held_out_facts():
+    """scale = Σ⟨p, δ⟩ / Σ‖p‖² over held-out rows, each p the ridge prediction (solved independently as
+    augmented least squares) of the fit as it stood before that chunk; None before any held-out row;
+    rows not held out only fit; a fit pointing away from δ gives 0."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 3, generator=g), torch.randn(40, 2, generator=g)
+
+    def ridge(rows: slice) -> torch.Tensor:
+        stacked_x = torch.cat([x[rows], torch.eye(3)]).double()
+        return torch.linalg.lstsq(stacked_x, torch.cat([y[rows], torch.zeros(3, 2)]).double()).solution
+
+    predictor = DeltaPredictor(ridge=1.0, min_facts=10)
+    predictor.add(x[:10], y[:10], torch.ones(10, dtype=torch.bool))  # nothing to predict with yet
+    assert predictor.scale() is None
+    held = torch.tensor([True, False] * 10)
+    predictor.add(x[10:30], y[10:30], held)
+    first = x[10:30][held].double() @ ridge(slice(0, 10))
+    predictor.add(x[30:], y[30:], torch.ones(10, dtype=torch.bool))
+    second = x[30:].double() @ ridge(slice(0, 30))
+    p, d = torch.cat([first, second]), torch.cat([y[10:30][held], y[30:]]).double()
+    got = predictor.scale()
+    assert got is not None and abs(got - max(float((p * d).sum() / (p * p).sum()), 0.0)) < 1e-6
+    away = DeltaPredictor(ridge=1e-9, min_facts=1)
+    away.add(torch.tensor([[1.0]]), torch.tensor([[2.0, 0.0]]))
+    away.add(torch.tensor([[1.0]]), torch.tensor([[-1.0, 0.0]]), torch.tensor([True]))
+    assert away.scale() == 0.0
+
+
+def test_calibrated_cold_starts_wait_for_a_held_out_batch_then_scale_the_prediction():
+    """Hand-worked with one-hot features (ridge → 0: a prediction is the mean δ of the feature's facts).
+    Batch 1 (A, A) fits. Batch 2's C (A's feature) gets no start: nothing measured yet; its δ (6, 2)
+    against the prediction (3, 1) gives scale 20 / 10 = 2. Batch 3's D (A's feature) starts from
+    gain × 2 × the fit on A, A, C (4, 4/3); D started from a prediction, so its δ does not change the scale."""
+    fact = lambda i, target: Fact(f"f{i}", "s", "{} is", target)  # noqa: E731
+    embed = lambda facts: torch.tensor([[1.0, 0.0] if f.target_new in "ACD" else [0.0, 1.0] for f in facts])  # noqa: E731
+    cold = ColdStarts(DeltaPredictor(ridge=1e-9, min_facts=2), embed, gain=0.5, calibrate=True)
+    history = EarlierObjects("anchors", 1.0, cold)
+    one = (torch.tensor([0]), torch.tensor([0]))
+    history.add([fact(0, "A"), fact(1, "A")], torch.tensor([[2.0, 0.0], [4.0, 2.0]]))
+    start, _, predicted = history.starts([fact(2, "C")], *one, 2)
+    assert start is None and predicted.tolist() == [0]
+    history.add([fact(2, "C")], torch.tensor([[6.0, 2.0]]))
+    assert cold.predictor.scale() == pytest.approx(2.0)
+    start, _, predicted = history.starts([fact(3, "D")], *one, 2)
+    assert start is not None and torch.allclose(
+        start, torch.tensor([[4.0, 4.0 / 3.0]]), atol=1e-5
+    )  # 0.5 × 2 × (4, 4/3)
+    assert predicted.tolist() == [3]
+    history.add([fact(3, "D")], torch.tensor([[100.0, 0.0]]))
+    assert cold.predictor.scale() == pytest.approx(2.0)
