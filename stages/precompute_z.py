@@ -22,14 +22,17 @@ from ece.stage import run_stage
 def main(p: Params) -> None:
     df, facts = read_facts()
     wb = Workbench.open(p)
-    table, computed = precompute_z(wb, p, df, facts, code_hash(__file__))  # the z code: this script and what it imports
+    code = code_hash(__file__)  # the z code: this script and what it imports
+    table, computed, factor = precompute_z(wb, p, df, facts, code)
     if not method_of(p).needs_z:
         print(f"precompute_z: method {p.method} needs no z")
         return
     n_batches = table["batch"].n_unique()
     print(
         f"precompute_z: {len(facts)} facts, {computed} batches computed, {n_batches - computed} reused; "
-        f"mean target NLL {table['nll'].mean():.3f}, {table['steps'].sum()} z row-steps"
+        f"mean target NLL {table['nll'].mean():.3f}, {table['steps'].sum()} z row-steps; anchors started from "
+        f"earlier facts' δ: {(table['earlier'] > 0).sum()}, from a predicted δ: {(table['predicted'] > 0).sum()}"
+        + (f" (factor on the prediction now: {factor:.3f})" if factor is not None else "")
     )
 
 

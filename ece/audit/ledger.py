@@ -60,9 +60,8 @@ LEDGER_SCHEMA: dict[str, pl.DataType] = {
     "z_steps": pl.List(pl.Int64()),  # gradient steps of each fact's z descent (early stop: fewer)
     "z_start": pl.List(pl.Utf8()),  # the fact whose shared-phase δ each fact's descent started from
     "z_earlier": pl.List(pl.Int64()),  # facts of earlier batches whose mean δ an anchor started from (0: none)
-    "z_predicted": pl.List(
-        pl.Int64()
-    ),  # facts of earlier batches the predictor of an anchor's start was fitted on (0: none)
+    # facts of earlier batches the predictor of an anchor's start was fitted on (0: not predicted)
+    "z_predicted": pl.List(pl.Int64()),
     "neurons": pl.List(pl.Int64()),  # the columns of W_out this batch changed at this layer
     "n_neurons": pl.Int64(),
     "delta_norm": pl.Float64(),  # ‖ΔW‖_F of this batch at this layer

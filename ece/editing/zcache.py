@@ -48,11 +48,14 @@ INDEX_SCHEMA = {
 TENSORS = ("z", "h", "delta", "loss", "nll", "kl", "steps", "anchor", "earlier", "predicted")  # of one batch's z file
 
 
-def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], code: str) -> tuple[pl.DataFrame, int]:
+def precompute_z(
+    wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], code: str
+) -> tuple[pl.DataFrame, int, float | None]:
     """z of every window of `z.window_batches` batches into artifacts/z/cache (one file per window, named
     by a hash of the window's content, groups, z params, model, `code` and, with z.warm_from_earlier, the
     δ its anchors start from, which earlier windows' files determine; an existing file is reused) and the
-    per-fact index; the index and the number of batches computed (the others were reused).
+    per-fact index; the index, the number of batches computed (the others were reused) and the factor a
+    predicted start would take after the last batch (`ColdStarts.gain_now`; None: none predicted).
 
     A window's facts are one z batch (`batch_z`): its passes hold the facts of all its batches still
     optimising, so the tail of one batch (its slowest facts) runs alongside the start of the next, and a
@@ -138,7 +141,7 @@ def precompute_z(wb: Workbench, p: Params, df: pl.DataFrame, facts: list[Fact], 
         table.write_parquet(tmp)
     write_json(Z_SECONDS, seconds_of)
     write_json(Z_TIMINGS, timings)
-    return table, computed
+    return table, computed, history.cold.gain_now() if history.cold is not None else None
 
 
 def _stored_z(path: Path, batch: list[Fact]) -> tuple[list[dict[str, Any]], Tensor]:

@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 from scratch_project import FACTS, base_project, inside, run_stage_inprocess, set_params
 
 from ece import cli
+from ece.config import load_params
 from ece.data.facts import Fact
-from ece.editing.zvec import EarlierObjects
+from ece.editing.zvec import EarlierObjects, object_embeddings
+from ece.model.adapter import ModelAdapter
 from ece.model.loading import tiny_model
 
 # batches of 2: [f0 Italy, f1 English], [f2 piano, f3 English], [f4 English, f5 Italy]
@@ -240,3 +242,49 @@ def test_predicted_cold_starts_change_only_the_facts_after_the_fit(
     capsys.readouterr()
     assert cli.main(["-C", str(predicted), "audit", "--fact", "f2"]) == 0
     assert "predicted from its new object by a fit on 2 earlier facts" in " ".join(capsys.readouterr().out.split())
+
+
+def test_calibrated_prediction_waits_for_a_held_out_batch(
+    work: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture
+) -> None:
+    """`z.predict_calibrate` with a fit on 2 facts: batch 1's new object (f2, organ) starts from zero, as
+    nothing has measured the fit's scale yet (batch 0 equals the run without prediction). f2's δ
+    measures the scale s, computed here independently (ridge as augmented least squares on f0, f1,
+    then ⟨p, δ⟩ / ‖p‖² at least 0); batch 2's new object (f5, Russian) starts from s × the prediction
+    and the stage prints s; the API matches the stages."""
+    calibrated = base_project(tmp_path_factory, "predict_calibrated")
+    set_params(
+        calibrated,
+        {
+            "method": "ece",
+            "z.warm_start": "object",
+            "z.warm_from_earlier": "anchors",
+            "z.predict_cold": 1.0,
+            "z.predict_calibrate": True,
+            "z.predict_min_facts": 2,
+        },
+    )
+    targets = {**TARGETS, "f2": "organ", "f5": "Russian"}
+    capsys.readouterr()
+    write(calibrated, targets)
+    printed = capsys.readouterr().out
+    plain, guessed = deltas(work), deltas(calibrated)
+    assert all(torch.equal(plain[f"f{i}"], guessed[f"f{i}"]) for i in range(2))
+    with inside(calibrated):
+        p = load_params("params.yaml")
+    model, tok = tiny_model(p.model.name, p.model.seed)
+    by_id = {f["id"]: Fact(f["id"], f["subject"], f["prompt"], targets.get(f["id"], f["target_new"])) for f in FACTS}
+    x = object_embeddings(ModelAdapter(model), tok, [by_id[i] for i in ("f0", "f1", "f2")]).double()
+    y = torch.stack([guessed[i] for i in ("f0", "f1")]).double()
+    fit = torch.linalg.lstsq(
+        torch.cat([x[:2], torch.eye(x.shape[1]).double()]),
+        torch.cat([y, torch.zeros_like(y[:1]).expand(x.shape[1], -1)]),
+    ).solution
+    prediction = x[2] @ fit
+    scale = max(float(prediction @ guessed["f2"].double() / prediction.square().sum()), 0.0)
+    assert f"factor on the prediction now: {scale:.3f}" in printed
+    rows = index(calibrated).sort("id")
+    assert scale > 0  # (with these objects; at 0 batch 2 would be held out too)
+    expected = {"f0": 0, "f1": 0, "f2": 0, "f3": 0, "f4": 0, "f5": 4}
+    assert dict(zip(rows["id"], rows["predicted"])) == expected
+    api_matches_stages(calibrated)
