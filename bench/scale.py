@@ -54,18 +54,16 @@ VARIANTS = {
     "ece-warm0.5": ["method=ece", "z.warm_scale=0.5"],
     # Between the two: how much of 0.5's perplexity does 0.75 keep, for how many fewer z row-steps?
     "ece-warm0.75": ["method=ece", "z.warm_scale=0.75"],
-    # New objects' anchors started from a ridge prediction of δ (z.predict_cold=1, the default since
-    # 19b063d): 20 % fewer z row-steps over 2000 edits at rewrite metrics within 0.01
-    # (reports/speed_2000_predict.md); this row asked what it does to perplexity
+    # New objects' anchors started from a ridge prediction of δ (z.predict_cold=1, the default from
+    # 19b063d to the row ece-nopredict): 20 % fewer z row-steps over 2000 edits at rewrite metrics within
+    # 0.01 (reports/speed_2000_predict.md); this row asked what it does to perplexity
     "ece-predict1": ["method=ece", "z.predict_cold=1"],
-    # zsRE edited less after the two 2026-12-04 defaults (zsre-ece: efficacy 0.306 vs 0.401 before them);
-    # these two rows each undo one of them, to say which costs zsRE.
+    # zsRE edited less at z.predict_cold=1 (zsre-ece at 90ea923: efficacy 0.306 against 0.401 before);
+    # without the predicted start (today's default again), is zsRE back?
     "ece-nopredict": ["method=ece", "z.predict_cold=0"],
-    "ece-warm1": ["method=ece", "z.warm_scale=1"],
     # The predicted start scaled by the fit's own held-out least-squares factor (z.predict_calibrate):
-    # 0.6 on CounterFact's first 2000 facts; does a dataset-measured scale keep CounterFact's gain and
-    # give zsRE back what the prediction costs it?
-    "ece-calibrated": ["method=ece", "z.predict_calibrate=true"],
+    # does a measured scale keep CounterFact's speed-up and give zsRE back what the prediction costs it?
+    "ece-calibrated": ["method=ece", "z.predict_cold=1", "z.predict_calibrate=true"],
 }
 SETTINGS = {m: [f"method={m}"] for m in METHODS} | VARIANTS  # row name (after the dataset) -> overrides
 ROWS = {f"{d}-{name}": [*setting, *over, *COMMON] for d, over in DATASETS.items() for name, setting in SETTINGS.items()}
