@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from scratch_project import FACTS, base_project, inside, run_stage_inprocess, set_params
 
 from ece import cli
+from ece.audit.ledger import LEDGER_SCHEMA
 from ece.config import load_params
 from ece.data.facts import Fact
 from ece.editing.zvec import EarlierObjects, object_embeddings
@@ -104,16 +105,7 @@ def api_matches_stages(work: Path) -> pl.DataFrame:
     assert all(torch.equal(weights[name], edited[name]) for name in edited)
     ledger = pl.read_parquet(work / "artifacts/edited/ledger.parquet")
     same = [
-        "batch",
-        "layer",
-        "fact_ids",
-        "z_loss",
-        "z_steps",
-        "z_start",
-        "z_earlier",
-        "z_predicted",
-        "neurons",
-        "delta_norm",
+        c for c in LEDGER_SCHEMA if c.startswith("z_") or c in ("batch", "layer", "fact_ids", "neurons", "delta_norm")
     ]
     assert result.ledger.select(same).equals(ledger.select(same))
     return ledger
