@@ -866,17 +866,19 @@ class EarlierObjects:
         cold = torch.nonzero(own & (counts == 0)).squeeze(1).tolist()
         predicted, gain = None, self.cold.gain_now() if self.cold is not None else None
         if cold and self.cold is not None and gain:
-            predicted = self.cold.predictor.predict(self.cold.embed([batch[i] for i in cold]))
+            guess = self.cold.predictor.predict(self.cold.embed([batch[i] for i in cold]))
+            if guess is not None:
+                predicted = gain * guess
+                fitted[cold] = self.cold.predictor.n
         if not counts.any() and predicted is None:
             return Starts(None, counts, fitted)
         start = torch.zeros(len(batch), d)
         for i in torch.nonzero(counts).squeeze(1).tolist():
             target = batch[i].target_new
             start[i] = self.scale * (self._sum[target] / self._count[target]).float()
-        if predicted is not None and self.cold is not None and gain:
-            start[cold] = gain * predicted
+        if predicted is not None:
+            start[cold] = predicted
             self._predicted_any = True
-            fitted[cold] = self.cold.predictor.n
         return Starts(start, counts, fitted)
 
     def add(self, batch: list[Fact], delta: Tensor) -> None:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import ridge_fit
 
 from ece.config import EditCfg, Params, ZCfg
 from ece.data.facts import Fact
@@ -866,9 +867,7 @@ def test_delta_predictor_is_the_ridge_solution():
     predictor.add(x[:12], y[:12])
     assert predictor.predict(new) is None  # 12 < 30 facts
     predictor.add(x[12:], y[12:])
-    stacked_x = torch.cat([x, 2.0**0.5 * torch.eye(4)]).double()
-    stacked_y = torch.cat([y, torch.zeros(4, 3)]).double()
-    expected = new.double() @ torch.linalg.lstsq(stacked_x, stacked_y).solution
+    expected = new.double() @ ridge_fit(x, y, 2.0)
     got = predictor.predict(new)
     assert got is not None and torch.allclose(got.double(), expected, atol=1e-5)
 
@@ -961,18 +960,14 @@ def test_delta_predictor_scale_is_the_least_squares_factor_on_held_out_facts():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(40, 3, generator=g), torch.randn(40, 2, generator=g)
 
-    def ridge(rows: slice) -> torch.Tensor:
-        stacked_x = torch.cat([x[rows], torch.eye(3)]).double()
-        return torch.linalg.lstsq(stacked_x, torch.cat([y[rows], torch.zeros(3, 2)]).double()).solution
-
     predictor = DeltaPredictor(ridge=1.0, min_facts=10)
     predictor.add(x[:10], y[:10], torch.ones(10, dtype=torch.bool))  # nothing to predict with yet
     assert predictor.scale() is None
     held = torch.tensor([True, False] * 10)
     predictor.add(x[10:30], y[10:30], held)
-    first = x[10:30][held].double() @ ridge(slice(0, 10))
+    first = x[10:30][held].double() @ ridge_fit(x[:10], y[:10], 1.0)
     predictor.add(x[30:], y[30:], torch.ones(10, dtype=torch.bool))
-    second = x[30:].double() @ ridge(slice(0, 30))
+    second = x[30:].double() @ ridge_fit(x[:30], y[:30], 1.0)
     p, d = torch.cat([first, second]), torch.cat([y[10:30][held], y[30:]]).double()
     got = predictor.scale()
     assert got is not None and abs(got - max(float((p * d).sum() / (p * p).sum()), 0.0)) < 1e-6

@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from reference import ridge_fit
 from safetensors.torch import load_file
 from scratch_project import FACTS, base_project, inside, run_stage_inprocess, set_params
 
@@ -268,11 +269,7 @@ def test_calibrated_prediction_waits_for_a_held_out_batch(
     by_id = {f["id"]: Fact(f["id"], f["subject"], f["prompt"], targets.get(f["id"], f["target_new"])) for f in FACTS}
     x = object_embeddings(ModelAdapter(model), tok, [by_id[i] for i in ("f0", "f1", "f2")]).double()
     y = torch.stack([guessed[i] for i in ("f0", "f1")]).double()
-    fit = torch.linalg.lstsq(
-        torch.cat([x[:2], torch.eye(x.shape[1]).double()]),
-        torch.cat([y, torch.zeros_like(y[:1]).expand(x.shape[1], -1)]),
-    ).solution
-    prediction = x[2] @ fit
+    prediction = x[2] @ ridge_fit(x[:2], y, p.z.predict_ridge)
     scale = max(float(prediction @ guessed["f2"].double() / prediction.square().sum()), 0.0)
     assert f"factor on the prediction now: {scale:.3f}" in printed
     rows = index(calibrated).sort("id")
