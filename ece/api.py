@@ -38,7 +38,7 @@ from ece.editing.editor import Editor, LayerChange
 from ece.editing.selection import attribute_batch, update_columns
 from ece.editing.serac import EditMemory, MemoryRouter, open_router
 from ece.editing.trained import edit_memory, load_trained
-from ece.editing.zvec import EarlierObjects, batch_z, window_cluster_rows, z_groups, z_rows
+from ece.editing.zvec import EarlierObjects, batch_z, window_cluster_rows, window_shares, window_start, z_rows
 from ece.errors import EceError
 from ece.eval.run import evaluate_model
 from ece.methods import Method, method_of
@@ -89,20 +89,16 @@ def plan(wb: Workbench, p: Params, facts: pl.DataFrame, log: Log = print) -> lis
         if method.needs_z:
             start = time.perf_counter()
             span = [f for batch in batches for f in batch]
-            labels, anchors = z_groups(p, method, window_cluster_rows(clusters), span)
-            labels, anchors = history.regroup(span, labels, anchors)
-            starts = history.starts(span, labels, anchors, wb.adapter.hidden_size)
+            labels, anchors, starts = window_start(
+                p, method, history, window_cluster_rows(clusters), span, wb.adapter.hidden_size
+            )
             res = batch_z(wb, p, method, span, labels, anchors, starts.delta)
             z_seconds = time.perf_counter() - start
             every = z_rows(res, span, anchors[labels], starts.earlier, starts.predicted)
             history.add(span, res.delta)
-            first = 0
-            for w, batch in enumerate(batches):
-                cut = slice(first, first + len(batch))
-                z[w], h[w], rows[w] = res.z[cut], res.h[cut], every[cut]
-                steps = sum(r["steps"] for r in every)
-                seconds[w]["z"] = z_seconds * (sum(r["steps"] for r in rows[w]) / steps if steps else 1 / len(window))
-                first += len(batch)
+            shares = window_shares([len(b) for b in batches], [r["steps"] for r in every], z_seconds)
+            for w, (cut, share) in enumerate(shares):
+                z[w], h[w], rows[w], seconds[w]["z"] = res.z[cut], res.h[cut], every[cut], share
         for w, (b, batch) in enumerate(zip(window, batches)):
             columns = update_columns(wb, p, method, batch, selections[w], z[w], h[w])
             rng = ranges[b]

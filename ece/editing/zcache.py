@@ -24,7 +24,16 @@ from ece.artifacts import CLUSTERS, SCRATCH, Z_DIR, Z_TIMINGS
 from ece.config import Params
 from ece.data.facts import Fact, batch_ranges, batch_rows, batch_windows
 from ece.data.io import atomic_path, link_or_copy, sha256_bytes, sha256_json, write_json
-from ece.editing.zvec import EarlierObjects, FactLosses, ZResult, batch_z, window_cluster_rows, z_groups, z_rows
+from ece.editing.zvec import (
+    EarlierObjects,
+    FactLosses,
+    ZResult,
+    batch_z,
+    window_cluster_rows,
+    window_shares,
+    window_start,
+    z_rows,
+)
 from ece.errors import EceError
 from ece.methods import method_of
 from ece.model.workbench import Workbench
@@ -75,9 +84,8 @@ def precompute_z(
     for window in batch_windows(len(ranges), p.z.window_batches):
         span = range(ranges[window[0]].start, ranges[window[-1]].stop)
         batch = [facts[i] for i in span]
-        labels, anchors = z_groups(p, method, window_cluster_rows([batch_rows(clusters, b) for b in window]), batch)
-        labels, anchors = history.regroup(batch, labels, anchors)
-        starts = history.starts(batch, labels, anchors, wb.adapter.hidden_size)
+        cluster_rows = window_cluster_rows([batch_rows(clusters, b) for b in window])
+        labels, anchors, starts = window_start(p, method, history, cluster_rows, batch, wb.adapter.hidden_size)
         key = sha256_json(
             {
                 "facts": df["content_hash"][span.start : span.stop].to_list(),
@@ -122,16 +130,13 @@ def precompute_z(
             link_or_copy(path, Z_STORE / path.name)
         stored, delta = _stored_z(path, batch)
         seconds = seconds_of.get(path.name, float("nan"))  # NaN: reused from a cache made elsewhere
-        all_steps = sum(r["steps"] for r in stored)
-        for b in window:
-            first = ranges[b].start - span.start
-            mine = stored[first : first + len(ranges[b])]
+        shares = window_shares([len(ranges[b]) for b in window], [r["steps"] for r in stored], seconds)
+        for b, (cut, share) in zip(window, shares):
             rows += [
-                {"id": facts[ranges[b].start + j].id, "batch": b, "file": path.name, "row": first + j, **r}
-                for j, r in enumerate(mine)
+                {"id": batch[j].id, "batch": b, "file": path.name, "row": j, **stored[j]}
+                for j in range(cut.start, cut.stop)
             ]
-            share = sum(r["steps"] for r in mine) / all_steps if all_steps else 1 / len(window)
-            timings[b] = seconds * share
+            timings[b] = share
         history.add(batch, delta)  # as stored, so a later window's key follows this file's bytes
     for stale in cache.glob("*.safetensors"):
         if stale.name not in used:

@@ -634,6 +634,18 @@ def window_cluster_rows(per_batch: list[list[dict[str, Any]]]) -> list[dict[str,
     return rows
 
 
+def window_shares(sizes: list[int], steps: list[int], seconds: float) -> list[tuple[slice, float]]:
+    """Each batch of a z window (`sizes`: its batches' fact counts, in order): its rows of the window's
+    z and its share of the window's z `seconds`, in proportion to its z row-steps (`steps`, per fact) —
+    the window's passes hold all its batches' facts at once, so only steps say which batch cost what."""
+    total, shares, first = sum(steps), [], 0
+    for n in sizes:
+        cut = slice(first, first + n)
+        shares.append((cut, seconds * (sum(steps[cut]) / total if total else 1 / len(sizes))))
+        first += n
+    return shares
+
+
 def z_adapter(adapter: ModelAdapter, dtype: str) -> ModelAdapter:
     """The adapter z's descent runs on: the model's own, or a copy in `z.dtype`.
 
@@ -794,6 +806,26 @@ class Starts(NamedTuple):
     delta: Tensor | None
     earlier: Tensor
     predicted: Tensor
+
+
+class WindowStart(NamedTuple):
+    """Where one z window's descent begins: its warm-start groups (`labels`, `anchors`) and each anchor's
+    initial δ (`starts`)."""
+
+    labels: Tensor
+    anchors: Tensor
+    starts: Starts
+
+
+def window_start(
+    p: Params, method: Method, history: EarlierObjects, cluster_rows: list[dict[str, Any]], facts: list[Fact], d: int
+) -> WindowStart:
+    """The groups of a window's facts (its clusters' warm-start groups, `z_groups`), regrouped and started
+    from what earlier windows' facts found (`history`). The one place that sequence is spelled out: the
+    precompute_z stage and the in-memory plan (ece.api.plan) both begin each window here."""
+    labels, anchors = z_groups(p, method, cluster_rows, facts)
+    labels, anchors = history.regroup(facts, labels, anchors)
+    return WindowStart(labels, anchors, history.starts(facts, labels, anchors, d))
 
 
 class EarlierObjects:

@@ -31,6 +31,7 @@ from ece.editing.zvec import (
     target_ids,
     two_step_z,
     warm_start_groups,
+    window_shares,
 )
 from ece.methods import method_of
 from ece.model.adapter import ModelAdapter
@@ -999,3 +1000,12 @@ def test_calibrated_cold_starts_wait_for_a_held_out_batch_then_scale_the_predict
     assert predicted.tolist() == [3]
     history.add([fact(3, "D")], torch.tensor([[100.0, 0.0]]))
     assert cold.predictor.scale() == pytest.approx(2.0)
+
+
+def test_window_shares_split_rows_and_seconds_by_row_steps():
+    """Hand-worked: batches of 2 and 3 facts with 4 and 6 of the window's 10 row-steps take 4 and 6 of
+    its 10 seconds; a window that took no steps shares its seconds evenly."""
+    shares = window_shares([2, 3], [1, 3, 2, 2, 2], 10.0)
+    assert [(c.start, c.stop) for c, _ in shares] == [(0, 2), (2, 5)]
+    assert [s for _, s in shares] == pytest.approx([4.0, 6.0])
+    assert [s for _, s in window_shares([1, 1], [0, 0], 4.0)] == pytest.approx([2.0, 2.0])
