@@ -26,13 +26,27 @@ def code_of(rev: str) -> str | None:
     return out.stdout.strip() or None
 
 
-def merge(stored: list[dict[str, Any]], found: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
+def merge(
+    stored: list[dict[str, Any]], found: list[dict[str, Any]], order: list[str], keep_earlier: bool = False
+) -> list[dict[str, Any]]:
     """The report's rows: every finished experiment, plus the stored rows whose experiments this repository
     no longer holds (experiments live in one machine's git refs; a row run elsewhere or in an earlier
     session survives only in the report's JSON, with its experiment commit in `rev`). A row found again
-    replaces its stored version. Ordered as `order` lists the rows (others last, in their own order)."""
-    by_row = {r["row"]: r for r in stored} | {r["row"]: r for r in found}
-    return sorted(by_row.values(), key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
+    replaces its stored version; with `keep_earlier`, a stored version that ran from other code stays as
+    `<row>@<code>` (an earlier default's result is evidence, not a stale copy), listed after its row.
+    Ordered as `order` lists the rows (others last, in their own order)."""
+    by_row = {r["row"]: r for r in stored}
+    for r in found:
+        earlier = by_row.get(r["row"])
+        if keep_earlier and earlier is not None and earlier.get("code") != r.get("code"):
+            by_row[f"{r['row']}@{earlier.get('code')}"] = {**earlier, "row": f"{r['row']}@{earlier.get('code')}"}
+        by_row[r["row"]] = r
+
+    def place(row: str) -> tuple[int, int]:
+        base = row.split("@", 1)[0]
+        return (order.index(base) if base in order else len(order), row != base)
+
+    return sorted(by_row.values(), key=lambda r: place(r["row"]))
 
 
 def z_row_steps(runs: list[dict[str, Any]] | None) -> int | None:

@@ -162,7 +162,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "(content-keyed scratch cache: MEMIT and AlphaEdit share z), so only its update ran here; edit = "
         "attribution + clustering + z + update over all batches; eval = the edited model's evaluation "
         "(rewrite metrics, fluency, general ability, perplexity). z row-steps (facts × forward/backward passes of "
-        "z's descent, summed over batches) measure z's cost independently of the load.",
+        "z's descent, summed over batches) measure z's cost independently of the load. A row named "
+        "`<row>@<commit>` is that row's earlier run, from the code of that commit (for `ece`: an earlier "
+        "default), kept when the row ran again from newer code; targets are judged on the newest run.",
         "",
     ]
     for d in DATASETS:
@@ -201,7 +203,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 + f" | {r.get('code') or '–'} |"
             )
         lines += ["", *targets(d, subset)]
-    lines += ["Reproduce a row: `dvc exp apply scale-<row>` or `python bench/scale.py queue --rows <row>`.", ""]
+    lines += [
+        "Reproduce a row: `dvc exp apply scale-<row>` or `python bench/scale.py queue --rows <row>`; a "
+        "`<row>@<commit>` row: the same from a checkout of that commit.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -241,7 +247,7 @@ def main() -> None:
         start(args.jobs)
     else:
         stored = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else []
-        rows = merge(stored, collect(), list(ROWS))
+        rows = merge(stored, collect(), list(ROWS), keep_earlier=True)
         OUT_JSON.write_text(json.dumps(rows, indent=2) + "\n")
         OUT_MD.write_text(markdown(rows))
         plot(rows, OUT_PNG)

@@ -160,3 +160,28 @@ def test_merge_keeps_stored_rows_whose_experiments_are_gone_and_replaces_found_o
         ("zsre-ece", "a"),
     ]
     assert report_rows.merge([], [], list(scale.ROWS)) == []
+
+
+def test_merge_keeps_an_earlier_codes_row_under_its_commit_when_asked() -> None:
+    """A row run again from other code: with keep_earlier, the stored run stays as `<row>@<code>`, right
+    after its row; from the same code it is replaced; without keep_earlier it is replaced either way."""
+    stored = [
+        {"row": "cf-ece", "rev": "a", "code": "111aaaa"},
+        {"row": "cf-memit", "rev": "b", "code": "222bbbb"},
+        {"row": "zsre-ece", "rev": "c", "code": "333cccc"},
+    ]
+    found = [
+        {"row": "cf-ece", "rev": "d", "code": "444dddd"},
+        {"row": "zsre-ece", "rev": "e", "code": "333cccc"},
+    ]
+    merged = report_rows.merge(stored, found, list(scale.ROWS), keep_earlier=True)
+    assert [(r["row"], r["rev"]) for r in merged] == [
+        ("cf-ece", "d"),
+        ("cf-ece@111aaaa", "a"),
+        ("cf-memit", "b"),
+        ("zsre-ece", "e"),
+    ]
+    # merging the report's own output again changes nothing
+    assert report_rows.merge(merged, found, list(scale.ROWS), keep_earlier=True) == merged
+    assert [r["row"] for r in report_rows.merge(stored, found, list(scale.ROWS))] == ["cf-ece", "cf-memit", "zsre-ece"]
+    assert scale.label(merged[1]) == "ece@111aaaa"
