@@ -1,0 +1,187 @@
+"""What a predicted start (`z.predict_cold`) costs, and where: two finished scale rows compared fact by fact.
+
+    python bench/predict_cost.py                       # the pairs below, rows read from reports/scale.json
+    python bench/predict_cost.py --pair cf-ece cf-ece-calibrated
+
+Not a test: a measurement of runs already made (`bench/scale.py`). For a row without the prediction
+(`base`) and one with it (`variant`) on the same facts it reads, from this machine's DVC cache, every
+fact's post-edit scores (reports/per_fact.parquet) and its z (artifacts/z: steps, final δ, where its
+start came from), and reports:
+
+- the change in efficacy / generalization / specificity by how the variant started the fact (a
+  predicted start, the mean δ of earlier facts with its object, a member of its anchor's group, zero),
+  and for the facts whose z is bit-identical in both runs — facts whose own z did not change, so any
+  change in their scores comes through the other facts' updates;
+- the geometry of all facts' final δ in each run: ‖mean δ‖ / mean ‖δ‖ (1: all δ point the same way; 0:
+  they cancel), the share of Σ‖δ‖² along the top singular direction, ‖Σ δ‖, and the mean cosine of a
+  fact's δ in the variant with its δ in the base run.
+
+Rows run before the z index had a `predicted` column (before 063d1e0) ran `z.predict_cold: 1` without
+calibration, where every anchor of batch ≥ 1 whose object no earlier fact had was predicted; that rule
+stands in for the column there. Writes reports/predict_cost.md / .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+from experiments import read_output
+from rows import fmt
+from safetensors.torch import load
+from torch import Tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+SCALE_JSON = ROOT / "reports" / "scale.json"
+OUT_MD = ROOT / "reports" / "predict_cost.md"
+OUT_JSON = ROOT / "reports" / "predict_cost.json"
+PAIRS = [  # (without the prediction, with it), same dataset, nearest code
+    ("zsre-ece-nopredict", "zsre-ece@90ea923"),
+    ("zsre-ece-nopredict", "zsre-ece-calibrated"),
+    ("cf-ece-warm0.75", "cf-ece-predict1"),
+    ("cf-ece-warm0.75", "cf-ece-calibrated"),
+]
+SCORES = ("efficacy", "generalization", "specificity")
+KINDS = ("predicted", "earlier δ", "member", "zero", "z identical in both")
+
+
+def coherence(delta: Tensor) -> float:
+    """‖mean δ‖ / mean ‖δ‖ over facts (rows): 1 when every δ points the same way, 0 when they cancel."""
+    return float(delta.mean(0).norm() / delta.norm(dim=1).mean())
+
+
+def top_direction_share(delta: Tensor) -> float:
+    """The share of Σ‖δ‖² along the rows' top singular direction."""
+    return float(torch.linalg.svdvals(delta)[0] ** 2 / (delta**2).sum())
+
+
+def start_kind(index: pl.DataFrame) -> pl.Series:
+    """How each fact's z started: `predicted`, `earlier δ`, `member` (of an anchor's group) or `zero`."""
+    if "predicted" not in index.columns:  # before 063d1e0: predict_cold 1, uncalibrated (module docstring)
+        cold = (pl.col("anchor") == pl.col("id")) & (pl.col("earlier") == 0) & (pl.col("batch") >= 1)
+        index = index.with_columns(cold.cast(pl.Int64).alias("predicted"))
+    return index.select(
+        pl.when(pl.col("predicted") > 0)
+        .then(pl.lit("predicted"))
+        .when(pl.col("earlier") > 0)
+        .then(pl.lit("earlier δ"))
+        .when(pl.col("anchor") != pl.col("id"))
+        .then(pl.lit("member"))
+        .otherwise(pl.lit("zero"))
+    ).to_series()
+
+
+def load_run(rev: str) -> tuple[pl.DataFrame, Tensor]:
+    """Per fact (z index order): post-edit scores, z steps and start kind; and the final δ (n, d)."""
+    raw = {path: read_output(rev, path) for path in ("reports/per_fact.parquet", "artifacts/z/index.parquet")}
+    missing = [path for path, data in raw.items() if data is None]
+    if missing:
+        raise SystemExit(f"{rev}: {missing} not in this machine's DVC cache (run the row again: bench/scale.py)")
+    index = pl.read_parquet(io.BytesIO(raw["artifacts/z/index.parquet"]))
+    files = {}
+    for name in index["file"].unique().to_list():
+        data = read_output(rev, f"artifacts/z/cache/{name}")
+        if data is None:
+            raise SystemExit(f"{rev}: z file {name} not in this machine's DVC cache")
+        files[name] = load(data)["delta"]
+    delta = torch.stack([files[f][r] for f, r in zip(index["file"], index["row"])]).double()
+    post = pl.read_parquet(io.BytesIO(raw["reports/per_fact.parquet"])).filter(pl.col("phase") == "post")
+    facts = index.select("id", "batch", "steps").with_columns(start_kind(index).alias("kind"))
+    return facts.join(post.select("id", *SCORES), on="id", how="left", maintain_order="left"), delta
+
+
+def compare(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
+    """One pair's tables (module docstring)."""
+    a, da = load_run(base["rev"])
+    b, db = load_run(variant["rev"])
+    if a["id"].to_list() != b["id"].to_list():
+        raise SystemExit(f"{base['row']} and {variant['row']} did not edit the same facts in the same order")
+    same = (da == db).all(dim=1)
+    groups = {kind: b["kind"] == kind for kind in KINDS[:-1]} | {KINDS[-1]: pl.Series(same.tolist())}
+    by_kind = []
+    for kind, mask in groups.items():
+        n = int(mask.sum())
+        row: dict[str, Any] = {"kind": kind, "facts": n}
+        for s in SCORES:
+            row[f"Δ{s}"] = float((b[s] - a[s]).filter(mask).mean()) if n else None
+        row["steps base"] = float(a["steps"].filter(mask).mean()) if n else None
+        row["steps variant"] = float(b["steps"].filter(mask).mean()) if n else None
+        by_kind.append(row)
+    geometry = {
+        name: {
+            "coherence": coherence(d),
+            "top direction share": top_direction_share(d),
+            "norm of sum": float(d.sum(0).norm()),
+            "mean norm": float(d.norm(dim=1).mean()),
+        }
+        for name, d in (("base", da), ("variant", db))
+    }
+    geometry["mean cosine base-variant"] = float(F.cosine_similarity(da, db, dim=1).mean())
+    return {
+        "base": base["row"],
+        "variant": variant["row"],
+        "codes": [base.get("code"), variant.get("code")],
+        "by_kind": by_kind,
+        "geometry": geometry,
+        "post": {"base": base["post"], "variant": variant["post"]},
+    }
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = ["# What a predicted start costs, and where", "", (__doc__ or "").split("\n\n", 2)[2].strip(), ""]
+    for r in results:
+        g, pb, pv = r["geometry"], r["post"]["base"], r["post"]["variant"]
+        lines += [
+            f"## {r['base']} → {r['variant']} (code {r['codes'][0]} → {r['codes'][1]})",
+            "",
+            "Whole run: "
+            + ", ".join(f"{s} {fmt(pb[s])} → {fmt(pv[s])}" for s in SCORES)
+            + f", perplexity {fmt(pb['perplexity'], 2)} → {fmt(pv['perplexity'], 2)}.",
+            "",
+            "| start (variant) | facts | Δefficacy | Δgeneralization | Δspecificity | z steps base | z steps variant |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for k in r["by_kind"]:
+            lines.append(
+                f"| {k['kind']} | {k['facts']} | "
+                + " | ".join(fmt(k[f"Δ{s}"]) for s in SCORES)
+                + f" | {fmt(k['steps base'], 1)} | {fmt(k['steps variant'], 1)} |"
+            )
+        lines += [
+            "",
+            "| final δ of all facts | base | variant |",
+            "|---|---|---|",
+            *(
+                f"| {name} | {fmt(g['base'][name], digits)} | {fmt(g['variant'][name], digits)} |"
+                for name, digits in (("coherence", 3), ("top direction share", 3), ("norm of sum", 0), ("mean norm", 1))
+            ),
+            "",
+            f"Mean cosine of a fact's δ in the variant with its δ in the base run: {fmt(g['mean cosine base-variant'])}.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pair", nargs=2, action="append", metavar=("BASE", "VARIANT"), help="scale rows (repeatable)")
+    args = ap.parse_args()
+    rows = {r["row"]: r for r in json.loads(SCALE_JSON.read_text())}
+    pairs = [tuple(p) for p in args.pair] if args.pair else PAIRS
+    unknown = [name for pair in pairs for name in pair if name not in rows]
+    if unknown:
+        raise SystemExit(f"rows {unknown} are not in {SCALE_JSON} (run bench/scale.py report after they finish)")
+    results = [compare(rows[b], rows[v]) for b, v in pairs]
+    OUT_JSON.write_text(json.dumps(results, indent=2) + "\n")
+    OUT_MD.write_text(markdown(results))
+    print(f"{len(results)} pairs -> {OUT_MD}, {OUT_JSON}")
+
+
+if __name__ == "__main__":
+    main()

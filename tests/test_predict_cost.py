@@ -1,0 +1,42 @@
+"""bench/predict_cost.py's measures of δ geometry and its reading of where a fact's z started, against
+hand-worked values."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import predict_cost  # noqa: E402
+
+
+def test_coherence_and_top_direction_share_by_hand() -> None:
+    same = torch.tensor([[3.0, 4.0], [3.0, 4.0]])
+    opposite = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    orthogonal = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    assert predict_cost.coherence(same) == pytest.approx(1.0)
+    assert predict_cost.coherence(opposite) == pytest.approx(0.0)
+    assert predict_cost.coherence(orthogonal) == pytest.approx(2**0.5 / 2)  # ‖(1, 1)‖ / 2
+    assert predict_cost.top_direction_share(same) == pytest.approx(1.0)
+    assert predict_cost.top_direction_share(opposite) == pytest.approx(1.0)  # one line, either sign
+    assert predict_cost.top_direction_share(orthogonal) == pytest.approx(0.5)
+
+
+def test_start_kind_from_the_index_and_for_runs_before_the_predicted_column() -> None:
+    index = pl.DataFrame(
+        {
+            "id": ["a", "b", "c", "d", "e"],
+            "batch": [0, 1, 1, 1, 1],
+            "anchor": ["a", "b", "b", "d", "e"],
+            "earlier": [0, 0, 0, 3, 0],
+            "predicted": [0, 100, 0, 0, 0],
+        }
+    )
+    assert predict_cost.start_kind(index).to_list() == ["zero", "predicted", "member", "earlier δ", "zero"]
+    # without the column: every own-anchor of batch >= 1 with no earlier object was predicted
+    old = index.drop("predicted")
+    assert predict_cost.start_kind(old).to_list() == ["zero", "predicted", "member", "earlier δ", "predicted"]
