@@ -14,7 +14,12 @@ start came from), and reports:
   change in their scores comes through the other facts' updates;
 - the geometry of all facts' final δ in each run: ‖mean δ‖ / mean ‖δ‖ (1: all δ point the same way; 0:
   they cancel), the share of Σ‖δ‖² along the top singular direction, ‖Σ δ‖, and the mean cosine of a
-  fact's δ in the variant with its δ in the base run.
+  fact's δ in the variant with its δ in the base run;
+- for each base run, what the prediction is made of: `DeltaPredictor` (z.predict_ridge) fitted on the
+  final δ of the batches before a split and applied to the split batch's facts whose object none of
+  those had, against those facts' own δ — the mean cosine, the share of ‖p‖² and of ‖δ‖² along the
+  fitted facts' mean δ, the cosine of the mean δ alone, the cosine of the parts orthogonal to the mean
+  (what is specific to the object), and the least-squares scale of p onto δ.
 
 Rows run before the z index had a `predicted` column (before 063d1e0) ran `z.predict_cold: 1` without
 calibration, where every anchor of batch ≥ 1 whose object no earlier fact had was predicted; that rule
@@ -35,7 +40,11 @@ import torch.nn.functional as F
 from experiments import read_output
 from rows import fmt
 from safetensors.torch import load
+from scratch import first_facts
 from torch import Tensor
+
+from ece.data.facts import Fact
+from ece.editing.zvec import DeltaPredictor, object_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE_JSON = ROOT / "reports" / "scale.json"
@@ -49,6 +58,7 @@ PAIRS = [  # (without the prediction, with it), same dataset, nearest code
 ]
 SCORES = ("efficacy", "generalization", "specificity")
 KINDS = ("predicted", "earlier δ", "member", "zero", "z identical in both")
+SPLITS = (1, 3, 5)  # batches before which the prediction is fitted
 
 
 def coherence(delta: Tensor) -> float:
@@ -59,6 +69,16 @@ def coherence(delta: Tensor) -> float:
 def top_direction_share(delta: Tensor) -> float:
     """The share of Σ‖δ‖² along the rows' top singular direction."""
     return float(torch.linalg.svdvals(delta)[0] ** 2 / (delta**2).sum())
+
+
+def share_along(rows: Tensor, unit: Tensor) -> float:
+    """The share of the rows' Σ‖x‖² along the unit direction `unit`."""
+    return float((rows @ unit).square().sum() / rows.square().sum())
+
+
+def orthogonal(rows: Tensor, unit: Tensor) -> Tensor:
+    """The rows without their component along the unit direction `unit`."""
+    return rows - (rows @ unit)[:, None] * unit[None]
 
 
 def start_kind(index: pl.DataFrame) -> pl.Series:
@@ -79,21 +99,60 @@ def start_kind(index: pl.DataFrame) -> pl.Series:
 
 def load_run(rev: str) -> tuple[pl.DataFrame, Tensor]:
     """Per fact (z index order): post-edit scores, z steps and start kind; and the final δ (n, d)."""
-    raw = {path: read_output(rev, path) for path in ("reports/per_fact.parquet", "artifacts/z/index.parquet")}
-    missing = [path for path, data in raw.items() if data is None]
-    if missing:
-        raise SystemExit(f"{rev}: {missing} not in this machine's DVC cache (run the row again: bench/scale.py)")
-    index = pl.read_parquet(io.BytesIO(raw["artifacts/z/index.parquet"]))
-    files = {}
-    for name in index["file"].unique().to_list():
-        data = read_output(rev, f"artifacts/z/cache/{name}")
-        if data is None:
-            raise SystemExit(f"{rev}: z file {name} not in this machine's DVC cache")
-        files[name] = load(data)["delta"]
-    delta = torch.stack([files[f][r] for f, r in zip(index["file"], index["row"])]).double()
-    post = pl.read_parquet(io.BytesIO(raw["reports/per_fact.parquet"])).filter(pl.col("phase") == "post")
+    index, delta = _z_of(rev)
+    post = pl.read_parquet(io.BytesIO(_output(rev, "reports/per_fact.parquet"))).filter(pl.col("phase") == "post")
     facts = index.select("id", "batch", "steps").with_columns(start_kind(index).alias("kind"))
     return facts.join(post.select("id", *SCORES), on="id", how="left", maintain_order="left"), delta
+
+
+def _output(rev: str, path: str) -> bytes:
+    data = read_output(rev, path)
+    if data is None:
+        raise SystemExit(f"{rev}: {path} is not in this machine's DVC cache (run the row again: bench/scale.py)")
+    return data
+
+
+def _z_of(rev: str) -> tuple[pl.DataFrame, Tensor]:
+    """A run's z index and every fact's final δ (n, d), float64, in index order."""
+    index = pl.read_parquet(io.BytesIO(_output(rev, "artifacts/z/index.parquet")))
+    files = {name: load(_output(rev, f"artifacts/z/cache/{name}"))["delta"] for name in index["file"].unique()}
+    return index, torch.stack([files[f][r] for f, r in zip(index["file"], index["row"])]).double()
+
+
+def prediction_parts(rev: str, ridge: float, embed: Any) -> list[dict[str, Any]]:
+    """What a prediction fitted on a run's own δ is made of, per split (module docstring)."""
+    index, delta = _z_of(rev)
+    edits = pl.read_parquet(io.BytesIO(_output(rev, "artifacts/prepared/edits.parquet")))
+    by_id = {r["id"]: r for r in edits.iter_rows(named=True)}
+    facts = [Fact.from_row(by_id[i]) for i in index["id"]]
+    x, batch = embed(facts), index["batch"].to_list()
+    out = []
+    for split in (s for s in SPLITS if s < max(batch)):
+        seen = {f.target_new for f, b in zip(facts, batch) if b < split}
+        fit = torch.tensor([b < split for b in batch])
+        test = torch.tensor([b == split and f.target_new not in seen for f, b in zip(facts, batch)])
+        predictor = DeltaPredictor(ridge, 1)
+        predictor.add(x[fit], delta[fit].float())
+        p, d = predictor.predict(x[test]).double(), delta[test]
+        mean = delta[fit].mean(0)
+        unit = mean / mean.norm()
+
+        out.append(
+            {
+                "split": split,
+                "facts fitted": int(fit.sum()),
+                "facts predicted": int(test.sum()),
+                "cos(p, δ)": float(F.cosine_similarity(p, d, dim=1).mean()),
+                "‖p‖² along mean δ": share_along(p, unit),
+                "‖δ‖² along mean δ": share_along(d, unit),
+                "cos(mean δ, δ)": float(F.cosine_similarity(mean.expand_as(d), d, dim=1).mean()),
+                "cos of specific parts": float(
+                    F.cosine_similarity(orthogonal(p, unit), orthogonal(d, unit), dim=1).mean()
+                ),
+                "LS scale": float((p * d).sum() / p.square().sum()),
+            }
+        )
+    return out
 
 
 def compare(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +192,7 @@ def compare(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
+def markdown(results: list[dict[str, Any]], parts: dict[str, list[dict[str, Any]]]) -> str:
     lines = ["# What a predicted start costs, and where", "", (__doc__ or "").split("\n\n", 2)[2].strip(), ""]
     for r in results:
         g, pb, pv = r["geometry"], r["post"]["base"], r["post"]["variant"]
@@ -165,6 +224,14 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"Mean cosine of a fact's δ in the variant with its δ in the base run: {fmt(g['mean cosine base-variant'])}.",
             "",
         ]
+    for row, splits in parts.items():
+        head = list(splits[0]) if splits else []
+        lines += [f"## What the prediction is made of: fitted on {row}'s own δ", ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [
+            "| " + " | ".join(str(v) if isinstance(v, int) else fmt(v) for v in x.values()) + " |" for x in splits
+        ]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -178,8 +245,13 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"rows {unknown} are not in {SCALE_JSON} (run bench/scale.py report after they finish)")
     results = [compare(rows[b], rows[v]) for b, v in pairs]
-    OUT_JSON.write_text(json.dumps(results, indent=2) + "\n")
-    OUT_MD.write_text(markdown(results))
+    p, wb, _ = first_facts(1)
+    parts = {
+        b: prediction_parts(rows[b]["rev"], p.z.predict_ridge, lambda fs: object_embeddings(wb.adapter, wb.tok, fs))
+        for b in dict.fromkeys(b for b, _ in pairs)
+    }
+    OUT_JSON.write_text(json.dumps({"pairs": results, "prediction": parts}, indent=2) + "\n")
+    OUT_MD.write_text(markdown(results, parts))
     print(f"{len(results)} pairs -> {OUT_MD}, {OUT_JSON}")
 
 

@@ -40,3 +40,10 @@ def test_start_kind_from_the_index_and_for_runs_before_the_predicted_column() ->
     # without the column: every own-anchor of batch >= 1 with no earlier object was predicted
     old = index.drop("predicted")
     assert predict_cost.start_kind(old).to_list() == ["zero", "predicted", "member", "earlier δ", "predicted"]
+
+
+def test_share_along_and_orthogonal_by_hand() -> None:
+    rows = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    unit = torch.tensor([1.0, 0.0])
+    assert predict_cost.share_along(rows, unit) == pytest.approx(9 / 29)  # 3² of 3² + 4² + 2²
+    assert torch.equal(predict_cost.orthogonal(rows, unit), torch.tensor([[0.0, 4.0], [0.0, 2.0]]))
