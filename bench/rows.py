@@ -38,7 +38,7 @@ def merge(
     by_row = {r["row"]: r for r in stored}
     for r in found:
         earlier = by_row.get(r["row"])
-        if keep_earlier and earlier is not None and earlier.get("code") != r.get("code"):
+        if keep_earlier and earlier is not None and not same_commit(earlier.get("code"), r.get("code")):
             by_row[f"{r['row']}@{earlier.get('code')}"] = {**earlier, "row": f"{r['row']}@{earlier.get('code')}"}
         by_row[r["row"]] = r
 
@@ -47,6 +47,14 @@ def merge(
         return (order.index(base) if base in order else len(order), row != base)
 
     return sorted(by_row.values(), key=lambda r: place(r["row"]))
+
+
+def same_commit(a: str | None, b: str | None) -> bool:
+    """Whether two abbreviated commit names name the same commit (git lengthens its abbreviations as
+    a repository grows, so one may be a prefix of the other)."""
+    if not a or not b:
+        return a == b
+    return a.startswith(b) or b.startswith(a)
 
 
 def z_row_steps(runs: list[dict[str, Any]] | None) -> int | None:
