@@ -731,7 +731,10 @@ class DeltaPredictor:
     A prediction is rough (that cosine) and shrunk by the ridge, so the start nearest a fact's δ along it
     is s·p with s = Σ⟨p, δ⟩ / Σ‖p‖², which the predictor measures on held-out facts (predicted before it
     was fitted on them; `scale`, `z.predict_calibrate`; the precompute_z stage prints it). On zsRE a
-    start at the whole prediction cost 0.13 efficacy, at s·p 0.03 (reports/scale.md).
+    start at the whole prediction cost 0.13 efficacy, at s·p 0.03 (reports/scale.md), and the cost
+    falls on every fact alike, through the other batches' updates: the prediction is mostly the
+    direction all facts' δ share, which the predicted δ keep and the updates pile up
+    (reports/predict_cost.md).
     A held-out fact must not have started from a prediction itself: its final δ keeps part of its
     start, which would pull s towards the gain it started with.
     """
