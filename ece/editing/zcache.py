@@ -76,8 +76,9 @@ def precompute_z(
     method = method_of(p)
     cache = Z_DIR / "cache"
     rows, timings, used, computed = [], {}, set(), 0
-    # Seconds are a fact of one run, not of the result: kept outside the cached z files, so that an
-    # identical recompute writes identical bytes (and DVC reruns nothing downstream).
+    # Seconds are a fact of one run, not of the result: kept outside the cached z files, so that a
+    # recompute giving the same z writes identical bytes (and DVC reruns nothing downstream). On one
+    # thread it always does; on several, threaded sums can differ in the last bits (reports/determinism.md).
     seconds_of = json.loads(Z_SECONDS.read_text()) if Z_SECONDS.exists() else {}
     history = EarlierObjects.of(p, method, wb)
     ranges = batch_ranges(len(facts), p.edit.batch_size) if method.needs_z else []
