@@ -39,11 +39,9 @@ import torch
 import torch.nn.functional as F
 from experiments import read_output
 from rows import fmt
-from safetensors.torch import load
-from scratch import first_facts
+from scratch import first_facts, stored_facts, stored_z
 from torch import Tensor
 
-from ece.data.facts import Fact
 from ece.editing.zvec import DeltaPredictor, object_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,17 +112,14 @@ def _output(rev: str, path: str) -> bytes:
 
 def _z_of(rev: str) -> tuple[pl.DataFrame, Tensor]:
     """A run's z index and every fact's final δ (n, d), float64, in index order."""
-    index = pl.read_parquet(io.BytesIO(_output(rev, "artifacts/z/index.parquet")))
-    files = {name: load(_output(rev, f"artifacts/z/cache/{name}"))["delta"] for name in index["file"].unique()}
-    return index, torch.stack([files[f][r] for f, r in zip(index["file"], index["row"])]).double()
+    index, delta = stored_z(lambda path: _output(rev, path))
+    return index, delta.double()
 
 
 def prediction_parts(rev: str, ridge: float, embed: Any) -> list[dict[str, Any]]:
     """What a prediction fitted on a run's own δ is made of, per split (module docstring)."""
     index, delta = _z_of(rev)
-    edits = pl.read_parquet(io.BytesIO(_output(rev, "artifacts/prepared/edits.parquet")))
-    by_id = {r["id"]: r for r in edits.iter_rows(named=True)}
-    facts = [Fact.from_row(by_id[i]) for i in index["id"]]
+    facts = stored_facts(lambda path: _output(rev, path), index["id"].to_list())
     x, batch = embed(facts), index["batch"].to_list()
     out = []
     for split in (s for s in SPLITS if s < max(batch)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
 import platform
 import statistics
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import torch
+from safetensors.torch import load
 
 from ece.config import Params, load_params
 from ece.data.facts import Fact
@@ -41,6 +44,22 @@ PATHS = (
     ("evaluate", "ppl_corpus"),
     ("evaluate", "reference_corpus"),
 )
+
+
+def stored_z(read: Callable[[str], bytes]) -> tuple[pl.DataFrame, torch.Tensor]:
+    """A finished run's z index (artifacts/z/index.parquet) and every fact's final δ (n, d) in index
+    order, as stored. `read` gives a run-relative path's bytes: a scratch folder's file, or a DVC
+    experiment's output (bench/experiments.py: read_output)."""
+    index = pl.read_parquet(io.BytesIO(read("artifacts/z/index.parquet")))
+    files = {name: load(read(f"artifacts/z/cache/{name}"))["delta"] for name in index["file"].unique()}
+    return index, torch.stack([files[f][r] for f, r in zip(index["file"], index["row"])])
+
+
+def stored_facts(read: Callable[[str], bytes], ids: list[str]) -> list[Fact]:
+    """The run's edit facts (artifacts/prepared/edits.parquet) with these ids, in this order."""
+    edits = pl.read_parquet(io.BytesIO(read("artifacts/prepared/edits.parquet")))
+    by_id = {r["id"]: r for r in edits.iter_rows(named=True)}
+    return [Fact.from_row(by_id[i]) for i in ids]
 
 
 def cpu_name() -> str:

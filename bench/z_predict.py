@@ -18,11 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from scratch import ROOT, cpu_name, first_facts
+from scratch import ROOT, cpu_name, first_facts, stored_facts, stored_z
 from torch import Tensor
 
 from ece.data.facts import Fact
@@ -33,11 +31,12 @@ GAINS = (0.0, 1.0, 2.0, 3.0)
 
 def stored_run(run: Path) -> tuple[list[Fact], Tensor, Any]:
     """The run's facts in index order, their final δ (n, d) and batch numbers."""
-    index = pl.read_parquet(run / "artifacts/z/index.parquet")
-    edits = {r["id"]: r for r in pl.read_parquet(run / "artifacts/prepared/edits.parquet").iter_rows(named=True)}
-    files = {name: load_file(run / "artifacts/z/cache" / name) for name in index["file"].unique()}
-    delta = torch.stack([files[f]["delta"][r] for f, r in zip(index["file"], index["row"])]).float()
-    return [Fact.from_row(edits[i]) for i in index["id"]], delta, index["batch"].to_numpy()
+
+    def read(path: str) -> bytes:
+        return (run / path).read_bytes()
+
+    index, delta = stored_z(read)
+    return stored_facts(read, index["id"].to_list()), delta.float(), index["batch"].to_numpy()
 
 
 def measure(run: Path, splits: list[int]) -> list[dict[str, Any]]:

@@ -47,3 +47,26 @@ def test_share_along_and_orthogonal_by_hand() -> None:
     unit = torch.tensor([1.0, 0.0])
     assert predict_cost.share_along(rows, unit) == pytest.approx(9 / 29)  # 3² of 3² + 4² + 2²
     assert torch.equal(predict_cost.orthogonal(rows, unit), torch.tensor([[0.0, 4.0], [0.0, 2.0]]))
+
+
+def test_stored_z_and_facts_follow_the_index_across_files(tmp_path: Path) -> None:
+    """A hand-made run folder: δ rows come back in the index's order, whatever file and row hold them."""
+    from safetensors.torch import save_file
+    from scratch import stored_facts, stored_z
+
+    (tmp_path / "artifacts/z/cache").mkdir(parents=True)
+    (tmp_path / "artifacts/prepared").mkdir(parents=True)
+    save_file({"delta": torch.tensor([[1.0, 1.0], [2.0, 2.0]])}, tmp_path / "artifacts/z/cache/a.safetensors")
+    save_file({"delta": torch.tensor([[3.0, 3.0]])}, tmp_path / "artifacts/z/cache/b.safetensors")
+    index = {"id": ["y", "z", "x"], "file": ["b.safetensors", "a.safetensors", "a.safetensors"], "row": [0, 1, 0]}
+    pl.DataFrame(index).write_parquet(tmp_path / "artifacts/z/index.parquet")
+    edits = {"id": ["x", "y", "z"], "subject": ["s"] * 3, "prompt": ["{} is"] * 3, "target_new": ["X", "Y", "Z"]}
+    pl.DataFrame(edits).write_parquet(tmp_path / "artifacts/prepared/edits.parquet")
+
+    def read(path: str) -> bytes:
+        return (tmp_path / path).read_bytes()
+
+    got_index, delta = stored_z(read)
+    assert got_index["id"].to_list() == ["y", "z", "x"]
+    assert torch.equal(delta, torch.tensor([[3.0, 3.0], [2.0, 2.0], [1.0, 1.0]]))
+    assert [f.target_new for f in stored_facts(read, ["z", "x"])] == ["Z", "X"]
