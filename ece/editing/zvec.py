@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -792,6 +792,15 @@ class ColdStarts:
     embed: Callable[[list[Fact]], Tensor]
     gain: float
     calibrate: bool = False
+    _features: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def features(self, facts: list[Fact]) -> Tensor:
+        """`embed` of the facts' new objects, each object's computed once: a batch's cold anchors are
+        embedded for their prediction and the whole batch again for the fit (`EarlierObjects.add`)."""
+        new = list({f.target_new: f for f in facts if f.target_new not in self._features}.values())
+        if new:
+            self._features.update(zip((f.target_new for f in new), self.embed(new)))
+        return torch.stack([self._features[f.target_new] for f in facts])
 
     def gain_now(self) -> float | None:
         """The factor on the prediction now; None: do not predict yet."""
@@ -901,7 +910,7 @@ class EarlierObjects:
         cold = torch.nonzero(own & (counts == 0)).squeeze(1).tolist()
         predicted, gain = None, self.cold.gain_now() if self.cold is not None else None
         if cold and self.cold is not None and gain:
-            guess = self.cold.predictor.predict(self.cold.embed([batch[i] for i in cold]))
+            guess = self.cold.predictor.predict(self.cold.features([batch[i] for i in cold]))
             if guess is not None:
                 predicted = gain * guess
                 fitted[cold] = self.cold.predictor.n
@@ -924,7 +933,7 @@ class EarlierObjects:
             # held out: facts with an object the fit has not seen (as those it predicts for), all from zero
             # or from a batch-mate that was (a fact with a seen object is not held out)
             unseen = [f.target_new not in self._count and not self._predicted_any for f in batch]
-            self.cold.predictor.add(self.cold.embed(batch), delta, torch.tensor(unseen, dtype=torch.bool))
+            self.cold.predictor.add(self.cold.features(batch), delta, torch.tensor(unseen, dtype=torch.bool))
         for f, row in zip(batch, delta.double()):
             self._sum[f.target_new] = self._sum.get(f.target_new, torch.zeros_like(row)) + row
             self._count[f.target_new] = self._count.get(f.target_new, 0) + 1

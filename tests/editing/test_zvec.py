@@ -898,6 +898,34 @@ def test_cold_anchors_start_from_the_scaled_prediction():
     assert torch.allclose(start, torch.tensor([[1.5, 0.5], [6.0, 2.0], [0.0, 0.0], [-2.0, 10.0]]), atol=1e-6)
 
 
+def test_cold_starts_embed_each_new_object_once():
+    """A batch's cold anchors are embedded for their prediction and the batch again for the fit: with the
+    features remembered, `embed` sees each object once over starts and add, in first-seen order, and the
+    rows `features` returns are `embed`'s rows for those objects (by hand: one-hot by object)."""
+    fact = lambda i, target: Fact(f"f{i}", "s", "{} is", target)  # noqa: E731
+    onehot = {"A": [1.0, 0.0, 0.0], "B": [0.0, 1.0, 0.0], "C": [0.0, 0.0, 1.0]}
+    seen: list[str] = []
+
+    def embed(facts: list[Fact]) -> torch.Tensor:
+        seen.extend(f.target_new for f in facts)
+        return torch.tensor([onehot[f.target_new] for f in facts])
+
+    cold = ColdStarts(DeltaPredictor(ridge=1e-9, min_facts=2), embed, gain=1.0)
+    history = EarlierObjects("anchors", 1.0, cold)
+    history.add([fact(0, "A"), fact(1, "B"), fact(2, "A")], torch.ones(3, 2))
+    batch = [fact(3, "C"), fact(4, "C"), fact(5, "A")]
+    start, _, predicted = history.starts(batch, torch.tensor([0, 0, 1]), torch.tensor([0, 2]), 2)
+    assert predicted.tolist() == [3, 0, 0] and start is not None
+    history.add(batch, torch.ones(3, 2))
+    assert seen == ["A", "B", "C"]
+    assert cold.features([fact(6, "B"), fact(7, "C"), fact(8, "B")]).tolist() == [
+        onehot["B"],
+        onehot["C"],
+        onehot["B"],
+    ]
+    assert seen == ["A", "B", "C"]
+
+
 def test_object_embeddings_are_the_unit_normed_first_target_token_rows(tiny_llama):
     model, tok = tiny_llama
     facts = [Fact("a", "s", "{} is", "Paris"), Fact("b", "s", "{} is", " Berlin Wall")]
