@@ -23,6 +23,8 @@ Configurations:
   0.75 is the default since 4dc9d5b, 0.5 was before it: the names keep the reports of either rerunnable);
 - ece-predict1, ece-predict2: ECE with new objects' anchors started from 1 / 2 × a ridge prediction of δ
   from the object's embedding, fitted on the earlier batches' δ (`z.predict_cold`; only with --batches > 1);
+- ece-calibrated: ECE with that prediction times the fit's own held-out least-squares scale
+  (`z.predict_cold=1`, `z.predict_calibrate=true`; scale.py's row of the same name);
 - ece-window4, memit-window4: ece and memit with the z of 4 batches in one loop (`z.window_batches=4`;
   the tail of one batch's descent fills passes with the next batch's facts) and `z.facts_per_pass=100`;
 - ece-pass25, memit-pass25: ece and memit with `z.facts_per_pass=25` (the same descent, each pass run
@@ -78,6 +80,7 @@ CONFIGS = {
     "ece-warm0.75": ["method=ece", "z.warm_scale=0.75"],
     "ece-predict1": ["method=ece", "z.predict_cold=1"],
     "ece-predict2": ["method=ece", "z.predict_cold=2"],
+    "ece-calibrated": ["method=ece", "z.predict_cold=1", "z.predict_calibrate=true"],
     # z of 4 batches in one loop (z.window_batches), 100 facts per forward/backward (memory as one batch's)
     "ece-window4": ["method=ece", "z.window_batches=4", "z.facts_per_pass=100"],
     "memit-window4": [
