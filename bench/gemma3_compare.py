@@ -57,7 +57,7 @@ def collect() -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = ["model", *METRICS, "general ability", "z row-steps", "z s/batch", "update s/batch", "code"]
     first = rows[0]
-    names = ", ".join(f"`{ROWS[r['row']]}`" for r in rows)
+    names = ", ".join(f"`{ROWS[r['row']]}`" for r in rows if r["row"] in ROWS)
     lines = [
         "# Gemma-3-270M: ECE, MEMIT and AlphaEdit",
         "",
@@ -66,7 +66,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         f"every other value is params.yaml's, chosen for SmolLM2). The first {first['n_facts']} CounterFact "
         f"facts in sequential batches of {first['batch_size']}; general ability is the mean accuracy of the "
         "six tasks on 20 examples each (noise of about ±0.1). Seconds are wall-clock on the 2-core machine "
-        "(z s/batch includes attribution and clustering); `code` is the commit each row ran.",
+        "(z s/batch includes attribution and clustering); `code` is the commit each row ran. A row named "
+        "`<row>@<commit>` is that row's earlier run, from the code of that commit (for `ece`: an earlier "
+        "default), kept when the row ran again from newer code.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -100,7 +102,7 @@ def main() -> None:
         start(1)
     else:
         stored = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else []
-        rows = merge(stored, collect(), list(ROWS))
+        rows = merge(stored, collect(), list(ROWS), keep_earlier=True)
         if not rows:
             raise SystemExit("no finished gemma3 experiment in this repository: queue and start them first")
         OUT_JSON.write_text(json.dumps(rows, indent=2) + "\n")
