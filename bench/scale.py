@@ -64,6 +64,10 @@ VARIANTS = {
     # The predicted start scaled by the fit's own held-out least-squares factor (z.predict_calibrate):
     # does a measured scale keep CounterFact's speed-up and give zsRE back what the prediction costs it?
     "ece-calibrated": ["method=ece", "z.predict_cold=1", "z.predict_calibrate=true"],
+    # The prediction without its component along the fitted facts' mean δ (z.predict_center): most of the
+    # steps saved, the final δ no more along the shared direction than from zero (reports/z_predict_parts.md);
+    # does zsRE keep its efficacy?
+    "ece-center": ["method=ece", "z.predict_cold=1", "z.predict_center=true"],
 }
 SETTINGS = {m: [f"method={m}"] for m in METHODS} | VARIANTS  # row name (after the dataset) -> overrides
 ROWS = {f"{d}-{name}": [*setting, *over, *COMMON] for d, over in DATASETS.items() for name, setting in SETTINGS.items()}

@@ -106,6 +106,8 @@ class ZCfg:
     # on every earlier fact's final δ (0: from zero, as MEMIT)
     predict_calibrate: bool = False  # True: that prediction is also scaled by the least-squares scale of the
     # fit's predictions onto the δ of later facts with new objects (no prediction until one batch measured it)
+    predict_center: bool = False  # True: that prediction without its component along the fitted facts' mean
+    # δ (the direction every fact's δ shares, which predicted starts leave in the final δ: reports/predict_cost.md)
     predict_ridge: float = 1.0  # the ridge penalty of that fit (on unit-normed embeddings)
     predict_min_facts: int = 100  # earlier facts the fit needs before it predicts (fewer: cold starts from zero)
     facts_per_pass: int = 0  # 0: a pass runs all its facts in one forward/backward; N: N at a time (same

@@ -737,14 +737,19 @@ class DeltaPredictor:
     (reports/predict_cost.md).
     A held-out fact must not have started from a prediction itself: its final δ keeps part of its
     start, which would pull s towards the gain it started with.
+    With `center` (`z.predict_center`) a prediction loses its component along the fitted facts' mean δ:
+    what is left is the object-specific part, which still saves most of the steps, while the final δ
+    keep no more of the shared direction than from zero (reports/z_predict_parts.md).
     """
 
-    def __init__(self, ridge: float, min_facts: int) -> None:
+    def __init__(self, ridge: float, min_facts: int, center: bool = False) -> None:
         self.ridge = ridge
         self.min_facts = min_facts
+        self.center = center
         self.n = 0
         self._xx: Tensor | None = None
         self._xy: Tensor | None = None
+        self._y: Tensor | None = None  # Σ δ: the fitted facts' mean δ is the direction `center` removes
         self._pd = 0.0  # Σ ⟨p, δ⟩ over facts predicted before the fit saw them
         self._pp = 0.0  # Σ ‖p‖² over the same facts
 
@@ -760,14 +765,20 @@ class DeltaPredictor:
         xx, xy = x.T @ x, x.T @ y
         self._xx = xx if self._xx is None else self._xx + xx
         self._xy = xy if self._xy is None else self._xy + xy
+        self._y = y.sum(0) if self._y is None else self._y + y.sum(0)
         self.n += len(x)
 
     def predict(self, x: Tensor) -> Tensor | None:
-        """argmin_A ‖XA − Y‖² + ridge·‖A‖² applied to `x` (n, f), or None before `min_facts` facts."""
-        if self._xx is None or self._xy is None or self.n < max(self.min_facts, 1):
+        """argmin_A ‖XA − Y‖² + ridge·‖A‖² applied to `x` (n, f), with `center` without its component along
+        the fitted facts' mean δ; None before `min_facts` facts."""
+        if self._xx is None or self._xy is None or self._y is None or self.n < max(self.min_facts, 1):
             return None
         eye = torch.eye(len(self._xx), dtype=self._xx.dtype)
-        return (x.double() @ torch.linalg.solve(self._xx + self.ridge * eye, self._xy)).float()
+        p = x.double() @ torch.linalg.solve(self._xx + self.ridge * eye, self._xy)
+        if self.center and self._y.norm() > 0:
+            unit = self._y / self._y.norm()
+            p = p - (p @ unit)[:, None] * unit[None]
+        return p.float()
 
     def scale(self) -> float | None:
         """The least-squares scale of held-out predictions onto their facts' δ, at least 0 (a fit that
@@ -876,7 +887,7 @@ class EarlierObjects:
         mode = z.warm_from_earlier if method.clusters else "none"
         if z.predict_cold <= 0:
             return cls(mode, z.warm_scale)
-        predictor = DeltaPredictor(z.predict_ridge, z.predict_min_facts)
+        predictor = DeltaPredictor(z.predict_ridge, z.predict_min_facts, z.predict_center)
 
         def embed(facts: list[Fact]) -> Tensor:
             return object_embeddings(wb.adapter, wb.tok, facts)

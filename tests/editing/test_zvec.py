@@ -898,6 +898,22 @@ def test_cold_anchors_start_from_the_scaled_prediction():
     assert torch.allclose(start, torch.tensor([[1.5, 0.5], [6.0, 2.0], [0.0, 0.0], [-2.0, 10.0]]), atol=1e-6)
 
 
+def test_centered_prediction_drops_the_fitted_facts_mean_direction():
+    """Hand-worked, ridge → 0 on one-hot features: the fit returns each feature's mean δ, A (2, 2) and
+    B (0, 2); the fitted facts' mean δ is (1, 2), unit u = (1, 2)/√5. Centered, A's prediction (2, 2)
+    loses ⟨(2, 2), u⟩u = (6/5)(1, 2): (0.8, -0.4), orthogonal to u; uncentered it is (2, 2)."""
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    y = torch.tensor([[2.0, 1.0], [2.0, 3.0], [0.0, 2.0], [0.0, 2.0]])
+    plain, centered = DeltaPredictor(1e-9, 1), DeltaPredictor(1e-9, 1, center=True)
+    for predictor in (plain, centered):
+        predictor.add(x, y)
+    a = torch.tensor([[1.0, 0.0]])
+    assert torch.allclose(plain.predict(a), torch.tensor([[2.0, 2.0]]), atol=1e-6)
+    got = centered.predict(a)
+    assert got is not None and torch.allclose(got, torch.tensor([[0.8, -0.4]]), atol=1e-6)
+    assert abs(float(got[0] @ torch.tensor([1.0, 2.0]))) < 1e-6
+
+
 def test_cold_starts_embed_each_new_object_once():
     """A batch's cold anchors are embedded for their prediction and the batch again for the fit: with the
     features remembered, `embed` sees each object once over starts and add, in first-seen order, and the
