@@ -70,3 +70,9 @@ def test_stored_z_and_facts_follow_the_index_across_files(tmp_path: Path) -> Non
     assert got_index["id"].to_list() == ["y", "z", "x"]
     assert torch.equal(delta, torch.tensor([[3.0, 3.0], [2.0, 2.0], [1.0, 1.0]]))
     assert [f.target_new for f in stored_facts(read, ["z", "x"])] == ["Z", "X"]
+
+
+def test_delta_geometry_by_hand() -> None:
+    """Two equal rows (3, 4): all along one direction, ‖Σδ‖ = ‖(6, 8)‖ = 10, mean ‖δ‖ = 5."""
+    got = predict_cost.delta_geometry(torch.tensor([[3.0, 4.0], [3.0, 4.0]]))
+    assert got == pytest.approx({"coherence": 1.0, "top direction share": 1.0, "norm of sum": 10.0, "mean norm": 5.0})
