@@ -25,6 +25,8 @@ Configurations:
   from the object's embedding, fitted on the earlier batches' δ (`z.predict_cold`; only with --batches > 1);
 - ece-calibrated: ECE with that prediction times the fit's own held-out least-squares scale
   (`z.predict_cold=1`, `z.predict_calibrate=true`; scale.py's row of the same name);
+- ece-center: ECE with that prediction less its component along the fitted facts' mean δ
+  (`z.predict_cold=1`, `z.predict_center=true`; scale.py's row of the same name);
 - ece-window4, memit-window4: ece and memit with the z of 4 batches in one loop (`z.window_batches=4`;
   the tail of one batch's descent fills passes with the next batch's facts) and `z.facts_per_pass=100`;
 - ece-pass25, memit-pass25: ece and memit with `z.facts_per_pass=25` (the same descent, each pass run
@@ -81,6 +83,7 @@ CONFIGS = {
     "ece-predict1": ["method=ece", "z.predict_cold=1"],
     "ece-predict2": ["method=ece", "z.predict_cold=2"],
     "ece-calibrated": ["method=ece", "z.predict_cold=1", "z.predict_calibrate=true"],
+    "ece-center": ["method=ece", "z.predict_cold=1", "z.predict_center=true"],
     # z of 4 batches in one loop (z.window_batches), 100 facts per forward/backward (memory as one batch's)
     "ece-window4": ["method=ece", "z.window_batches=4", "z.facts_per_pass=100"],
     "memit-window4": [
