@@ -32,7 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from experiments import queue, results, start  # noqa: E402
-from rows import ROOT, code_of, fmt, mean_general, merge, seconds_of, z_row_steps  # noqa: E402
+from rows import ROOT, experiment_row, fmt, mean_general, merge, seconds_of  # noqa: E402
 
 from ece.config import METHODS  # noqa: E402
 from ece.eval.plotting import save_png  # noqa: E402
@@ -65,16 +65,9 @@ def collect() -> list[dict[str, Any]]:
                 "row": row,
                 "method": m["method"],
                 "dataset": row.split("-", 1)[0],
-                "n_facts": m["n_facts"],
-                "batch_size": (r["params"] or {}).get("edit", {}).get("batch_size"),
                 "overrides": r["overrides"],
-                "rev": r["rev"],
-                "code": code_of(r["rev"]),
                 "date": date.stdout.strip(),
-                "pre": m["pre"],
-                "post": m["post"],
-                "seconds_per_batch": (r["timings"] or {}).get("seconds_per_batch", {}),
-                "z_row_steps": z_row_steps(r["runs"]),
+                **experiment_row(r),
             }
         )
     return rows

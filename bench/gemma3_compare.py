@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import queue, results, start
-from rows import code_of, fmt, mean_general, merge, seconds_of, z_row_steps, z_seconds
+from rows import cost_cells, experiment_row, fmt, mean_general, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["model.name=gemma3-270m", "edit.layers=[3,4,5,6,7]"]
@@ -37,20 +37,7 @@ def collect() -> list[dict[str, Any]]:
         r = found.get(name)
         if r is None or not r["metrics"]:
             continue
-        m = r["metrics"]
-        rows.append(
-            {
-                "row": method,
-                "rev": r["rev"],
-                "code": code_of(r["rev"]),
-                "n_facts": m["n_facts"],
-                "batch_size": (r["params"] or {}).get("edit", {}).get("batch_size"),
-                "pre": m["pre"],
-                "post": m["post"],
-                "seconds_per_batch": (r["timings"] or {}).get("seconds_per_batch", {}),
-                "z_row_steps": z_row_steps(r["runs"]),
-            }
-        )
+        rows.append({"row": method, **experiment_row(r)})
     return rows
 
 
@@ -77,13 +64,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         + f" | {fmt(mean_general(first['pre']))} | – | – | – | |",
     ]
     for r in rows:
-        sec = r["seconds_per_batch"]
         lines.append(
             f"| {r['row']} | "
             + " | ".join(fmt(r["post"].get(m), 2 if m in ("fluency", "perplexity") else 3) for m in METRICS)
-            + f" | {fmt(mean_general(r['post']))} | {'–' if r['z_row_steps'] is None else r['z_row_steps']}"
-            + f" | {z_seconds(sec, r['z_row_steps'])}"
-            + f" | {fmt(seconds_of(sec.get('update')), 1)} | {r.get('code') or '–'} |"
+            + f" | {fmt(mean_general(r['post']))} | "
+            + " | ".join(cost_cells(r))
+            + f" | {r.get('code') or '–'} |"
         )
     return "\n".join([*lines, ""])
 

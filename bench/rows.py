@@ -57,6 +57,34 @@ def same_commit(a: str | None, b: str | None) -> bool:
     return a.startswith(b) or b.startswith(a)
 
 
+def experiment_row(r: dict[str, Any]) -> dict[str, Any]:
+    """What every report keeps of one finished experiment (`experiments.results`' value): the commit it
+    ran as and the code it ran from, its size, its metrics before and after, its seconds per batch and
+    its z row-steps. Each report adds its own fields (the row's name first)."""
+    m = r["metrics"]
+    return {
+        "rev": r["rev"],
+        "code": code_of(r["rev"]),
+        "n_facts": m["n_facts"],
+        "batch_size": (r["params"] or {}).get("edit", {}).get("batch_size"),
+        "pre": m["pre"],
+        "post": m["post"],
+        "seconds_per_batch": (r["timings"] or {}).get("seconds_per_batch", {}),
+        "z_row_steps": z_row_steps(r["runs"]),
+    }
+
+
+def cost_cells(r: dict[str, Any]) -> list[str]:
+    """A report row's cost as table cells: z row-steps, z seconds per batch (see `z_seconds`) and the
+    update's seconds per batch."""
+    sec = r["seconds_per_batch"]
+    return [
+        "–" if r.get("z_row_steps") is None else str(r["z_row_steps"]),
+        z_seconds(sec, r.get("z_row_steps")),
+        fmt(seconds_of(sec.get("update")), 1),
+    ]
+
+
 def z_row_steps(runs: list[dict[str, Any]] | None) -> int | None:
     """z row-steps over all batches (one row = one fact in one forward/backward of the z descent): the
     cost of z that does not depend on what else ran on the machine. None when the runs record none (a run

@@ -29,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from experiments import queue, results, start  # noqa: E402
-from rows import code_of, edit_seconds, fmt, mean_general, merge, seconds_of, z_row_steps, z_seconds  # noqa: E402
+from rows import cost_cells, edit_seconds, experiment_row, fmt, mean_general, merge  # noqa: E402
 
 from ece.eval.plotting import save_png  # noqa: E402
 
@@ -88,19 +88,12 @@ def collect() -> list[dict[str, Any]]:
         rows.append(
             {
                 "row": name.removeprefix(PREFIX),
-                "rev": r["rev"],
-                "code": code_of(r["rev"]),
                 "method": m["method"],
-                "n_facts": m["n_facts"],
                 "family": m["family"],
-                "pre": m["pre"],
-                "post": m["post"],
                 "curve": r["curve"] or [],
-                "seconds_per_batch": (r["timings"] or {}).get("seconds_per_batch", {}),
                 "seconds_total": (r["timings"] or {}).get("seconds_total", {}),
                 "eval_seconds": m.get("seconds", {}).get("post", {}),
-                "batch_size": (r["params"] or {}).get("edit", {}).get("batch_size"),
-                "z_row_steps": z_row_steps(r["runs"]),
+                **experiment_row(r),
             }
         )
     return rows
@@ -196,13 +189,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             + f" | {fmt(pre.get('perplexity'), 2)} | {fmt(mean_general(pre))} | – | – | – | – | – | |"
         )
         for r in subset:
-            post, sec = r["post"], r["seconds_per_batch"]
+            post = r["post"]
             lines.append(
                 f"| {label(r)} | "
                 + " | ".join(fmt(post.get(m)) for m in REWRITE)
-                + f" | {fmt(post.get('perplexity'), 2)} | {fmt(mean_general(post))}"
-                + f" | {'–' if r['z_row_steps'] is None else r['z_row_steps']}"
-                + f" | {z_seconds(sec, r['z_row_steps'])} | {fmt(seconds_of(sec.get('update')), 1)}"
+                + f" | {fmt(post.get('perplexity'), 2)} | {fmt(mean_general(post))} | "
+                + " | ".join(cost_cells(r))
                 + f" | {fmt(edit_seconds(r['seconds_total']), 0)} | {fmt(edit_seconds(r['eval_seconds']), 0)}"
                 + f" | {r.get('code') or '–'} |"
             )

@@ -31,7 +31,7 @@ from typing import Any
 
 import polars as pl
 from experiments import queue, read_output, results, start
-from rows import ROOT, code_of, fmt, merge, seconds_of, z_row_steps, z_seconds
+from rows import ROOT, cost_cells, experiment_row, fmt, merge
 
 from ece.errors import EceError
 
@@ -80,15 +80,9 @@ def collect(name: str) -> list[dict[str, Any]]:
         rows.append(
             {
                 "row": exp,
-                "rev": r["rev"],
-                "code": code_of(r["rev"]),
                 "overrides": r["overrides"],
-                "n_facts": m["n_facts"],
-                "pre": m["pre"],
-                "post": m["post"],
                 "z_nll": mean_z_nll(r["rev"]),
-                "z_row_steps": z_row_steps(r["runs"]),
-                "seconds_per_batch": (r["timings"] or {}).get("seconds_per_batch", {}),
+                **experiment_row(r),
             }
         )
     return rows
@@ -118,15 +112,11 @@ def markdown(name: str, rows: list[dict[str, Any]]) -> str:
         "|" + "---|" * len(head),
     ]
     for r in rows:
-        pre, post, sec = r["pre"], r["post"], r["seconds_per_batch"]
+        pre, post = r["pre"], r["post"]
         config = " ".join(o for o in r["overrides"] if o not in common) or "params.yaml"
         cells = [f"{fmt(pre[m])} → **{fmt(post[m])}**" for m in REWRITE]
         lines.append(
-            f"| `{config}` | "
-            + " | ".join(cells)
-            + f" | {fmt(r['z_nll'])} | {'–' if r['z_row_steps'] is None else r['z_row_steps']}"
-            + f" | {z_seconds(sec, r['z_row_steps'])} | {fmt(seconds_of(sec.get('update')), 1)}"
-            + f" | {r.get('code') or '–'} |"
+            f"| `{config}` | " + " | ".join([*cells, fmt(r["z_nll"]), *cost_cells(r)]) + f" | {r.get('code') or '–'} |"
         )
     return "\n".join([*lines, ""])
 

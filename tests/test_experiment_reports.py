@@ -1,4 +1,4 @@
-"""The reports built on DVC experiments (bench/experiments.py, bench/sweep.py, bench/compare.py), from
+"""The reports built on DVC experiments (bench/experiments.py, bench/rows.py, bench/sweep.py, bench/compare.py), from
 hand-made params and rows: the overrides read back from two params files, sweep experiment names that
 git accepts, and the table cells a reader relies on. The queued run itself is tested end to end in
 tests/pipeline/test_dvc_pipeline.py."""
@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import compare  # noqa: E402
 import experiments  # noqa: E402
+import rows  # noqa: E402
 import sweep  # noqa: E402
 
 from ece.errors import EceError  # noqa: E402
@@ -90,3 +91,29 @@ def test_compare_table_shows_reused_z_and_no_total_for_it() -> None:
     alphaedit = next(line for line in lines if line.startswith("| alphaedit"))
     assert memit.split(" | ")[-7:] == ["376", "0.0", "0.0", "70.0", "4.0", "74.0", "abc1234 |"]
     assert alphaedit.split(" | ")[-7:] == ["–", "0.0", "0.0", "reused", "4.0", "–", "abc1234 |"]
+
+
+def test_experiment_row_reads_what_every_report_keeps_and_cost_cells_show_it() -> None:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    parent = subprocess.run(["git", "rev-parse", "--short", "HEAD^"], capture_output=True, text=True, check=True)
+    metrics = {"n_facts": 40, "pre": SUMMARY, "post": {**SUMMARY, "efficacy": 0.9}}
+    runs = [{"batch": 0, "z_row_steps": 120}, {"batch": 1}, {"batch": 2, "z_row_steps": 80}]
+    timings = {"seconds_per_batch": {"z": 30.0, "attribution": 2.5, "clustering": 0.5, "update": 4.25}}
+    r = {"rev": head, "metrics": metrics, "params": {"edit": {"batch_size": 20}}, "timings": timings, "runs": runs}
+    row = rows.experiment_row(r)
+    assert row == {
+        "rev": head,
+        "code": parent.stdout.strip(),  # the experiment commit's parent: the code it ran from
+        "n_facts": 40,
+        "batch_size": 20,
+        "pre": SUMMARY,
+        "post": metrics["post"],
+        "seconds_per_batch": timings["seconds_per_batch"],
+        "z_row_steps": 200,  # 120 + 80; a batch that recorded none adds nothing
+    }
+    assert rows.cost_cells(row) == ["200", "33.0", "4.2"]  # z + attribution + clustering; update to 0.1 s
+    bare = rows.experiment_row({**r, "params": None, "timings": None, "runs": None})
+    assert (bare["batch_size"], bare["seconds_per_batch"], bare["z_row_steps"]) == (None, {}, None)
+    assert rows.cost_cells(bare) == ["–", "–", "–"]
+    reused = {**row, "seconds_per_batch": {"z": "NaN", "update": 1.0}}  # z from the scratch cache
+    assert rows.cost_cells(reused) == ["200", "reused", "1.0"]
