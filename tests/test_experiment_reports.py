@@ -1,4 +1,5 @@
-"""The reports built on DVC experiments (bench/experiments.py, bench/rows.py, bench/sweep.py, bench/compare.py), from
+"""The reports built on DVC experiments (bench/experiments.py, bench/rows.py, bench/sweep.py, bench/compare.py,
+bench/gemma3_compare.py), from
 hand-made params and rows: the overrides read back from two params files, sweep experiment names that
 git accepts, and the table cells a reader relies on. The queued run itself is tested end to end in
 tests/pipeline/test_dvc_pipeline.py."""
@@ -15,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import compare  # noqa: E402
 import experiments  # noqa: E402
+import gemma3_compare  # noqa: E402
 import rows  # noqa: E402
 import sweep  # noqa: E402
 
@@ -117,3 +119,28 @@ def test_experiment_row_reads_what_every_report_keeps_and_cost_cells_show_it() -
     assert rows.cost_cells(bare) == ["–", "–", "–"]
     reused = {**row, "seconds_per_batch": {"z": "NaN", "update": 1.0}}  # z from the scratch cache
     assert rows.cost_cells(reused) == ["200", "reused", "1.0"]
+
+
+def test_gemma3_table_per_size_each_under_its_own_unedited_model() -> None:
+    def row(name: str, n: int, batch: int, pre_efficacy: float, post_efficacy: float) -> dict[str, Any]:
+        return {
+            "row": name,
+            "n_facts": n,
+            "batch_size": batch,
+            "pre": {**SUMMARY, "efficacy": pre_efficacy},
+            "post": {**SUMMARY, "efficacy": post_efficacy},
+            "seconds_per_batch": {"z": 10.0, "update": 2.0},
+            "z_row_steps": 5,
+            "code": "abc1234",
+        }
+
+    table = gemma3_compare.markdown(
+        [row("ece", 100, 25, 0.2, 0.9), row("memit", 100, 25, 0.2, 0.8), row("ece-2000", 2000, 100, 0.25, 0.7)]
+    )
+    sections = table.split("\n## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == ["100 facts in batches of 25", "2000 facts in batches of 100"]
+    first = [line.split(" | ")[:2] for line in sections[0].splitlines() if line.startswith("| ") and "---" not in line]
+    second = [line.split(" | ")[:2] for line in sections[1].splitlines() if line.startswith("| ") and "---" not in line]
+    assert first[1:] == [["| unedited", "0.200"], ["| ece", "0.900"], ["| memit", "0.800"]]
+    assert second[1:] == [["| unedited", "0.250"], ["| ece-2000", "0.700"]]
+    assert "`gemma3`, `gemma3-memit`, `gemma3-cf2000`" in table  # the experiments the rows came from
