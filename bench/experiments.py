@@ -203,6 +203,15 @@ def read_output(rev: str, path: str) -> bytes | None:
         return None
 
 
+def required_output(rev: str, path: str, what: str, hint: str) -> bytes:
+    """`read_output` for a report that cannot go on without it: exits naming `what` (the run) and `hint`
+    (how to get the output back) when this machine's DVC cache no longer holds it."""
+    data = read_output(rev, path)
+    if data is None:
+        raise SystemExit(f"{what}: {path} is not in this machine's DVC cache ({hint})")
+    return data
+
+
 def results(prefix: str = "") -> dict[str, dict[str, Any]]:
     """metrics.json, curve.json, timings.json, ledger_runs.json (per-batch run facts), params.yaml and the
     overrides of every finished experiment whose name starts with `prefix`."""

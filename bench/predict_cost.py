@@ -37,7 +37,7 @@ from typing import Any
 import polars as pl
 import torch
 import torch.nn.functional as F
-from experiments import read_output
+from experiments import required_output
 from rows import fmt
 from scratch import cpu_name, first_facts, stored_facts, stored_z
 from torch import Tensor
@@ -104,10 +104,7 @@ def load_run(rev: str) -> tuple[pl.DataFrame, Tensor]:
 
 
 def _output(rev: str, path: str) -> bytes:
-    data = read_output(rev, path)
-    if data is None:
-        raise SystemExit(f"{rev}: {path} is not in this machine's DVC cache (run the row again: bench/scale.py)")
-    return data
+    return required_output(rev, path, rev, "run the row again: bench/scale.py")
 
 
 def _z_of(rev: str) -> tuple[pl.DataFrame, Tensor]:

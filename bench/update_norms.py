@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import polars as pl
-from experiments import experiments, read_output
+from experiments import experiments, required_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,9 +55,7 @@ def main() -> None:
     rev = experiments().get(args.experiment)
     if rev is None:
         raise SystemExit(f"no finished experiment {args.experiment!r} in this repository (dvc exp list)")
-    data = read_output(rev, "artifacts/edited/ledger.parquet")
-    if data is None:
-        raise SystemExit(f"{args.experiment}: its ledger is not in this machine's DVC cache")
+    data = required_output(rev, "artifacts/edited/ledger.parquet", args.experiment, "run the experiment again")
     out = ROOT / "reports" / f"{args.out}.md"
     out.write_text(markdown(args.experiment, norm_table(pl.read_parquet(io.BytesIO(data))), args.note))
     print(f"-> {out}")

@@ -144,3 +144,11 @@ def test_gemma3_table_per_size_each_under_its_own_unedited_model() -> None:
     assert first[1:] == [["| unedited", "0.200"], ["| ece", "0.900"], ["| memit", "0.800"]]
     assert second[1:] == [["| unedited", "0.250"], ["| ece-2000", "0.700"]]
     assert "`gemma3`, `gemma3-memit`, `gemma3-cf2000`" in table  # the experiments the rows came from
+
+
+def test_required_output_returns_the_bytes_or_exits_naming_run_path_and_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = {("rev1", "artifacts/a.parquet"): b"data"}
+    monkeypatch.setattr(experiments, "read_output", lambda rev, path: cache.get((rev, path)))
+    assert experiments.required_output("rev1", "artifacts/a.parquet", "row", "hint") == b"data"
+    with pytest.raises(SystemExit, match=r"^row: artifacts/b\.parquet is not in this machine's DVC cache \(hint\)$"):
+        experiments.required_output("rev1", "artifacts/b.parquet", "row", "hint")
